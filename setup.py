@@ -1,0 +1,16 @@
+from setuptools import setup
+
+setup(
+    name="guided-diffusion",
+    version="0.1.0",
+    description="ADM (Diffusion Models Beat GANs on Image Synthesis): networks, diffusion, "
+    "guidance, training, sampling and a torch-only evaluator",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=["guided_diffusion", "evaluations"],
+    install_requires=["torch", "numpy", "blobfile>=1.0.5", "tqdm", "pillow", "scipy"],
+    extras_require={
+        "mpi": ["mpi4py"],
+        "test": ["pytest", "mpich", "mpi4py"],
+    },
+)
