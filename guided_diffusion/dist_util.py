@@ -1,0 +1,257 @@
+"""
+Process groups for distributed training: MPI, torchrun, SLURM or a single process.
+
+`setup_dist()` finds out how the job was launched, joins the other processes in a
+torch.distributed group (NCCL on GPU, gloo on CPU) and selects this process's GPU:
+
+- torchrun (or any launcher that sets RANK and WORLD_SIZE, with MASTER_ADDR and
+  MASTER_PORT): rank, size and LOCAL_RANK come from the environment;
+- mpiexec/mpirun: rank, size and local rank come from mpi4py, which is imported
+  only in this case; rank 0 publishes its address and a free port;
+- srun (SLURM): SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, with
+  MASTER_ADDR defaulting to the launch node and MASTER_PORT derived from the job id;
+- nothing: a one-process group backed by an in-memory store (no port, no MPI).
+
+The GPU of a process is number LOCAL_RANK among the devices that
+CUDA_VISIBLE_DEVICES exposes; that variable is never changed.
+"""
+
+import datetime
+import io
+import os
+import socket
+
+import blobfile as bf
+import torch as th
+import torch.distributed as dist
+
+# Variables that MPI launchers (MPICH/Hydra, Open MPI, PMIx, MVAPICH) set in each process.
+_MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+# Lowest port used for a SLURM job when MASTER_PORT is not given.
+_SLURM_BASE_PORT = 20000
+
+
+def setup_dist(timeout_minutes=30):
+    """
+    Join (or create) the default process group and select this process's device.
+
+    Safe to call more than once; later calls only re-select the device.
+
+    :param timeout_minutes: how long collective operations, including the initial
+        rendezvous, may wait for the other processes before failing.
+    :return: a dict with the launcher ("torchrun", "mpi", "slurm" or "none"), rank,
+        world_size, local_rank and backend.
+    """
+    if dist.is_initialized():
+        local_rank = _select_device(_local_rank_from_environment())
+        return dict(
+            launcher="existing",
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=local_rank,
+            backend=dist.get_backend(),
+        )
+    launch = _detect_launch()
+    local_rank = _select_device(launch["local_rank"])
+    backend = "nccl" if th.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if launch["launcher"] == "none":
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    else:
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{_bracket_ipv6(launch['master_addr'])}:{launch['master_port']}",
+            rank=launch["rank"],
+            world_size=launch["world_size"],
+            timeout=timeout,
+        )
+    return dict(
+        launcher=launch["launcher"],
+        rank=launch["rank"],
+        world_size=launch["world_size"],
+        local_rank=local_rank,
+        backend=backend,
+    )
+
+
+def _detect_launch():
+    """
+    Read rank, world size, local rank and rendezvous address from the launcher.
+
+    :return: a dict with launcher, rank, world_size, local_rank, master_addr, master_port.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+        if missing:
+            raise ValueError(
+                f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not: launch with "
+                "torchrun, or set MASTER_ADDR and MASTER_PORT to rank 0's address and a free port"
+            )
+        return dict(
+            launcher="torchrun",
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+            master_addr=env["MASTER_ADDR"],
+            master_port=int(env["MASTER_PORT"]),
+        )
+    if any(int(env.get(name, "1")) > 1 for name in _MPI_SIZE_VARIABLES):
+        return _detect_mpi_launch()
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return dict(
+            launcher="slurm",
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_STEP_NUM_TASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=env.get("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")),
+            master_port=int(
+                env.get("MASTER_PORT", _SLURM_BASE_PORT + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+            ),
+        )
+    return dict(
+        launcher="none", rank=0, world_size=1, local_rank=0, master_addr=None, master_port=None
+    )
+
+
+def _detect_mpi_launch():
+    """
+    Use mpi4py to agree on rank, size, local rank and a rendezvous address.
+
+    :return: a dict as `_detect_launch` returns.
+    """
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        sizes = {name: os.environ[name] for name in _MPI_SIZE_VARIABLES if name in os.environ}
+        raise ImportError(
+            f"launched by MPI ({sizes}) but mpi4py is not installed: "
+            "`pip install mpi4py`, or launch with torchrun instead"
+        ) from error
+    comm = MPI.COMM_WORLD
+    rank, world_size = comm.Get_rank(), comm.Get_size()
+    node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
+    node_comm.Free()
+    if rank == 0:
+        single_node = local_size == world_size
+        address = os.environ.get("MASTER_ADDR") or (
+            "127.0.0.1" if single_node else socket.gethostbyname(socket.getfqdn())
+        )
+        port = int(os.environ.get("MASTER_PORT") or _find_free_port())
+        rendezvous = (address, port)
+    else:
+        rendezvous = None
+    address, port = comm.bcast(rendezvous, root=0)
+    return dict(
+        launcher="mpi",
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        master_addr=address,
+        master_port=port,
+    )
+
+
+def _local_rank_from_environment():
+    """
+    :return: this process's rank on its node, as the launcher reports it (0 if none does).
+    """
+    for name in ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def _select_device(local_rank):
+    """
+    Make GPU number `local_rank` (among the visible ones) the current device.
+
+    :param local_rank: this process's rank on its node.
+    :return: local_rank.
+    """
+    if th.cuda.is_available():
+        count = th.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(
+                f"local rank {local_rank} needs GPU {local_rank} but only {count} are visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start "
+                "at most one process per visible GPU on each node"
+            )
+        th.cuda.set_device(local_rank)
+    return local_rank
+
+
+def _bracket_ipv6(address):
+    """
+    :return: address, in brackets if it is an IPv6 literal (as URLs need).
+    """
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def _find_free_port():
+    """
+    :return: a TCP port that was free on this host a moment ago.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def get_rank():
+    """
+    :return: this process's rank, or 0 when no process group exists.
+    """
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    """
+    :return: the number of processes, or 1 when no process group exists.
+    """
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def dev():
+    """
+    :return: the device this process computes on (its GPU, else the CPU).
+    """
+    if th.cuda.is_available():
+        return th.device("cuda", th.cuda.current_device())
+    return th.device("cpu")
+
+
+def load_state_dict(path, **kwargs):
+    """
+    Load a checkpoint (weights only) from a local path or a blobfile URL.
+
+    Every process reads the file itself, so any subset of ranks may call this
+    without waiting for the others (the original read on rank 0 and broadcast
+    through MPI, which deadlocked when only rank 0 called it).
+
+    :param path: the checkpoint's path or URL.
+    :param kwargs: passed to torch.load, e.g. map_location="cpu".
+    :return: the loaded object (tensors, dicts, lists, numbers, strings).
+    """
+    if kwargs.pop("weights_only", True) is not True:
+        raise ValueError("load_state_dict only loads with weights_only=True (no pickled code)")
+    with bf.BlobFile(path, "rb") as f:
+        data = f.read()
+    return th.load(io.BytesIO(data), weights_only=True, **kwargs)
+
+
+def sync_params(params):
+    """
+    Copy rank 0's values of tensors to every other rank, in place.
+
+    A collective: every rank must call it with the same tensors in the same order.
+
+    :param params: an iterable of tensors (e.g. model.parameters()).
+    """
+    if get_world_size() == 1:
+        return
+    for param in params:
+        with th.no_grad():
+            dist.broadcast(param, 0)
