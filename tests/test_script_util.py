@@ -1,0 +1,119 @@
+import argparse
+
+import pytest
+
+from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion import script_util as su
+
+
+def test_defaults_are_the_originals():
+    assert su.NUM_CLASSES == 1000
+    assert su.diffusion_defaults() == dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+    model = su.model_and_diffusion_defaults()
+    assert model["num_channels"] == 128 and model["num_heads"] == 4
+    assert model["attention_resolutions"] == "16,8" and model["use_scale_shift_norm"] is True
+    assert su.classifier_defaults()["classifier_pool"] == "attention"
+    assert set(su.classifier_and_diffusion_defaults()) == set(su.classifier_defaults()) | set(
+        su.diffusion_defaults()
+    )
+    sr = su.sr_model_and_diffusion_defaults()
+    assert sr["large_size"] == 256 and sr["small_size"] == 64
+    assert "image_size" not in sr and "channel_mult" not in sr
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        (512, (0.5, 1, 1, 2, 2, 4, 4)),
+        (256, (1, 1, 2, 2, 4, 4)),
+        (128, (1, 1, 2, 3, 4)),
+        (64, (1, 2, 3, 4)),
+        (32, (1, 2, 2, 2)),
+        (16, (1, 2, 2)),
+        (8, (1, 2)),
+    ],
+)
+def test_default_channel_mult(size, expected):
+    assert su.default_channel_mult(size) == expected
+    assert size % 2 ** (len(expected) - 1) == 0
+
+
+def test_parse_channel_mult_accepts_halves_and_rejects_garbage():
+    assert su.parse_channel_mult("0.5,1,1,2", 64) == (0.5, 1, 1, 2)
+    assert su.parse_channel_mult("", 64) == (1, 2, 3, 4)
+    with pytest.raises(ValueError, match='--channel_mult "1,x"'):
+        su.parse_channel_mult("1,x", 64)
+    with pytest.raises(ValueError, match="positive"):
+        su.parse_channel_mult("1,0", 64)
+
+
+def test_half_channel_mult_builds_model():
+    model = su.create_model(16, 64, 1, channel_mult="0.5,1", attention_resolutions="8")
+    assert model.input_blocks[0][0].out_channels == 32
+
+
+def test_attention_resolutions_are_converted_to_rates():
+    assert su.parse_attention_resolutions("32,16,8", 256) == (8, 16, 32)
+    with pytest.raises(ValueError, match="does not divide"):
+        su.parse_attention_resolutions("24", 64)
+    with pytest.raises(ValueError, match="integer resolutions"):
+        su.parse_attention_resolutions("a,b", 64)
+
+
+def test_argparser_round_trip_and_str2bool():
+    parser = argparse.ArgumentParser()
+    su.add_dict_to_argparser(parser, dict(lr=1e-4, steps=10, flag=False, name=None, text="a"))
+    args = parser.parse_args(["--flag", "yes", "--steps", "3", "--name", "x"])
+    assert su.args_to_dict(args, ["lr", "steps", "flag", "name", "text"]) == dict(
+        lr=1e-4, steps=3, flag=True, name="x", text="a"
+    )
+    assert su.str2bool("F") is False and su.str2bool("1") is True
+    with pytest.raises(argparse.ArgumentTypeError, match="maybe"):
+        su.str2bool("maybe")
+
+
+def test_create_gaussian_diffusion_selects_loss_and_variance_as_original():
+    def make(**kwargs):
+        return su.create_gaussian_diffusion(steps=100, **kwargs)
+
+    assert make().loss_type == gd.LossType.MSE
+    assert make(rescale_learned_sigmas=True).loss_type == gd.LossType.RESCALED_MSE
+    assert make(use_kl=True).loss_type == gd.LossType.RESCALED_KL
+    assert make(learn_sigma=True).model_var_type == gd.ModelVarType.LEARNED_RANGE
+    assert make(sigma_small=True).model_var_type == gd.ModelVarType.FIXED_SMALL
+    assert make().model_var_type == gd.ModelVarType.FIXED_LARGE
+    assert make(predict_xstart=True).model_mean_type == gd.ModelMeanType.START_X
+    assert make(timestep_respacing="25").num_timesteps == 25
+
+
+def test_create_model_and_diffusion_from_defaults():
+    flags = su.model_and_diffusion_defaults()
+    flags.update(image_size=32, num_channels=32, num_res_blocks=1, diffusion_steps=50)
+    model, diffusion = su.create_model_and_diffusion(**flags)
+    assert model.out_channels == 3 and model.num_classes is None
+    assert diffusion.num_timesteps == 50
+
+
+def test_classifier_and_sr_factories():
+    flags = su.classifier_and_diffusion_defaults()
+    flags.update(image_size=32, classifier_width=64, classifier_depth=1)
+    classifier, diffusion = su.create_classifier_and_diffusion(**flags)
+    assert classifier.out_channels == su.NUM_CLASSES
+    flags = su.sr_model_and_diffusion_defaults()
+    flags.update(large_size=32, small_size=8, num_channels=32, num_res_blocks=1)
+    flags.update(attention_resolutions="8")
+    model, _ = su.sr_create_model_and_diffusion(**flags)
+    assert model.in_channels == 6
+    with pytest.raises(ValueError, match="small_size=64"):
+        su.sr_create_model(
+            32, 64, 32, 1, False, False, False, "8", 1, -1, -1, True, 0.0, False, False
+        )
