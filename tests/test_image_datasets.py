@@ -1,0 +1,181 @@
+"""Tests for guided_diffusion.image_datasets: preprocessing, labels, sharding, resume, errors."""
+
+import numpy as np
+import pytest
+import torch as th
+import torch.nn.functional as F
+from PIL import Image
+
+from guided_diffusion.image_datasets import (
+    ImageDataset,
+    center_crop_arr,
+    list_image_files,
+    load_data,
+    load_superres_data,
+    random_crop_arr,
+)
+
+
+def _pattern(height, width, seed=0):
+    """A reproducible random RGB uint8 image array."""
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _write_images(folder, names, height=12, width=10):
+    """Write one random PNG per name (names may contain sub-folders)."""
+    for i, name in enumerate(names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_pattern(height, width, seed=i)).save(path)
+    return folder
+
+
+def test_center_crop_matches_box_halving_then_bicubic_then_center():
+    image = Image.fromarray(_pattern(70, 100))
+    # 70 >= 2*16 twice: 100x70 -> 50x35 -> 25x17 (BOX), then BICUBIC to short side 16.
+    expected = image.resize((50, 35), Image.BOX).resize((25, 17), Image.BOX)
+    expected = np.array(expected.resize((round(25 * 16 / 17), 16), Image.BICUBIC))
+    left = (expected.shape[1] - 16) // 2
+    np.testing.assert_array_equal(center_crop_arr(image, 16), expected[:, left : left + 16])
+
+
+def test_random_crop_short_side_and_offsets_follow_the_seeded_draws():
+    image = Image.fromarray(_pattern(30, 44))  # short side < 2 * 16: no BOX halving
+    draws = np.random.default_rng(5)
+    short_side = int(draws.integers(16, 21))  # ceil(16 / 1.0) .. ceil(16 / 0.8)
+    resized = image.resize((round(44 * short_side / 30), short_side), Image.BICUBIC)
+    arr = np.array(resized)
+    top = int(draws.integers(arr.shape[0] - 16 + 1))
+    left = int(draws.integers(arr.shape[1] - 16 + 1))
+    result = random_crop_arr(image, 16, rng=np.random.default_rng(5))
+    np.testing.assert_array_equal(result, arr[top : top + 16, left : left + 16])
+
+
+def test_batches_are_float32_nchw_in_range_with_prefix_labels(tmp_path):
+    _write_images(tmp_path, ["b_1.png", "a_2.png", "b_3.png", "sub/c_4.png"])
+    loader = load_data(
+        data_dir=str(tmp_path), batch_size=4, image_size=8, class_cond=True,
+        deterministic=True, random_flip=False, num_workers=0, seed=0,
+    )
+    images, kwargs = next(loader)
+    assert images.shape == (4, 3, 8, 8) and images.dtype == th.float32
+    assert -1.0 <= images.min() and images.max() <= 1.0
+    # Sorted listing: a_2, b_1, b_3, sub/c_4; classes a=0, b=1, c=2.
+    assert kwargs["y"].dtype == th.int64
+    assert kwargs["y"].tolist() == [0, 1, 1, 2]
+    expected = center_crop_arr(Image.fromarray(_pattern(12, 10, seed=1)), 8)
+    expected = th.from_numpy(expected.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    assert th.equal(images[0], expected)
+
+
+def test_folder_labels_use_the_first_sub_folder(tmp_path):
+    _write_images(tmp_path, ["zebra/x_1.png", "ant/deep/er/y_2.png", "zebra/z.png"])
+    loader = load_data(
+        data_dir=str(tmp_path), batch_size=3, image_size=8, class_cond=True,
+        class_from="folder", deterministic=True, num_workers=0, seed=0,
+    )
+    assert next(loader)[1]["y"].tolist() == [0, 1, 1]
+
+
+def test_grayscale_rgba_palette_gif_webp_jpeg_all_become_rgb(tmp_path):
+    base = Image.fromarray(_pattern(9, 9))
+    base.convert("L").save(tmp_path / "gray.png")
+    base.convert("RGBA").save(tmp_path / "rgba.png")
+    base.convert("P").save(tmp_path / "palette.gif")
+    base.save(tmp_path / "photo.webp")
+    base.save(tmp_path / "photo.JPEG")
+    (tmp_path / "notes.txt").write_text("not an image, skipped")
+    assert len(list_image_files(str(tmp_path))) == 5
+    loader = load_data(data_dir=str(tmp_path), batch_size=5, image_size=8, num_workers=0, seed=0)
+    images, _ = next(loader)
+    assert images.shape == (5, 3, 8, 8)
+
+
+def test_shards_are_disjoint_and_cover_all_files():
+    paths = [f"img{i}.png" for i in range(7)]
+    shards = [ImageDataset(8, paths, shard=s, num_shards=3).local_images for s in range(3)]
+    assert sorted(sum(shards, [])) == sorted(paths)
+    assert shards[1] == ["img1.png", "img4.png"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_saved_position_resumes_the_same_batches_across_epochs(tmp_path, num_workers):
+    _write_images(tmp_path, [f"c{i % 2}_{i}.png" for i in range(5)])
+    options = dict(
+        data_dir=str(tmp_path), batch_size=2, image_size=8, class_cond=True,
+        random_crop=True, seed=3, num_workers=num_workers,
+    )
+    reference = load_data(**options)
+    batches = [next(reference) for _ in range(6)]  # 2 full batches per epoch: 3 epochs
+    interrupted = load_data(**options)
+    for _ in range(3):
+        next(interrupted)
+    state = interrupted.state_dict()
+    assert state["epoch"] == 1 and state["batch_index"] == 1
+    resumed = load_data(**dict(options, seed=99))
+    resumed.load_state_dict(state)
+    for images, kwargs in batches[3:]:
+        next_images, next_kwargs = next(resumed)
+        assert th.equal(images, next_images) and th.equal(kwargs["y"], next_kwargs["y"])
+    # Epochs are reshuffled: not every epoch starts with the same batch.
+    assert not all(th.equal(batches[0][0], batches[k][0]) for k in (2, 4))
+
+
+def test_different_seeds_give_different_crops(tmp_path):
+    _write_images(tmp_path, ["a.png", "b.png"], height=20, width=20)
+    first = [next(load_data(data_dir=str(tmp_path), batch_size=2, image_size=8,
+                            random_crop=True, seed=s, num_workers=0))[0] for s in (0, 1)]
+    assert not th.equal(first[0], first[1])
+
+
+def test_superres_low_res_is_area_downsampling(tmp_path):
+    _write_images(tmp_path, ["a.png", "b.png"], height=16, width=16)
+    loader = load_superres_data(
+        data_dir=str(tmp_path), batch_size=2, large_size=8, small_size=4, num_workers=0, seed=0
+    )
+    large, kwargs = next(loader)
+    assert th.allclose(kwargs["low_res"], F.avg_pool2d(large, 2), atol=1e-6)
+    assert loader.state_dict()["batch_index"] == 1
+
+
+def test_empty_and_missing_folders_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images .* found in .*empty"):
+        load_data(data_dir=str(tmp_path / "empty"), batch_size=1, image_size=8)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_data(data_dir=str(tmp_path / "missing"), batch_size=1, image_size=8)
+
+
+def test_shard_smaller_than_a_batch_is_an_error(tmp_path):
+    _write_images(tmp_path, ["a.png", "b.png", "c.png"])
+    with pytest.raises(ValueError, match="shard 1 of 2 gets 1 of the 3 images .* batch_size is 2"):
+        load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, shard=1, num_shards=2)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    _write_images(tmp_path, ["good.png"])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    loader = load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, num_workers=0, seed=0)
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        next(loader)
+
+
+def test_more_classes_than_the_model_is_an_error(tmp_path):
+    _write_images(tmp_path, ["a_1.png", "b_1.png", "c_1.png"])
+    with pytest.raises(ValueError, match="has 3 classes \\(a, b, c\\) but the model has 2"):
+        load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, class_cond=True, num_classes=2)
+
+
+def test_folder_labels_need_sub_folders_and_class_from_is_checked(tmp_path):
+    _write_images(tmp_path, ["loose.png", "cls/inside.png"])
+    with pytest.raises(ValueError, match="1 are directly in the data folder, e.g. .*loose.png"):
+        load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, class_cond=True, class_from="folder")
+    with pytest.raises(ValueError, match="class_from='suffix': expected 'prefix' or 'folder'"):
+        load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, class_cond=True, class_from="suffix")
+
+
+def test_loading_a_state_from_another_dataset_is_an_error(tmp_path):
+    _write_images(tmp_path, ["a.png", "b.png"])
+    loader = load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, num_workers=0)
+    with pytest.raises(ValueError, match="saved with .*'num_images': 5"):
+        loader.load_state_dict(dict(epoch=0, batch_index=0, seed=0, num_images=5, batch_size=1))
