@@ -7,7 +7,9 @@ setup(
     "guidance, training, sampling and a torch-only evaluator",
     license="MIT",
     python_requires=">=3.9",
-    packages=["guided_diffusion", "evaluations"],
+    packages=["guided_diffusion", "guided_diffusion.configs", "evaluations"],
+    package_dir={"guided_diffusion.configs": "configs"},
+    package_data={"guided_diffusion.configs": ["*.json"]},
     install_requires=["torch", "numpy", "blobfile>=1.0.5", "tqdm", "pillow", "scipy"],
     extras_require={
         "mpi": ["mpi4py"],

@@ -7,6 +7,7 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
+from .presets import create_pretrained, load_config, parse_args_with_config  # noqa: F401
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 

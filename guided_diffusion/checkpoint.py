@@ -1,0 +1,246 @@
+"""
+Safe checkpoint reading and strict loading with a readable mismatch report.
+
+Checkpoints are read through blobfile (local paths or cloud URLs) with
+`torch.load(weights_only=True)`: a file whose unpickling would run code is
+refused, never executed. Accepted forms: the released `.pt` files (plain state
+dicts), this project's `modelNNNNNN.pt` / `ema_RATE_NNNNNN.pt` (plain state dicts
+with a sidecar `<stem>.json` recording the run's flags and step), and a dict that
+wraps a state dict under "state_dict", "model" or "ema".
+"""
+
+import io
+import json
+import pickle
+
+import blobfile as bf
+import torch as th
+
+SIDECAR_FORMAT = "guided_diffusion/1"
+_WRAPPER_KEYS = ("state_dict", "model", "ema")
+
+
+def sidecar_path(path):
+    """
+    The JSON file that records how a checkpoint was made: same stem, `.json`.
+
+    :param path: the checkpoint's path.
+    """
+    stem = path[: -len(".pt")] if path.endswith(".pt") else path
+    return stem + ".json"
+
+
+def read_sidecar(path):
+    """
+    Read a checkpoint's sidecar record (flags, step, kind), if it has one.
+
+    :param path: the checkpoint's path.
+    :return: the record as a dict, or None when there is no sidecar.
+    """
+    record_path = sidecar_path(path)
+    if not bf.exists(record_path):
+        return None
+    with bf.BlobFile(record_path, "r") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{record_path}: not valid JSON ({error})") from None
+
+
+def read_state_dict(path, map_location="cpu"):
+    """
+    Read a state dict from a checkpoint file without executing any code.
+
+    :param path: a local path or blobfile URL.
+    :param map_location: where to put the tensors.
+    :return: a dict of parameter names to tensors.
+    """
+    if not bf.exists(path):
+        raise FileNotFoundError(
+            f"checkpoint {path!r} does not exist; download the released checkpoints into "
+            "models/ (see README) or pass the right --model_path / --classifier_path"
+        )
+    with bf.BlobFile(path, "rb") as f:
+        data = f.read()
+    try:
+        loaded = th.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {path!r}: unpickling it would execute code that is not "
+            f"plain tensors and containers ({error}). Checkpoints are loaded with "
+            "weights_only=True; re-save the file as a plain state dict "
+            "(torch.save(model.state_dict(), path)) from a trusted environment."
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(f"{path!r} is not a readable torch checkpoint: {error}") from None
+    return _unwrap(loaded, path)
+
+
+def _unwrap(loaded, path):
+    if isinstance(loaded, dict) and loaded and all(th.is_tensor(v) for v in loaded.values()):
+        return loaded
+    if isinstance(loaded, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(loaded.get(key), dict):
+                return _unwrap(loaded[key], path)
+    raise ValueError(
+        f"{path!r} holds {type(loaded).__name__} {_describe(loaded)}, not a state dict of "
+        f"tensors (nor a dict wrapping one under {', '.join(_WRAPPER_KEYS)})"
+    )
+
+
+def _describe(obj):
+    if isinstance(obj, dict):
+        return f"with keys {sorted(map(str, obj))[:8]}"
+    return ""
+
+
+def load_checkpoint(model, path, flags=None, map_location="cpu"):
+    """
+    Load a checkpoint into a model strictly, or raise a ValueError that lists the
+    missing, unexpected and mis-shaped keys and names the flags that most likely
+    differ.
+
+    :param model: the model to fill.
+    :param path: a local path or blobfile URL of the checkpoint.
+    :param flags: the flags the model was built from; compared first with the
+                  flags a checkpoint of this project records.
+    :param map_location: where to read the tensors.
+    :return: the checkpoint's sidecar record (or None).
+    """
+    record = read_sidecar(path)
+    if flags is not None and record and isinstance(record.get("flags"), dict):
+        differing = flag_differences(record["flags"], flags)
+        if differing:
+            raise ValueError(
+                f"{path!r} was trained with different flags than requested: "
+                + "; ".join(differing)
+                + ". Pass the checkpoint's values (or --config with its preset)."
+            )
+    state = read_state_dict(path, map_location=map_location)
+    report = mismatch_report(model.state_dict(), state)
+    if report:
+        raise ValueError(f"{path!r} does not fit the model built from the flags:\n{report}")
+    model.load_state_dict(state, strict=True)
+    return record
+
+
+def flag_differences(recorded, requested):
+    """
+    List the architecture-relevant flags whose values differ between two flag dicts.
+
+    :param recorded: the flags a checkpoint records.
+    :param requested: the flags the caller built the model from.
+    :return: a list of "name: checkpoint X, requested Y" strings.
+    """
+    ignored = {"use_fp16", "classifier_use_fp16", "use_checkpoint", "timestep_respacing"}
+    ignored |= {"dropout", "fast_attention"}
+    return [
+        f"{name}: checkpoint {recorded[name]!r}, requested {requested[name]!r}"
+        for name in sorted(set(recorded) & set(requested))
+        if name not in ignored and recorded[name] != requested[name]
+    ]
+
+
+def mismatch_report(expected, found):
+    """
+    Describe how a state dict differs from the one a model expects.
+
+    :param expected: the model's state dict (or a dict of names to tensors/shapes).
+    :param found: the checkpoint's state dict.
+    :return: a multi-line report, or "" when they match key for key and shape for shape.
+    """
+    expected_shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    found_shapes = {k: tuple(v.shape) for k, v in found.items()}
+    missing = [k for k in expected_shapes if k not in found_shapes]
+    unexpected = [k for k in found_shapes if k not in expected_shapes]
+    misshaped = [
+        (k, found_shapes[k], expected_shapes[k])
+        for k in expected_shapes
+        if k in found_shapes and found_shapes[k] != expected_shapes[k]
+    ]
+    if not (missing or unexpected or misshaped):
+        return ""
+    lines = []
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_abbreviate(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_abbreviate(unexpected)}")
+    for key, got, want in misshaped[:8]:
+        lines.append(f"  {key}: checkpoint {list(got)}, model {list(want)}")
+    if len(misshaped) > 8:
+        lines.append(f"  ... and {len(misshaped) - 8} more mis-shaped keys")
+    suspects = likely_flags(expected_shapes, found_shapes, missing, unexpected)
+    lines.append(
+        "  flags that probably differ: "
+        + (", ".join(suspects) if suspects else "unknown; compare the flags with the checkpoint's preset")
+    )
+    return "\n".join(lines)
+
+
+def _abbreviate(keys, most=6):
+    shown = ", ".join(keys[:most])
+    return shown + (f", ... ({len(keys) - most} more)" if len(keys) > most else "")
+
+
+def likely_flags(expected_shapes, found_shapes, missing, unexpected):
+    """
+    Guess which flags explain a state-dict mismatch.
+
+    :return: a list of flag names with a short reason each.
+    """
+    suspects = []
+
+    def first_dim(shapes, key):
+        return shapes[key][0] if key in shapes else None
+
+    if any(k.startswith("label_emb.") for k in missing + unexpected):
+        has = "has" if any(k.startswith("label_emb.") for k in unexpected) else "lacks"
+        suspects.append(f"class_cond (the checkpoint {has} a class embedding)")
+    out_found, out_expected = first_dim(found_shapes, "out.2.weight"), first_dim(
+        expected_shapes, "out.2.weight"
+    )
+    if {out_found, out_expected} == {3, 6}:
+        suspects.append(f"learn_sigma (checkpoint outputs {out_found} channels, model {out_expected})")
+    elif out_found and out_expected and out_found != out_expected:
+        suspects.append(f"output classes/channels ({out_found} vs {out_expected})")
+    width_found = first_dim(found_shapes, "time_embed.0.weight")
+    width_expected = first_dim(expected_shapes, "time_embed.0.weight")
+    if width_found and width_expected and width_found != width_expected:
+        suspects.append(
+            f"num_channels / classifier_width (checkpoint {width_found // 4}, model {width_expected // 4})"
+        )
+    in_found = found_shapes.get("input_blocks.0.0.weight")
+    in_expected = expected_shapes.get("input_blocks.0.0.weight")
+    if in_found and in_expected and in_found[1] != in_expected[1]:
+        suspects.append(
+            f"model type: input channels {in_found[1]} vs {in_expected[1]} (super-resolution "
+            "models take 6: use super_res_sample.py / sr flags)"
+        )
+    if in_found and in_expected and in_found[0] != in_expected[0] and width_found == width_expected:
+        suspects.append("channel_mult (first level width differs; image_size sets its default)")
+    if _block_count(found_shapes) != _block_count(expected_shapes):
+        suspects.append(
+            "num_res_blocks / classifier_depth or channel_mult (number of blocks differs; "
+            "image_size sets the default channel_mult)"
+        )
+    if any(_is_attention_key(k) for k in missing + unexpected):
+        suspects.append("attention_resolutions (attention layers at other resolutions)")
+    pos_found = found_shapes.get("out.2.positional_embedding")
+    pos_expected = expected_shapes.get("out.2.positional_embedding")
+    if pos_found and pos_expected and pos_found != pos_expected:
+        suspects.append("image_size (the classifier's attention pool size differs)")
+    return suspects
+
+
+def _block_count(shapes):
+    blocks = set()
+    for key in shapes:
+        parts = key.split(".")
+        if parts[0] in ("input_blocks", "output_blocks"):
+            blocks.add((parts[0], parts[1]))
+    return len(blocks)
+
+
+def _is_attention_key(key):
+    return any(f".{name}." in key for name in ("qkv", "proj_out", "norm"))
