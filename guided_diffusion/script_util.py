@@ -57,6 +57,7 @@ def classifier_defaults():
         classifier_use_scale_shift_norm=True,  # False
         classifier_resblock_updown=True,  # False
         classifier_pool="attention",
+        num_classes=NUM_CLASSES,
     )
 
 
@@ -80,6 +81,8 @@ def model_and_diffusion_defaults():
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        class_dropout_prob=0.0,
+        num_classes=NUM_CLASSES,
     )
     res.update(diffusion_defaults())
     return res
@@ -200,6 +203,8 @@ def create_model_and_diffusion(
     resblock_updown,
     use_fp16,
     use_new_attention_order,
+    class_dropout_prob=0.0,
+    num_classes=NUM_CLASSES,
     fast_attention=True,
 ):
     """
@@ -224,6 +229,8 @@ def create_model_and_diffusion(
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
+        class_dropout_prob=class_dropout_prob,
+        num_classes=num_classes,
         fast_attention=fast_attention,
     )
     diffusion = create_gaussian_diffusion(
@@ -256,6 +263,8 @@ def create_model(
     resblock_updown=False,
     use_fp16=False,
     use_new_attention_order=False,
+    class_dropout_prob=0.0,
+    num_classes=NUM_CLASSES,
     fast_attention=True,
 ):
     """
@@ -267,6 +276,10 @@ def create_model(
     :param learn_sigma: output 6 channels (mean and variance interpolation).
     :param class_cond: add a class embedding for NUM_CLASSES classes.
     :param attention_resolutions: comma-separated feature-map sides with attention.
+    :param class_dropout_prob: for classifier-free guidance, the probability with
+                               which training replaces a label by the extra "null"
+                               class NUM_CLASSES (the embedding then has
+                               NUM_CLASSES + 1 rows); 0 keeps the released layout.
     :param fast_attention: scaled_dot_product_attention (False: the original's einsum).
     :return: a UNetModel.
     """
@@ -279,7 +292,7 @@ def create_model(
         attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
         dropout=dropout,
         channel_mult=parse_channel_mult(channel_mult, image_size),
-        num_classes=(NUM_CLASSES if class_cond else None),
+        num_classes=num_label_embeddings(class_cond, class_dropout_prob, num_classes),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         num_heads=num_heads,
@@ -290,6 +303,27 @@ def create_model(
         use_new_attention_order=use_new_attention_order,
         fast_attention=fast_attention,
     )
+
+
+def num_label_embeddings(class_cond, class_dropout_prob=0.0, num_classes=NUM_CLASSES):
+    """
+    The number of rows of the class embedding: None for an unconditional model,
+    num_classes, or num_classes + 1 when training with label dropout for
+    classifier-free guidance (the last row is the "null" label, id num_classes).
+
+    :param class_cond: whether the model is class-conditional.
+    :param class_dropout_prob: the label dropout probability, in [0, 1).
+    :param num_classes: the number of real classes.
+    """
+    if num_classes < 1:
+        raise ValueError(f"--num_classes {num_classes}: expected a positive number of classes")
+    if not 0.0 <= class_dropout_prob < 1.0:
+        raise ValueError(f"--class_dropout_prob {class_dropout_prob}: expected a value in [0, 1)")
+    if not class_cond:
+        if class_dropout_prob:
+            raise ValueError("--class_dropout_prob needs --class_cond True")
+        return None
+    return num_classes + 1 if class_dropout_prob > 0 else num_classes
 
 
 def create_classifier_and_diffusion(
@@ -309,6 +343,7 @@ def create_classifier_and_diffusion(
     predict_xstart,
     rescale_timesteps,
     rescale_learned_sigmas,
+    num_classes=NUM_CLASSES,
     fast_attention=True,
 ):
     """
@@ -326,6 +361,7 @@ def create_classifier_and_diffusion(
         classifier_use_scale_shift_norm,
         classifier_resblock_updown,
         classifier_pool,
+        num_classes=num_classes,
         fast_attention=fast_attention,
     )
     diffusion = create_gaussian_diffusion(
@@ -350,6 +386,7 @@ def create_classifier(
     classifier_use_scale_shift_norm,
     classifier_resblock_updown,
     classifier_pool,
+    num_classes=NUM_CLASSES,
     fast_attention=True,
 ):
     """
@@ -362,7 +399,7 @@ def create_classifier(
         image_size=image_size,
         in_channels=3,
         model_channels=classifier_width,
-        out_channels=NUM_CLASSES,
+        out_channels=num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=parse_attention_resolutions(
             classifier_attention_resolutions, image_size
@@ -400,6 +437,7 @@ def sr_create_model_and_diffusion(
     use_scale_shift_norm,
     resblock_updown,
     use_fp16,
+    num_classes=NUM_CLASSES,
     fast_attention=True,
 ):
     """
@@ -424,6 +462,7 @@ def sr_create_model_and_diffusion(
         dropout=dropout,
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
+        num_classes=num_classes,
         fast_attention=fast_attention,
     )
     diffusion = create_gaussian_diffusion(
@@ -455,6 +494,7 @@ def sr_create_model(
     dropout,
     resblock_updown,
     use_fp16,
+    num_classes=NUM_CLASSES,
     fast_attention=True,
 ):
     """
@@ -478,7 +518,7 @@ def sr_create_model(
         attention_resolutions=parse_attention_resolutions(attention_resolutions, large_size),
         dropout=dropout,
         channel_mult=channel_mult,
-        num_classes=(NUM_CLASSES if class_cond else None),
+        num_classes=num_label_embeddings(class_cond, 0.0, num_classes),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
         num_head_channels=num_head_channels,

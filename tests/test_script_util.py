@@ -117,3 +117,19 @@ def test_classifier_and_sr_factories():
         su.sr_create_model(
             32, 64, 32, 1, False, False, False, "8", 1, -1, -1, True, 0.0, False, False
         )
+
+
+def test_num_classes_and_class_dropout_shape_the_label_embedding():
+    small = dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="8")
+    assert su.create_model(**small, class_cond=True, num_classes=10).label_emb.num_embeddings == 10
+    cfg = su.create_model(**small, class_cond=True, num_classes=10, class_dropout_prob=0.1)
+    assert cfg.label_emb.num_embeddings == 11  # the last row is the null label 10
+    assert not hasattr(su.create_model(**small), "label_emb")
+    classifier = su.create_classifier(16, False, 64, 1, "8", True, True, "attention", num_classes=7)
+    assert classifier.out_channels == 7
+    with pytest.raises(ValueError, match="class_dropout_prob 1.5"):
+        su.num_label_embeddings(True, 1.5)
+    with pytest.raises(ValueError, match="needs --class_cond True"):
+        su.num_label_embeddings(False, 0.2)
+    with pytest.raises(ValueError, match="num_classes 0"):
+        su.num_label_embeddings(True, 0.0, 0)
