@@ -13,6 +13,7 @@ import math
 
 import blobfile as bf
 import numpy as np
+import torch as th
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
@@ -354,6 +355,8 @@ class ImageLoader:
             self.dataset,
             batch_sampler=batches[self.batch_index :].tolist(),
             num_workers=self.num_workers,
+            # Its own generator: starting an epoch must not draw from torch's global one.
+            generator=th.Generator().manual_seed(self.seed),
         )
         return iter(loader)
 

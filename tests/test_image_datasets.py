@@ -179,3 +179,12 @@ def test_loading_a_state_from_another_dataset_is_an_error(tmp_path):
     loader = load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, num_workers=0)
     with pytest.raises(ValueError, match="saved with .*'num_images': 5"):
         loader.load_state_dict(dict(epoch=0, batch_index=0, seed=0, num_images=5, batch_size=1))
+
+
+def test_iterating_does_not_touch_the_global_torch_generator(tmp_path):
+    _write_images(tmp_path, ["a.png", "b.png"])
+    loader = load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, num_workers=0, seed=0)
+    before = th.get_rng_state()
+    for _ in range(3):  # crosses an epoch boundary, which starts a new DataLoader
+        next(loader)
+    assert th.equal(before, th.get_rng_state())

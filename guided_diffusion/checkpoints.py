@@ -1,0 +1,245 @@
+"""
+Training checkpoints: file names, atomic writes, sidecar JSON, RNG states and the
+checks that decide how a run resumes.
+
+A save at step N (N optimizer steps done) writes, in the log directory:
+
+- `modelNNNNNN.pt`: the model's float32 state dict (plain, like the released models);
+- `ema_RATE_NNNNNN.pt`: the same for each EMA rate;
+- `modelNNNNNN.json`, `ema_RATE_NNNNNN.json`: {"format", "kind" ("model"/"ema"),
+  "ema_rate", "step", "flags"} (the flags of the run, enough to rebuild the model);
+- `optNNNNNN.pt`: {"format", "optimizer", "step", "lg_loss_scale", "rng" (rank ->
+  RNG states), "data_state" (rank -> loader positions), "schedule_sampler", "flags"}.
+"""
+
+import json
+import os
+import random
+import re
+import uuid
+
+import blobfile as bf
+import numpy as np
+import torch as th
+
+from . import dist_util, logger
+
+FORMAT = "guided_diffusion/1"
+
+_MODEL_NAME = re.compile(r"^model(\d+)\.pt$")
+
+
+def model_filename(step):
+    """
+    :return: the name of the model checkpoint of a step, e.g. model001000.pt.
+    """
+    return f"model{step:06d}.pt"
+
+
+def ema_filename(rate, step):
+    """
+    :param rate: the EMA rate as given on the command line (a float or its text).
+    :return: the name of an EMA checkpoint, e.g. ema_0.9999_001000.pt.
+    """
+    return f"ema_{float(rate)}_{step:06d}.pt"
+
+
+def opt_filename(step):
+    """
+    :return: the name of the optimizer and training-state checkpoint, e.g. opt001000.pt.
+    """
+    return f"opt{step:06d}.pt"
+
+
+def sidecar_path(checkpoint_path):
+    """
+    :return: the JSON sidecar of a checkpoint: the same path with .json for .pt.
+    """
+    stem = checkpoint_path[:-3] if checkpoint_path.endswith(".pt") else checkpoint_path
+    return stem + ".json"
+
+
+def parse_resume_step_from_filename(filename):
+    """
+    :param filename: a checkpoint path.
+    :return: NNNNNN of a path ending in modelNNNNNN.pt, else None (the original
+        returned 0, which restarted runs at step 0 silently).
+    """
+    match = _MODEL_NAME.match(bf.basename(filename))
+    return int(match.group(1)) if match else None
+
+
+def _is_local(path):
+    """
+    :return: whether path is on the local file system (not a blobfile URL).
+    """
+    return "://" not in path
+
+
+def atomic_write(path, write):
+    """
+    Write a file so that readers see either the old file or the complete new one:
+    local files are written under a temporary name and renamed; blob stores already
+    publish an object only when its upload completes.
+
+    :param path: the destination path or URL.
+    :param write: a function taking the open binary file.
+    """
+    if not _is_local(path):
+        with bf.BlobFile(path, "wb") as f:
+            write(f)
+        return
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_checkpoint(path, obj, sidecar=None):
+    """
+    Write obj with torch.save, and a JSON sidecar next to it, both atomically.
+
+    :param path: the checkpoint's path or URL (ending in .pt).
+    :param obj: tensors and plain containers (loadable with weights_only=True).
+    :param sidecar: a JSON-serialisable dict for sidecar_path(path), or None for none.
+    """
+    atomic_write(path, lambda f: th.save(obj, f))
+    if sidecar is not None:
+        text = json.dumps(sidecar, indent=2, sort_keys=True).encode("utf-8")
+        atomic_write(sidecar_path(path), lambda f: f.write(text))
+
+
+def read_sidecar(checkpoint_path):
+    """
+    :param checkpoint_path: a checkpoint's path or URL.
+    :return: the dict in its JSON sidecar, or None if there is none.
+    """
+    path = sidecar_path(checkpoint_path)
+    if not bf.exists(path):
+        return None
+    with bf.BlobFile(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def make_sidecar(kind, step, flags, ema_rate=None):
+    """
+    :param kind: "model" or "ema".
+    :param step: the number of optimizer steps the weights have seen.
+    :param flags: the run's flags.
+    :param ema_rate: the EMA rate for kind "ema", else None.
+    :return: the sidecar dict.
+    """
+    return dict(
+        format=FORMAT,
+        kind=kind,
+        ema_rate=None if ema_rate is None else float(ema_rate),
+        step=int(step),
+        flags=plain_flags(flags),
+    )
+
+
+def plain_flags(flags):
+    """
+    :param flags: a dict of flag values (or None).
+    :return: a copy holding only JSON types (others become strings).
+    """
+    return json.loads(json.dumps(flags or {}, default=str))
+
+
+def capture_rng_state():
+    """
+    :return: this process's torch (CPU and current GPU), numpy and Python RNG states,
+        in a form torch.load(weights_only=True) accepts.
+    """
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = dict(
+        torch=th.get_rng_state(),
+        numpy=dict(
+            keys=th.from_numpy(keys.astype(np.int64)),
+            pos=int(position),
+            has_gauss=int(has_gauss),
+            cached_gaussian=float(cached_gaussian),
+        ),
+        python=random.getstate(),
+    )
+    if th.cuda.is_available():
+        state["cuda"] = th.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state):
+    """
+    :param state: a dict from capture_rng_state.
+    """
+    th.set_rng_state(state["torch"])
+    saved = state["numpy"]
+    np.random.set_state(
+        ("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"],
+         saved["has_gauss"], saved["cached_gaussian"])
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and th.cuda.is_available():
+        th.cuda.set_rng_state(state["cuda"])
+
+
+def resume_plan(path):
+    """
+    Check a --resume_checkpoint and find the files that continue its run.
+
+    :param path: the modelNNNNNN.pt (or a model checkpoint with a sidecar) to resume.
+    :return: a dict with step, model (path), opt (path) and opt_state (loaded on the CPU).
+    """
+    name = bf.basename(path)
+    if not bf.exists(path):
+        raise FileNotFoundError(f"--resume_checkpoint {path} does not exist")
+    sidecar = read_sidecar(path)
+    if name.startswith(("ema_", "opt")) or (sidecar is not None and sidecar.get("kind") != "model"):
+        digits = re.search(r"(\d+)\.pt$", name)
+        sibling = model_filename(int(digits.group(1))) if digits else "modelNNNNNN.pt"
+        raise ValueError(
+            f"--resume_checkpoint {path} is not a model checkpoint: pass the {sibling} of the "
+            "same step; the EMA and opt files are found next to it"
+        )
+    step = sidecar["step"] if sidecar is not None else parse_resume_step_from_filename(path)
+    if step is None:
+        raise ValueError(
+            f"--resume_checkpoint {path} has no step (its name is not modelNNNNNN.pt and "
+            f"there is no {bf.basename(sidecar_path(path))}): to continue a run pass its "
+            f"modelNNNNNN.pt; to start a new run from these weights use --init_checkpoint {path}"
+        )
+    opt_path = bf.join(bf.dirname(path), opt_filename(step))
+    if not bf.exists(opt_path):
+        raise FileNotFoundError(
+            f"{opt_path} is missing: it holds the optimizer, step and RNG state needed to "
+            f"continue from {path}. Copy it next to the model file, or start a new run from "
+            f"these weights with --init_checkpoint {path}"
+        )
+    opt_state = dist_util.load_state_dict(opt_path, map_location="cpu")
+    if "optimizer" not in opt_state:
+        logger.warn(
+            f"{opt_path} is a plain optimizer state (original ADM format): resuming at step "
+            f"{step} without RNG states, data position or loss scale, so the run will not "
+            "be bit-identical to an uninterrupted one"
+        )
+        opt_state = dict(optimizer=opt_state, step=step, lg_loss_scale=None, rng=None, data_state=None)
+    elif opt_state["step"] != step:
+        raise ValueError(f"{opt_path} records step {opt_state['step']} but {path} is step {step}")
+    return dict(step=step, model=path, opt=opt_path, opt_state=opt_state)
+
+
+def find_ema_checkpoint(main_checkpoint, step, rate):
+    """
+    :param main_checkpoint: the model checkpoint being resumed (or None).
+    :param step: its step.
+    :param rate: an EMA rate.
+    :return: the path of the EMA checkpoint of that rate and step next to it, or None.
+    """
+    if main_checkpoint is None:
+        return None
+    path = bf.join(bf.dirname(main_checkpoint), ema_filename(rate, step))
+    return path if bf.exists(path) else None

@@ -1,0 +1,563 @@
+"""
+Training loops: TrainLoop for diffusion models and ClassifierTrainLoop for
+noised-image classifiers, with microbatches, EMA, mixed precision, checkpoints
+and exact resumption.
+
+Step semantics: `self.step` counts optimizer steps done (resumed ones included);
+the checkpoint `modelNNNNNN.pt` holds the weights after NNNNNN steps, and the
+logged "step" is the index of the step just taken (0 first), as in the original.
+Per microbatch the random draws are: the schedule sampler's timesteps (numpy's
+global generator), then the model's noise and dropout (torch's global generator).
+"""
+
+import contextlib
+import copy
+import math
+import random
+
+import blobfile as bf
+import numpy as np
+import torch as th
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel.distributed import DistributedDataParallel as DDP
+from torch.optim import AdamW
+
+from . import checkpoints, dist_util, logger
+from .checkpoints import find_ema_checkpoint, parse_resume_step_from_filename  # noqa: F401 (original API)
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
+from .image_grid import save_image_grid, to_uint8_nhwc
+from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
+from .respace import SpacedDiffusion, space_timesteps
+
+# Sample previews (--sample_interval): how many images, DDIM steps, and the noise seed.
+PREVIEW_SAMPLES = 8
+PREVIEW_STEPS = 25
+PREVIEW_SEED = 0
+
+
+def parse_ema_rates(ema_rate):
+    """
+    :param ema_rate: a float, or comma-separated floats as text ("" for none).
+    :return: a list of floats.
+    """
+    if isinstance(ema_rate, (int, float)):
+        return [float(ema_rate)]
+    try:
+        rates = [float(rate) for rate in ema_rate.split(",") if rate.strip()]
+    except ValueError:
+        raise ValueError(f'--ema_rate "{ema_rate}": expected comma-separated floats, e.g. 0.9999,0.9999432') from None
+    bad = [rate for rate in rates if not 0.0 <= rate < 1.0]
+    if bad:
+        raise ValueError(f"--ema_rate {bad}: rates must lie in [0, 1)")
+    return rates
+
+
+def set_seed(seed):
+    """
+    Seed Python's, numpy's and torch's global generators with seed + rank.
+
+    :param seed: an integer.
+    """
+    seed = seed + dist_util.get_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    th.manual_seed(seed)
+
+
+def _gather_by_rank(obj):
+    """
+    :param obj: a picklable object from this rank (a collective: every rank calls it).
+    :return: a dict from rank to each rank's object.
+    """
+    if dist_util.get_world_size() == 1:
+        return {0: obj}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return dict(enumerate(gathered))
+
+
+class TrainLoop:
+    """
+    Trains a diffusion model: every step draws a batch, computes the diffusion loss
+    over microbatches, takes an AdamW step and updates the EMAs; logs, saves,
+    previews samples and stops on a schedule.
+    """
+
+    def __init__(
+        self,
+        *,
+        model,                      # the network, already on dist_util.dev()
+        diffusion,                  # a GaussianDiffusion providing training_losses
+        data,                       # iterator of (images, kwargs) batches (load_data)
+        batch_size,                 # images per rank per step
+        microbatch,                 # images per forward/backward (<= 0: the whole batch)
+        lr,                         # AdamW learning rate
+        ema_rate,                   # float or "r1,r2,..." EMA rates ("" for none)
+        log_interval,               # write logged values every this many steps
+        save_interval,              # save checkpoints every this many steps
+        resume_checkpoint,          # "" or a modelNNNNNN.pt to continue
+        use_fp16=False,             # float16 with loss scaling
+        fp16_scale_growth=1e-3,     # loss-scale growth per finite step
+        schedule_sampler=None,      # timestep sampler (default: uniform)
+        weight_decay=0.0,           # AdamW weight decay
+        lr_anneal_steps=0,          # linear decay of lr to 0 at this step, then stop (0: off)
+        use_bf16=False,             # bfloat16 autocast, float32 weights
+        max_steps=0,                # stop (with a final save) at this step (0: never)
+        seed=None,                  # seed of the training draws for a fresh run (None: unseeded)
+        sample_interval=0,          # write an EMA sample grid every this many steps (0: never)
+        flags=None,                 # the run's flags, recorded in checkpoints
+        init_checkpoint="",         # "" or weights to start a new run from (step 0)
+        initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,  # log2 of the first fp16 loss scale
+    ):
+        """
+        See the argument comments. logger.configure must have been called: checkpoints
+        and previews go to logger.get_dir().
+        """
+        if logger.get_dir() is None:
+            raise ValueError("call logger.configure() before TrainLoop: checkpoints go to the log directory")
+        if resume_checkpoint and init_checkpoint:
+            raise ValueError(
+                "--resume_checkpoint continues a run and --init_checkpoint starts a new one: pass one"
+            )
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = parse_ema_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+        self.sample_interval = sample_interval
+        self.flags = checkpoints.plain_flags(flags)
+        self.global_batch = batch_size * dist_util.get_world_size()
+
+        plan = checkpoints.resume_plan(resume_checkpoint) if resume_checkpoint else None
+        self.resume_step = plan["step"] if plan else 0
+        self.step = self.resume_step
+        self._load_and_sync_parameters(plan["model"] if plan else init_checkpoint)
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=model,
+            use_fp16=use_fp16,
+            fp16_scale_growth=fp16_scale_growth,
+            initial_lg_loss_scale=initial_lg_loss_scale,
+            use_bf16=use_bf16,
+        )
+        self.opt = AdamW(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
+        self.ema_params = [self._load_ema_parameters(rate, plan) for rate in self.ema_rate]
+        if plan is not None:
+            self._restore_training_state(plan["opt_state"], seed)
+        elif seed is not None:
+            set_seed(seed)
+        self.last_saved_step = self.step if plan else None
+
+        self.use_ddp = dist_util.get_world_size() > 1
+        if self.use_ddp:
+            on_gpu = dist_util.dev().type == "cuda"
+            self.ddp_model = DDP(
+                model,
+                device_ids=[dist_util.dev()] if on_gpu else None,
+                output_device=dist_util.dev() if on_gpu else None,
+                broadcast_buffers=False,
+                bucket_cap_mb=128,
+                find_unused_parameters=False,
+            )
+        else:
+            self.ddp_model = model
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_and_sync_parameters(self, path):
+        """
+        :param path: a state dict to load into the model on every rank, or "".
+        """
+        if path:
+            logger.log(f"loading model from checkpoint: {path}...")
+            self.model.load_state_dict(dist_util.load_state_dict(path, map_location="cpu"))
+        dist_util.sync_params(self.model.parameters())
+
+    def _load_ema_parameters(self, rate, plan):
+        """
+        :param rate: an EMA rate.
+        :param plan: the resume plan, or None for a fresh run.
+        :return: the EMA's master parameters: from its checkpoint when resuming,
+            else a copy of the current weights.
+        """
+        if plan is not None:
+            path = find_ema_checkpoint(plan["model"], plan["step"], rate)
+            if path is not None:
+                state_dict = dist_util.load_state_dict(path, map_location=dist_util.dev())
+                return self.mp_trainer.state_dict_to_master_params(state_dict)
+            logger.warn(
+                f"no {checkpoints.ema_filename(rate, plan['step'])} next to {plan['model']}: "
+                f"the EMA with rate {rate} restarts from the model weights"
+            )
+        return copy.deepcopy(self.mp_trainer.master_params)
+
+    def _restore_training_state(self, state, seed):
+        """
+        Restore the optimizer, loss scale, sampler, RNG states and data positions.
+
+        :param state: the dict loaded from optNNNNNN.pt.
+        :param seed: seeds the RNGs when the checkpoint has no RNG states for this run.
+        """
+        self.opt.load_state_dict(state["optimizer"])
+        if self.mp_trainer.use_fp16 and state["lg_loss_scale"] is not None:
+            self.mp_trainer.lg_loss_scale = state["lg_loss_scale"]
+        if state.get("schedule_sampler") is not None:
+            self.schedule_sampler.load_state_dict(state["schedule_sampler"])
+        rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
+        if state["rng"] is None or len(state["rng"]) != world_size:
+            if state["rng"] is not None:
+                logger.warn(
+                    f"the checkpoint was written by {len(state['rng'])} processes and this run has "
+                    f"{world_size}: RNG states and data positions are not restored"
+                )
+            if seed is not None:
+                set_seed(seed + self.step)
+            return
+        checkpoints.restore_rng_state(state["rng"][rank])
+        for name, loader in self._loaders().items():
+            saved = state["data_state"][rank].get(name)
+            if saved is not None and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(saved)
+
+    def _loaders(self):
+        """
+        :return: the data iterators whose positions checkpoints record, by name.
+        """
+        return {"data": self.data}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _finished(self):
+        """
+        :return: whether max_steps or lr_anneal_steps has been reached.
+        """
+        return (self.max_steps > 0 and self.step >= self.max_steps) or (
+            self.lr_anneal_steps > 0 and self.step >= self.lr_anneal_steps
+        )
+
+    def run_loop(self):
+        """
+        Train until max_steps or lr_anneal_steps (forever if both are 0), then save.
+        """
+        if self._finished():
+            logger.log(f"step {self.step} already reaches the last step: nothing to train")
+            return
+        while not self._finished():
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            if self.step % self.log_interval == 0:
+                logger.dumpkvs()
+            self.step += 1
+            if self.sample_interval and self.step % self.sample_interval == 0:
+                self.save_samples(batch, cond)
+            if self.step % self.save_interval == 0:
+                self.save()
+        if self.last_saved_step != self.step:
+            self.save()
+
+    def run_step(self, batch, cond):
+        """
+        One optimizer step on a batch.
+
+        :param batch: an [N x C x H x W] tensor.
+        :param cond: a dict of [N x ...] tensors for the model.
+        """
+        self._anneal_lr()
+        self.forward_backward(batch, cond)
+        if self.mp_trainer.optimize(self.opt):
+            self._update_ema()
+        self.log_step()
+
+    def _microbatches(self, batch, cond):
+        """
+        :return: an iterator of (microbatch, its kwargs, whether it is the last), on dev().
+        """
+        for start in range(0, batch.shape[0], self.microbatch):
+            end = start + self.microbatch
+            micro_cond = {key: value[start:end].to(dist_util.dev()) for key, value in cond.items()}
+            yield batch[start:end].to(dist_util.dev()), micro_cond, end >= batch.shape[0]
+
+    def forward_backward(self, batch, cond):
+        """
+        Accumulate the batch's mean-loss gradient over microbatches; DDP synchronises
+        gradients only during the last one.
+
+        :param batch: an [N x C x H x W] tensor.
+        :param cond: a dict of [N x ...] tensors for the model.
+        """
+        self.mp_trainer.zero_grad()
+        for micro, micro_cond, last in self._microbatches(batch, cond):
+            no_sync = self.use_ddp and not last
+            with self.ddp_model.no_sync() if no_sync else contextlib.nullcontext():
+                loss = self.compute_loss(micro, micro_cond)
+                self.mp_trainer.backward(loss * (micro.shape[0] / batch.shape[0]))
+
+    def compute_loss(self, micro, micro_cond):
+        """
+        :param micro: a microbatch of images on dev().
+        :param micro_cond: its model kwargs.
+        :return: the importance-weighted mean diffusion loss (logged per quartile of t).
+        """
+        t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+        with self.mp_trainer.autocast():
+            losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+        log_loss_dict(self.diffusion, t, {key: value * weights for key, value in losses.items()})
+        return (losses["loss"] * weights).mean()
+
+    def _update_ema(self):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate)
+
+    def _anneal_lr(self):
+        """Set the learning rate of this step: lr * (1 - step / lr_anneal_steps), or lr."""
+        lr = self.lr
+        if self.lr_anneal_steps:
+            lr = self.lr * (1 - self.step / self.lr_anneal_steps)
+        for param_group in self.opt.param_groups:
+            param_group["lr"] = lr
+
+    def log_step(self):
+        """Log the index of the step just taken and the images seen so far."""
+        logger.logkv("step", self.step)
+        logger.logkv("samples", (self.step + 1) * self.global_batch)
+
+    # ------------------------------------------------------------------ outputs
+
+    def save(self):
+        """
+        Write model, EMA and optimizer checkpoints of the current step (a collective:
+        every rank contributes its RNG states and data position; rank 0 writes).
+        """
+        rng_states = _gather_by_rank(checkpoints.capture_rng_state())
+        data_states = _gather_by_rank(
+            {name: loader.state_dict() for name, loader in self._loaders().items()
+             if hasattr(loader, "state_dict")}
+        )
+        if dist_util.get_rank() == 0:
+            self._write_checkpoints(rng_states, data_states)
+        if dist_util.get_world_size() > 1:
+            dist.barrier()
+        self.last_saved_step = self.step
+
+    def _write_checkpoints(self, rng_states, data_states):
+        """
+        :param rng_states: rank -> RNG states.
+        :param data_states: rank -> loader positions.
+        """
+        logdir = logger.get_dir()
+        logger.log(f"saving checkpoints of step {self.step} to {logdir}...")
+        checkpoints.save_checkpoint(
+            bf.join(logdir, checkpoints.model_filename(self.step)),
+            self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
+            checkpoints.make_sidecar("model", self.step, self.flags),
+        )
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            checkpoints.save_checkpoint(
+                bf.join(logdir, checkpoints.ema_filename(rate, self.step)),
+                self.mp_trainer.master_params_to_state_dict(params),
+                checkpoints.make_sidecar("ema", self.step, self.flags, ema_rate=rate),
+            )
+        sampler = self.schedule_sampler
+        training_state = dict(
+            format=checkpoints.FORMAT,
+            optimizer=self.opt.state_dict(),
+            step=self.step,
+            lg_loss_scale=self.mp_trainer.lg_loss_scale if self.mp_trainer.use_fp16 else None,
+            rng=rng_states,
+            data_state=data_states,
+            schedule_sampler=sampler.state_dict() if hasattr(sampler, "state_dict") else None,
+            flags=self.flags,
+        )
+        checkpoints.save_checkpoint(bf.join(logdir, checkpoints.opt_filename(self.step)), training_state)
+
+    def save_samples(self, batch, cond):
+        """
+        Write samples_NNNNNN.png: a grid of DDIM samples from the first EMA (rank 0 only;
+        the training RNG streams are left untouched).
+
+        :param batch: the last batch (gives the image shape).
+        :param cond: its kwargs; the first few condition the samples.
+        """
+        if dist_util.get_rank() != 0:
+            return
+        count = min(PREVIEW_SAMPLES, batch.shape[0])
+        params = self.ema_params[0] if self.ema_params else self.mp_trainer.master_params
+        preview_model = copy.deepcopy(self.model)
+        preview_model.load_state_dict(self.mp_trainer.master_params_to_state_dict(params))
+        preview_model.eval()
+        model_kwargs = {key: value[:count].to(dist_util.dev()) for key, value in cond.items()}
+        devices = [dist_util.dev()] if dist_util.dev().type == "cuda" else []
+        with th.random.fork_rng(devices=devices):
+            th.manual_seed(PREVIEW_SEED)
+            with self.mp_trainer.autocast():
+                images = sample_preview(
+                    preview_model, self.diffusion, (count, *batch.shape[1:]), model_kwargs
+                )
+        path = bf.join(logger.get_dir(), f"samples_{self.step:06d}.png")
+        save_image_grid(to_uint8_nhwc(images.float()), path, nrow=math.ceil(math.sqrt(count)))
+        logger.log(f"wrote {path}")
+
+
+def sample_preview(model, diffusion, shape, model_kwargs=None, steps=PREVIEW_STEPS):
+    """
+    Deterministic DDIM samples (eta = 0) over `steps` evenly spaced steps of a diffusion.
+
+    :param model: the denoising model.
+    :param diffusion: the (training) diffusion; may itself be a SpacedDiffusion.
+    :param shape: the [N x C x H x W] shape of the samples.
+    :param model_kwargs: extra model inputs, e.g. {"y": labels}.
+    :param steps: the number of DDIM steps.
+    :return: an [N x C x H x W] tensor in [-1, 1].
+    """
+    if isinstance(diffusion, SpacedDiffusion):
+        base_model, rescale = diffusion._wrap_model(model), False
+    else:
+        base_model, rescale = model, diffusion.rescale_timesteps
+    preview_diffusion = SpacedDiffusion(
+        use_timesteps=space_timesteps(diffusion.num_timesteps, [min(steps, diffusion.num_timesteps)]),
+        betas=diffusion.betas,
+        model_mean_type=diffusion.model_mean_type,
+        model_var_type=diffusion.model_var_type,
+        loss_type=diffusion.loss_type,
+        rescale_timesteps=rescale,
+    )
+    noise = th.randn(*shape, device=dist_util.dev())
+    return preview_diffusion.ddim_sample_loop(
+        lambda x, t, **kwargs: base_model(x, t, **kwargs),
+        shape,
+        noise=noise,
+        model_kwargs=model_kwargs,
+    )
+
+
+def log_loss_dict(diffusion, ts, losses):
+    """
+    Log the mean of each loss, and its mean in each quarter of the timesteps (key_q0..q3).
+
+    :param diffusion: gives num_timesteps.
+    :param ts: the [N] timesteps.
+    :param losses: a dict of [N] tensors.
+    """
+    for key, values in losses.items():
+        logger.logkv_mean(key, values.mean().item())
+        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().float().cpu().numpy()):
+            quartile = int(4 * sub_t / diffusion.num_timesteps)
+            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+
+
+def compute_top_k(logits, labels, k, reduction="mean"):
+    """
+    :param logits: [N x classes] scores.
+    :param labels: [N] true classes.
+    :param k: count a hit when the label is among the k highest scores.
+    :param reduction: "mean" for a float accuracy, "none" for the [N] hits as floats.
+    """
+    _, top_ks = th.topk(logits, k, dim=-1)
+    hits = (top_ks == labels[:, None]).float().sum(dim=-1)
+    if reduction == "mean":
+        return hits.mean().item()
+    if reduction == "none":
+        return hits
+    raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'none'")
+
+
+class ClassifierTrainLoop(TrainLoop):
+    """
+    Trains a (noise-aware) classifier with cross-entropy, as scripts/classifier_train.py:
+    the same microbatching, checkpoints and resumption as TrainLoop, no EMA, and
+    loss and top-1/top-5 accuracy logged per quartile of timesteps, on training and
+    (every eval_interval steps) validation batches.
+    """
+
+    def __init__(
+        self,
+        *,
+        model,                      # an EncoderUNetModel, already on dist_util.dev()
+        diffusion,                  # gives q_sample and num_timesteps
+        data,                       # iterator of (images, {"y": labels}) batches
+        val_data=None,              # same for validation, or None
+        noised=True,                # train on q_sample(x, t) with t from schedule_sampler
+        iterations=150000,          # stop after this many steps
+        anneal_lr=False,            # decay lr linearly to 0 at `iterations`
+        eval_interval=5,            # validate every this many steps
+        batch_size,
+        microbatch,
+        lr,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        **kwargs,                   # use_fp16, use_bf16, schedule_sampler, weight_decay, seed,
+                                    # flags, init_checkpoint, as TrainLoop
+    ):
+        """
+        See the argument comments.
+        """
+        self.val_data = val_data
+        self.noised = noised
+        self.eval_interval = eval_interval
+        kwargs.setdefault("initial_lg_loss_scale", 16.0)
+        super().__init__(
+            model=model, diffusion=diffusion, data=data, batch_size=batch_size,
+            microbatch=microbatch, lr=lr, ema_rate="", log_interval=log_interval,
+            save_interval=save_interval, resume_checkpoint=resume_checkpoint,
+            lr_anneal_steps=iterations if anneal_lr else 0, max_steps=iterations, **kwargs,
+        )
+
+    def _loaders(self):
+        loaders = super()._loaders()
+        if self.val_data is not None:
+            loaders["val_data"] = self.val_data
+        return loaders
+
+    def run_step(self, batch, cond):
+        super().run_step(batch, cond)
+        if self.val_data is not None and self.step % self.eval_interval == 0:
+            self.evaluate()
+
+    def compute_loss(self, micro, micro_cond):
+        return self._classifier_loss(self.ddp_model, micro, micro_cond, prefix="train")
+
+    def evaluate(self):
+        """Log loss and accuracy on one validation batch, without gradients."""
+        batch, cond = next(self.val_data)
+        self.model.eval()
+        with th.no_grad():
+            for micro, micro_cond, _ in self._microbatches(batch, cond):
+                self._classifier_loss(self.model, micro, micro_cond, prefix="val")
+        self.model.train()
+
+    def _classifier_loss(self, model, micro, micro_cond, prefix):
+        """
+        :param model: the module to call (DDP-wrapped for training).
+        :param micro: clean images; noised at timesteps from the schedule sampler if noised.
+        :param micro_cond: {"y": labels}.
+        :param prefix: "train" or "val", prefixed to the logged keys.
+        :return: the mean cross-entropy.
+        """
+        labels = micro_cond["y"]
+        if self.noised:
+            t, _ = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+            micro = self.diffusion.q_sample(micro, t)
+        else:
+            t = th.zeros(micro.shape[0], dtype=th.long, device=dist_util.dev())
+        with self.mp_trainer.autocast():
+            logits = model(micro, timesteps=t)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        top5 = min(5, logits.shape[-1])
+        log_loss_dict(self.diffusion, t, {
+            f"{prefix}_loss": losses.detach(),
+            f"{prefix}_acc@1": compute_top_k(logits, labels, k=1, reduction="none"),
+            f"{prefix}_acc@5": compute_top_k(logits, labels, k=top5, reduction="none"),
+        })
+        return losses.mean()
