@@ -9,7 +9,7 @@ import numpy as np
 import torch as th
 from PIL import Image
 
-from .checkpoints import atomic_write
+from .training_state import atomic_write
 
 
 def to_uint8_nhwc(images):

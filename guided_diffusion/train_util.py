@@ -7,7 +7,8 @@ Step semantics: `self.step` counts optimizer steps done (resumed ones included);
 the checkpoint `modelNNNNNN.pt` holds the weights after NNNNNN steps, and the
 logged "step" is the index of the step just taken (0 first), as in the original.
 Per microbatch the random draws are: the schedule sampler's timesteps (numpy's
-global generator), then the model's noise and dropout (torch's global generator).
+global generator), the label dropout if class_dropout_prob > 0, then the noise and
+the model's dropout (torch's global generator).
 """
 
 import contextlib
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
-from . import checkpoints, dist_util, logger
-from .checkpoints import find_ema_checkpoint, parse_resume_step_from_filename  # noqa: F401 (original API)
+from . import dist_util, logger, training_state
+from .training_state import find_ema_checkpoint, parse_resume_step_from_filename  # noqa: F401 (original API)
+from .checkpoint import load_checkpoint, read_state_dict
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
 from .image_grid import save_image_grid, to_uint8_nhwc
 from .nn import update_ema
@@ -52,6 +54,36 @@ def parse_ema_rates(ema_rate):
     if bad:
         raise ValueError(f"--ema_rate {bad}: rates must lie in [0, 1)")
     return rates
+
+
+def training_defaults():
+    """
+    :return: the flag defaults of scripts/image_train.py and super_res_train.py besides
+        the model's (the original's, then the new ones); --seed is added separately.
+    """
+    return dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA values
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        # Not in the original:
+        log_dir="",  # default: $OPENAI_LOGDIR, else a new folder in the temp directory
+        max_steps=0,  # stop with a final save at this step (0: never)
+        use_bf16=False,
+        sample_interval=0,  # write an EMA sample grid every N steps (0: never)
+        class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
+        num_workers=1,
+        init_checkpoint="",  # start a new run from these weights
+    )
 
 
 def set_seed(seed):
@@ -110,6 +142,8 @@ class TrainLoop:
         flags=None,                 # the run's flags, recorded in checkpoints
         init_checkpoint="",         # "" or weights to start a new run from (step 0)
         initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,  # log2 of the first fp16 loss scale
+        class_dropout_prob=0.0,     # replace labels by the null label (the model's last
+                                    # class row) with this probability, for classifier-free guidance
     ):
         """
         See the argument comments. logger.configure must have been called: checkpoints
@@ -135,10 +169,11 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
         self.sample_interval = sample_interval
-        self.flags = checkpoints.plain_flags(flags)
+        self.class_dropout_prob = class_dropout_prob
+        self.flags = training_state.plain_flags(flags)
         self.global_batch = batch_size * dist_util.get_world_size()
 
-        plan = checkpoints.resume_plan(resume_checkpoint) if resume_checkpoint else None
+        plan = training_state.resume_plan(resume_checkpoint) if resume_checkpoint else None
         self.resume_step = plan["step"] if plan else 0
         self.step = self.resume_step
         self._load_and_sync_parameters(plan["model"] if plan else init_checkpoint)
@@ -179,7 +214,7 @@ class TrainLoop:
         """
         if path:
             logger.log(f"loading model from checkpoint: {path}...")
-            self.model.load_state_dict(dist_util.load_state_dict(path, map_location="cpu"))
+            load_checkpoint(self.model, path, flags=self.flags or None)
         dist_util.sync_params(self.model.parameters())
 
     def _load_ema_parameters(self, rate, plan):
@@ -192,10 +227,10 @@ class TrainLoop:
         if plan is not None:
             path = find_ema_checkpoint(plan["model"], plan["step"], rate)
             if path is not None:
-                state_dict = dist_util.load_state_dict(path, map_location=dist_util.dev())
+                state_dict = read_state_dict(path, map_location=dist_util.dev())
                 return self.mp_trainer.state_dict_to_master_params(state_dict)
             logger.warn(
-                f"no {checkpoints.ema_filename(rate, plan['step'])} next to {plan['model']}: "
+                f"no {training_state.ema_filename(rate, plan['step'])} next to {plan['model']}: "
                 f"the EMA with rate {rate} restarts from the model weights"
             )
         return copy.deepcopy(self.mp_trainer.master_params)
@@ -222,7 +257,7 @@ class TrainLoop:
             if seed is not None:
                 set_seed(seed + self.step)
             return
-        checkpoints.restore_rng_state(state["rng"][rank])
+        training_state.restore_rng_state(state["rng"][rank])
         for name, loader in self._loaders().items():
             saved = state["data_state"][rank].get(name)
             if saved is not None and hasattr(loader, "load_state_dict"):
@@ -308,12 +343,24 @@ class TrainLoop:
         :return: the importance-weighted mean diffusion loss (logged per quartile of t).
         """
         t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+        if self.class_dropout_prob > 0:
+            micro_cond = dict(micro_cond, y=self._drop_labels(micro_cond["y"]))
         with self.mp_trainer.autocast():
             losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
         if isinstance(self.schedule_sampler, LossAwareSampler):
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
         log_loss_dict(self.diffusion, t, {key: value * weights for key, value in losses.items()})
         return (losses["loss"] * weights).mean()
+
+    def _drop_labels(self, labels):
+        """
+        :param labels: [N] class labels.
+        :return: the labels, each replaced with probability class_dropout_prob by the null
+            label model.num_classes - 1 (one torch.rand draw of N values).
+        """
+        null_label = self.model.num_classes - 1
+        dropped = th.rand(labels.shape[0], device=labels.device) < self.class_dropout_prob
+        return th.where(dropped, th.full_like(labels, null_label), labels)
 
     def _update_ema(self):
         for rate, params in zip(self.ema_rate, self.ema_params):
@@ -339,7 +386,7 @@ class TrainLoop:
         Write model, EMA and optimizer checkpoints of the current step (a collective:
         every rank contributes its RNG states and data position; rank 0 writes).
         """
-        rng_states = _gather_by_rank(checkpoints.capture_rng_state())
+        rng_states = _gather_by_rank(training_state.capture_rng_state())
         data_states = _gather_by_rank(
             {name: loader.state_dict() for name, loader in self._loaders().items()
              if hasattr(loader, "state_dict")}
@@ -357,20 +404,20 @@ class TrainLoop:
         """
         logdir = logger.get_dir()
         logger.log(f"saving checkpoints of step {self.step} to {logdir}...")
-        checkpoints.save_checkpoint(
-            bf.join(logdir, checkpoints.model_filename(self.step)),
+        training_state.save_checkpoint(
+            bf.join(logdir, training_state.model_filename(self.step)),
             self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
-            checkpoints.make_sidecar("model", self.step, self.flags),
+            training_state.make_sidecar("model", self.step, self.flags),
         )
         for rate, params in zip(self.ema_rate, self.ema_params):
-            checkpoints.save_checkpoint(
-                bf.join(logdir, checkpoints.ema_filename(rate, self.step)),
+            training_state.save_checkpoint(
+                bf.join(logdir, training_state.ema_filename(rate, self.step)),
                 self.mp_trainer.master_params_to_state_dict(params),
-                checkpoints.make_sidecar("ema", self.step, self.flags, ema_rate=rate),
+                training_state.make_sidecar("ema", self.step, self.flags, ema_rate=rate),
             )
         sampler = self.schedule_sampler
-        training_state = dict(
-            format=checkpoints.FORMAT,
+        state = dict(
+            format=training_state.SIDECAR_FORMAT,
             optimizer=self.opt.state_dict(),
             step=self.step,
             lg_loss_scale=self.mp_trainer.lg_loss_scale if self.mp_trainer.use_fp16 else None,
@@ -379,7 +426,7 @@ class TrainLoop:
             schedule_sampler=sampler.state_dict() if hasattr(sampler, "state_dict") else None,
             flags=self.flags,
         )
-        checkpoints.save_checkpoint(bf.join(logdir, checkpoints.opt_filename(self.step)), training_state)
+        training_state.save_checkpoint(bf.join(logdir, training_state.opt_filename(self.step)), state)
 
     def save_samples(self, batch, cond):
         """

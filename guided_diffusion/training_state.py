@@ -1,6 +1,7 @@
 """
-Training checkpoints: file names, atomic writes, sidecar JSON, RNG states and the
-checks that decide how a run resumes.
+Writing training checkpoints and resuming from them: file names, atomic writes,
+sidecar records, RNG states and the checks that decide how a run resumes
+(reading and strict loading of weights live in checkpoint.py).
 
 A save at step N (N optimizer steps done) writes, in the log directory:
 
@@ -23,8 +24,7 @@ import numpy as np
 import torch as th
 
 from . import dist_util, logger
-
-FORMAT = "guided_diffusion/1"
+from .checkpoint import SIDECAR_FORMAT, read_sidecar, sidecar_path
 
 _MODEL_NAME = re.compile(r"^model(\d+)\.pt$")
 
@@ -49,14 +49,6 @@ def opt_filename(step):
     :return: the name of the optimizer and training-state checkpoint, e.g. opt001000.pt.
     """
     return f"opt{step:06d}.pt"
-
-
-def sidecar_path(checkpoint_path):
-    """
-    :return: the JSON sidecar of a checkpoint: the same path with .json for .pt.
-    """
-    stem = checkpoint_path[:-3] if checkpoint_path.endswith(".pt") else checkpoint_path
-    return stem + ".json"
 
 
 def parse_resume_step_from_filename(filename):
@@ -113,18 +105,6 @@ def save_checkpoint(path, obj, sidecar=None):
         atomic_write(sidecar_path(path), lambda f: f.write(text))
 
 
-def read_sidecar(checkpoint_path):
-    """
-    :param checkpoint_path: a checkpoint's path or URL.
-    :return: the dict in its JSON sidecar, or None if there is none.
-    """
-    path = sidecar_path(checkpoint_path)
-    if not bf.exists(path):
-        return None
-    with bf.BlobFile(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
 def make_sidecar(kind, step, flags, ema_rate=None):
     """
     :param kind: "model" or "ema".
@@ -134,7 +114,7 @@ def make_sidecar(kind, step, flags, ema_rate=None):
     :return: the sidecar dict.
     """
     return dict(
-        format=FORMAT,
+        format=SIDECAR_FORMAT,
         kind=kind,
         ema_rate=None if ema_rate is None else float(ema_rate),
         step=int(step),
