@@ -1,0 +1,131 @@
+"""Tests for guided_diffusion.logger: formats, averaging, directories, rank handling."""
+
+import json
+
+import pytest
+
+from guided_diffusion import logger
+
+
+@pytest.fixture(autouse=True)
+def restore_logger():
+    """Leave the module's current logger as it was before each test."""
+    previous = logger.Logger.CURRENT
+    yield
+    if logger.Logger.CURRENT is not previous and logger.Logger.CURRENT is not logger.Logger.DEFAULT:
+        logger.Logger.CURRENT.close()
+    logger.Logger.CURRENT = previous
+
+
+class FakeComm:
+    """An mpi4py-like communicator holding the other ranks' contributions."""
+
+    def __init__(self, rank, others):
+        self.rank = rank
+        self.others = others
+        self.sent = None
+
+    def Get_rank(self):
+        return self.rank
+
+    def gather(self, obj, root=0):
+        self.sent = obj
+        return [obj] + self.others if self.rank == root else None
+
+    def bcast(self, obj, root=0):
+        return "/nonexistent-root-dir" if self.rank != root else obj
+
+
+def test_files_hold_the_step_values_and_means(tmp_path):
+    logger.configure(str(tmp_path), ["log", "csv", "json"])
+    logger.logkv("step", 1000)
+    logger.logkv_mean("loss", 1.0)
+    logger.logkv_mean("loss", 2.0)
+    logger.logkv_mean("loss", 6.0)
+    assert logger.dumpkvs() == {"step": 1000, "loss": 3.0}
+    logger.logkv("grad_norm", 0.5)
+    logger.dumpkvs()
+    logger.log("plain text line")
+    csv_lines = (tmp_path / "progress.csv").read_text().splitlines()
+    assert csv_lines == ["loss,step,grad_norm", "3.0,1000,", ",,0.5"]
+    records = [json.loads(line) for line in (tmp_path / "progress.json").read_text().splitlines()]
+    assert records == [{"loss": 3.0, "step": 1000}, {"grad_norm": 0.5}]
+    text = (tmp_path / "log.txt").read_text()
+    assert "| loss | 3        |\n| step | 1000     |" in text
+    assert text.rstrip().endswith("plain text line")
+    assert logger.get_dir() == str(tmp_path)
+
+
+def test_openai_logdir_is_the_default_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "from_env"))
+    logger.configure(format_strs=["log"])
+    assert logger.get_dir() == str(tmp_path / "from_env")
+    assert (tmp_path / "from_env" / "log.txt").exists()
+
+
+def test_without_a_directory_a_timestamped_one_is_made(monkeypatch):
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    logger.configure(format_strs=[])
+    assert "openai-" in logger.get_dir()
+
+
+def test_ranks_average_weighted_by_count_and_only_rank_zero_writes(tmp_path):
+    # Rank 1 logged loss twice (mean 4.0) and rank 2 once (1.0); rank 0 once (1.0).
+    root = FakeComm(0, [{"loss": (4.0, 2)}, {"loss": (1.0, 1), "acc": (0.5, 1)}])
+    logger.configure(str(tmp_path), ["csv"], comm=root)
+    logger.logkv_mean("loss", 1.0)
+    written = logger.dumpkvs()
+    assert written == {"loss": pytest.approx((1.0 + 8.0 + 1.0) / 4), "acc": 0.5}
+    assert root.sent == {"loss": (1.0, 1)}
+
+    other = FakeComm(1, [])
+    logger.configure(str(tmp_path / "rank1"), ["csv"], comm=other)
+    assert logger.get_dir() == "/nonexistent-root-dir"
+    logger.logkv("loss", 2.0)
+    assert logger.dumpkvs() == {}
+
+
+def test_other_ranks_get_suffixed_files(tmp_path):
+    logger.configure(str(tmp_path), comm=FakeComm(0, []), format_strs=None)
+    logger.Logger.CURRENT.close()
+    comm = FakeComm(3, [])
+    comm.bcast = lambda obj, root=0: obj
+    logger.configure(str(tmp_path), comm=comm)
+    logger.log("from rank three")
+    assert "from rank three" in (tmp_path / "log-rank003.txt").read_text()
+
+
+def test_integers_are_written_in_full_and_floats_with_three_digits(capsys):
+    writer = logger.HumanOutputFormat(__import__("sys").stdout)
+    writer.writekvs({"samples": 123456789, "loss": 0.123456})
+    out = capsys.readouterr().out
+    assert "| samples | 123456789 |" in out
+    assert "| loss    | 0.123     |" in out
+
+
+def test_unknown_format_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown log format 'tensorboard'"):
+        logger.configure(str(tmp_path), ["stdout", "tensorboard"])
+
+
+def test_scoped_configure_restores_the_previous_logger(tmp_path):
+    logger.configure(str(tmp_path / "outer"), ["log"])
+    with logger.scoped_configure(str(tmp_path / "inner"), ["log"]):
+        assert logger.get_dir() == str(tmp_path / "inner")
+    assert logger.get_dir() == str(tmp_path / "outer")
+
+
+def test_levels_filter_log_lines(tmp_path):
+    logger.configure(str(tmp_path), ["log"])
+    logger.set_level(logger.WARN)
+    logger.info("hidden")
+    logger.warn("shown")
+    text = (tmp_path / "log.txt").read_text()
+    assert "shown" in text and "hidden" not in text
+
+
+def test_profile_kv_adds_the_elapsed_time(tmp_path):
+    logger.configure(str(tmp_path), ["log"])
+    with logger.profile_kv("load"):
+        pass
+    assert logger.getkvs()["wait_load"] >= 0.0
