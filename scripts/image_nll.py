@@ -1,0 +1,111 @@
+"""
+Approximate the bits per dimension of images under a model: the full
+variational bound (diffusion.calc_bpd_loop) of --num_samples images of
+--data_dir, taken in file order (repeated if there are fewer). Writes the mean
+per-step terms as vb_terms.npz, mse_terms.npz and xstart_mse_terms.npz, and the
+final bpd to the log.
+
+Single process:  python scripts/image_nll.py --data_dir DIR $MODEL_FLAGS --model_path MODEL.pt
+Several:         mpiexec -n 8 python scripts/image_nll.py ...   (or torchrun)
+"""
+
+import argparse
+
+import blobfile as bf
+import torch.distributed as dist
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_datasets import ImageDataset, class_labels, list_image_files
+from guided_diffusion.sampling import (
+    add_sampling_flags,
+    check_counts,
+    check_seed,
+    evaluate_bpd,
+    load_for_sampling,
+    write_npz,
+)
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    parse_args_with_config,
+)
+
+
+def main():
+    args = parse_args_with_config(create_argparser(), purpose="sample")
+    check_counts(num_samples=args.num_samples, batch_size=args.batch_size)
+    check_seed(args.seed)
+    dataset = evaluation_images(
+        args.data_dir, args.image_size, args.class_cond, args.class_from, args.num_classes
+    )
+
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
+
+    logger.log("creating model and diffusion...")
+    model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    model, diffusion = create_model_and_diffusion(**model_flags)
+    load_for_sampling(model, args.model_path, model_flags, use_fp16=args.use_fp16)
+
+    logger.log("evaluating...")
+    terms = evaluate_bpd(
+        model,
+        diffusion,
+        dataset,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        clip_denoised=args.clip_denoised,
+        seed=args.seed,
+        device=dist_util.dev(),
+    )
+    if dist_util.get_rank() == 0:
+        for name in ("vb", "mse", "xstart_mse"):
+            path = bf.join(logger.get_dir(), f"{name}_terms.npz")
+            logger.log(f"saving {name} terms to {path}")
+            write_npz(path, terms[name].mean(axis=0))
+    logger.logkv("bpd", float(terms["total_bpd"].mean()))
+    logger.logkv("prior_bpd", float(terms["prior_bpd"].mean()))
+    logger.logkv("samples", len(terms["total_bpd"]))
+    logger.dumpkvs()
+    dist.barrier()
+    logger.log("evaluation complete")
+
+
+def evaluation_images(data_dir, image_size, class_cond, class_from, num_classes):
+    """
+    The images of a folder in file order, center-cropped, not flipped.
+    """
+    entries = list_image_files(data_dir)
+    classes = None
+    if class_cond:
+        classes, names = class_labels(entries, class_from)
+        if len(names) > num_classes:
+            raise ValueError(
+                f"--data_dir {data_dir} has {len(names)} classes but the model has "
+                f"--num_classes {num_classes}"
+            )
+    return ImageDataset(
+        image_size, [path for path, _ in entries], classes=classes, random_flip=False
+    )
+
+
+def create_argparser():
+    defaults = dict(
+        data_dir="",
+        clip_denoised=True,
+        num_samples=1000,
+        batch_size=1,
+        model_path="",
+        class_from="prefix",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    add_sampling_flags(parser, guidance=False, images=False)
+    return parser
+
+
+if __name__ == "__main__":
+    main()

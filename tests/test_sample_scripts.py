@@ -1,0 +1,227 @@
+"""
+End-to-end tests of scripts/image_sample.py, classifier_sample.py,
+super_res_sample.py and image_nll.py on tiny checkpoints made here, in one
+process and in two (mpiexec -n 2, torchrun --nproc_per_node 2), each run with a
+timeout; and their errors on bad input.
+"""
+
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+from PIL import Image
+
+from test_sampling import NUM_CLASSES, tiny_classifier_flags, tiny_flags, tiny_model, tiny_sr_flags
+from guided_diffusion.script_util import create_classifier
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 180
+
+
+def command_line(flags):
+    """Flags dict -> ["--name", "value", ...]."""
+    return [part for name, value in flags.items() for part in (f"--{name}", str(value))]
+
+
+MODEL_FLAGS = command_line({
+    name: value for name, value in tiny_flags().items()
+    if name in ("image_size", "num_channels", "num_res_blocks", "attention_resolutions",
+                "diffusion_steps", "timestep_respacing", "learn_sigma", "num_classes")
+})
+SR_FLAGS = command_line({
+    name: value for name, value in tiny_sr_flags().items()
+    if name in ("large_size", "small_size", "num_channels", "num_res_blocks", "attention_resolutions",
+                "diffusion_steps", "timestep_respacing", "learn_sigma", "num_classes", "class_cond")
+}) + ["--class_cond", "True"]
+CLASSIFIER_FLAGS = command_line({
+    name: value for name, value in tiny_classifier_flags().items()
+    if name.startswith("classifier_") and name != "classifier_use_fp16"
+})
+COND = ["--class_cond", "True", "--class_dropout_prob", "0.1"]
+
+
+def run_script(script, args, processes=1, launcher="mpiexec", check=True):
+    """Run a script (with a timeout), in one process or in two; return the finished process."""
+    if processes == 1:
+        prefix = [sys.executable]
+    elif launcher == "mpiexec":
+        prefix = ["mpiexec", "-n", str(processes), sys.executable]
+    else:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  f"--nproc_per_node={processes}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("OPENAI_LOGDIR", None)
+    result = subprocess.run(
+        prefix + [str(REPO / "scripts" / script), *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_samples(folder, count, side=8):
+    """The arrays of samples_{count}x{side}x{side}x3.npz, with its grid checked."""
+    stem = Path(folder) / f"samples_{count}x{side}x{side}x3"
+    with np.load(f"{stem}.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    images = arrays["arr_0"]
+    assert images.shape == (count, side, side, 3) and images.dtype == np.uint8
+    assert 0 < images.std()
+    grid = np.array(Image.open(f"{stem}.png"))
+    per_row = int(np.ceil(np.sqrt(min(count, 64))))
+    assert grid.shape[1] == 2 + per_row * (side + 2) and grid.dtype == np.uint8
+    assert np.array_equal(grid[2 : 2 + side, 2 : 2 + side], images[0])
+    return images, arrays.get("arr_1")
+
+
+def assert_same_images(first, second):
+    """Equal up to an occasional rounding flip of one level (batched float arithmetic)."""
+    assert np.abs(first.astype(int) - second.astype(int)).max() <= 1
+    assert (first == second).mean() > 0.99
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny random checkpoints (plain state dicts), base samples and a data folder."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for name, kwargs in {
+        "cond": dict(class_cond=True, class_dropout_prob=0.1),
+        "uncond": dict(class_cond=False),
+        "sr": dict(super_res=True, class_cond=True),
+    }.items():
+        model, _ = tiny_model(**kwargs)
+        paths[name] = folder / f"{name}.pt"
+        th.save(model.state_dict(), paths[name])
+    th.manual_seed(0)
+    paths["classifier"] = folder / "classifier.pt"
+    th.save(create_classifier(**tiny_classifier_flags()).state_dict(), paths["classifier"])
+    paths["classifier16"] = folder / "classifier16.pt"
+    th.save(create_classifier(**tiny_classifier_flags(image_size=16)).state_dict(), paths["classifier16"])
+    rng = np.random.default_rng(0)
+    paths["base"] = folder / "base.npz"
+    base_labels = np.array([3, 1, 0])
+    np.savez(paths["base"], rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8), base_labels)
+    paths["data"] = folder / "data"
+    paths["data"].mkdir()
+    for index, name in enumerate(["cat_1.png", "dog_2.png", "cat_3.png"]):
+        pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(paths["data"] / name)
+    return paths
+
+
+def test_image_sample_same_seed_same_images_for_one_and_two_processes(checkpoints, tmp_path):
+    common = MODEL_FLAGS + COND + ["--model_path", checkpoints["cond"], "--num_samples", 5, "--seed", 3,
+                                   "--cfg_scale", 2.0]
+    run_script("image_sample.py", common + ["--batch_size", 4, "--save_png", "--log_dir", tmp_path / "one"])
+    run_script("image_sample.py", common + ["--batch_size", 2, "--log_dir", tmp_path / "two"], processes=2)
+    one, one_labels = read_samples(tmp_path / "one", 5)
+    two, two_labels = read_samples(tmp_path / "two", 5)
+    assert one_labels.tolist() == two_labels.tolist()
+    assert one_labels.min() >= 0 and one_labels.max() < NUM_CLASSES
+    assert_same_images(one, two)
+    pngs = sorted((tmp_path / "one" / "samples_5x8x8x3").iterdir())
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(np.array(Image.open(pngs[3])), one[3])
+    assert not (tmp_path / "two" / "samples_5x8x8x3").exists()
+
+
+def test_image_sample_from_a_config_file_unconditional_ddim(checkpoints, tmp_path):
+    preset = tmp_path / "tiny.json"
+    preset.write_text(
+        '{"kind": "diffusion", "flags": {"image_size": 8, "num_channels": 32, "num_res_blocks": 1, '
+        '"attention_resolutions": "4", "diffusion_steps": 40, "learn_sigma": true}, '
+        f'"sample_flags": {{"model_path": "{checkpoints["uncond"]}", "timestep_respacing": "6"}}}}'
+    )
+    run_script("image_sample.py", ["--config", preset, "--num_samples", 3, "--batch_size", 2,
+                                   "--use_ddim", "True", "--log_dir", tmp_path])
+    assert read_samples(tmp_path, 3)[1] is None
+
+
+def test_classifier_sample_class_balanced_one_and_two_processes(checkpoints, tmp_path):
+    common = MODEL_FLAGS + CLASSIFIER_FLAGS + [
+        "--model_path", checkpoints["uncond"], "--classifier_path", checkpoints["classifier"],
+        "--classifier_scale", 5.0, "--num_samples", 6, "--batch_size", 2, "--seed", 1,
+        "--class_balanced", "True",
+    ]
+    run_script("classifier_sample.py", common + ["--log_dir", tmp_path / "one"])
+    run_script("classifier_sample.py", common + ["--log_dir", tmp_path / "two"], processes=2, launcher="torchrun")
+    one, one_labels = read_samples(tmp_path / "one", 6)
+    two, two_labels = read_samples(tmp_path / "two", 6)
+    assert np.bincount(one_labels, minlength=NUM_CLASSES).tolist() == [2, 1, 2, 1]
+    assert one_labels.tolist() == two_labels.tolist()
+    assert_same_images(one, two)
+
+
+def test_super_res_sample_cycles_base_samples_one_and_two_processes(checkpoints, tmp_path):
+    common = SR_FLAGS + ["--model_path", checkpoints["sr"], "--base_samples", checkpoints["base"],
+                         "--num_samples", 5, "--batch_size", 2, "--seed", 2]
+    run_script("super_res_sample.py", common + ["--log_dir", tmp_path / "one"])
+    run_script("super_res_sample.py", common + ["--log_dir", tmp_path / "two"], processes=2)
+    one, one_labels = read_samples(tmp_path / "one", 5)
+    two, two_labels = read_samples(tmp_path / "two", 5)
+    assert one_labels.tolist() == [3, 1, 0, 3, 1] == two_labels.tolist()
+    assert_same_images(one, two)
+
+
+def read_bpd(folder):
+    lines = (Path(folder) / "progress.csv").read_text().splitlines()
+    row = dict(zip(lines[0].split(","), lines[-1].split(",")))
+    return float(row["bpd"]), int(float(row["samples"]))
+
+
+def test_image_nll_one_and_two_processes(checkpoints, tmp_path):
+    common = MODEL_FLAGS + COND + ["--model_path", checkpoints["cond"], "--data_dir", checkpoints["data"],
+                                   "--num_samples", 4, "--batch_size", 2, "--seed", 5]
+    run_script("image_nll.py", common + ["--log_dir", tmp_path / "one"])
+    run_script("image_nll.py", common + ["--log_dir", tmp_path / "two"], processes=2)
+    one, two = read_bpd(tmp_path / "one"), read_bpd(tmp_path / "two")
+    assert one[1] == two[1] == 4
+    assert one[0] == pytest.approx(two[0], rel=1e-5) and 0 < one[0] < float("inf")
+    for name in ("vb", "mse", "xstart_mse"):
+        with np.load(tmp_path / "one" / f"{name}_terms.npz") as data:
+            assert data["arr_0"].shape == (6,) and np.isfinite(data["arr_0"]).all()
+
+
+def run_main(script, args, monkeypatch):
+    """Run a script's main() in this process (for errors raised before any process group)."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    runpy.run_path(str(REPO / "scripts" / script), run_name="not_main")["main"]()
+
+
+@pytest.mark.parametrize("script, args, error, message", [
+    ("image_sample.py", ["--num_samples", 0], ValueError, "--num_samples 0: expected a positive integer"),
+    ("image_sample.py", ["--batch_size", -2], ValueError, "--batch_size -2"),
+    ("classifier_sample.py", ["--classifier_scale", 3.0], ValueError, "--classifier_path is empty"),
+    ("super_res_sample.py", ["--base_samples", "BASE", "--small_size", 8], ValueError,
+     r"expected uint8 \[N x 8 x 8 x 3\]"),
+    ("super_res_sample.py", ["--base_samples", "MISSING"], FileNotFoundError, "does not exist"),
+])
+def test_script_errors_before_sampling(checkpoints, monkeypatch, script, args, error, message):
+    args = [checkpoints["base"] if arg == "BASE" else arg for arg in args]
+    args = [str(checkpoints["base"]) + ".missing" if arg == "MISSING" else arg for arg in args]
+    with pytest.raises(error, match=message):
+        run_main(script, args, monkeypatch)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("image_sample.py", ["--model_path", "CHECKPOINTS/none.pt"], "none.pt' does not exist"),
+    ("classifier_sample.py", ["--model_path", "CHECKPOINTS/uncond.pt", "--classifier_path",
+                              "CHECKPOINTS/classifier16.pt"],
+     "classifier16.pt' does not fit the model built from the flags.*image_size"),
+])
+def test_script_errors_on_checkpoints(checkpoints, tmp_path, script, args, message):
+    folder = str(checkpoints["cond"].parent)
+    args = MODEL_FLAGS + CLASSIFIER_FLAGS * (script == "classifier_sample.py") + [
+        arg.replace("CHECKPOINTS", folder) for arg in args
+    ]
+    result = run_script(script, args + ["--num_samples", 1, "--log_dir", tmp_path], check=False)
+    assert result.returncode != 0
+    assert re.search(message, result.stderr, re.DOTALL), result.stderr[-3000:]

@@ -1,0 +1,465 @@
+"""
+Tests for guided_diffusion/sampling.py: the one-call sampling API (seeds, labels,
+guidance, super-resolution), the work split and gathering, output files, base
+samples, checkpoint loading and the bits-per-dimension evaluation.
+
+Tiny models (8x8 images, 32 channels, 40 diffusion steps respaced to 6) on one
+CPU thread; the builders here are shared with test_sample_scripts.py.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch as th
+import torch.nn.functional as F
+from PIL import Image
+
+from guided_diffusion import sampling
+from guided_diffusion.image_grid import to_uint8_nhwc
+from guided_diffusion.sampling import (
+    PerSampleNoise,
+    balanced_labels,
+    choose_labels,
+    derived_seed,
+    evaluate_bpd,
+    load_for_sampling,
+    read_base_samples,
+    rounds,
+    sample,
+    save_samples,
+)
+from guided_diffusion.script_util import (
+    classifier_defaults,
+    create_classifier,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+
+NUM_CLASSES = 4
+# Constant colours of the synthetic classes the guidance test trains on.
+CLASS_COLOURS = th.tensor([[0.8, -0.8, -0.8], [-0.8, 0.8, -0.8], [-0.8, -0.8, 0.8], [0.8, 0.8, 0.8]])
+
+
+def tiny_flags(**overrides):
+    """The flags of a tiny 8x8 diffusion model with learned sigmas, 40 steps respaced to 6."""
+    flags = model_and_diffusion_defaults()
+    flags.update(
+        image_size=8, num_channels=32, num_res_blocks=1, attention_resolutions="4",
+        diffusion_steps=40, timestep_respacing="6", learn_sigma=True, num_classes=NUM_CLASSES,
+    )
+    flags.update(overrides)
+    return flags
+
+
+def tiny_sr_flags(**overrides):
+    """The flags of a tiny 4 -> 8 super-resolution model."""
+    flags = sr_model_and_diffusion_defaults()
+    flags.update(
+        large_size=8, small_size=4, num_channels=32, num_res_blocks=1, attention_resolutions="4",
+        diffusion_steps=40, timestep_respacing="6", learn_sigma=True, num_classes=NUM_CLASSES,
+    )
+    flags.update(overrides)
+    return flags
+
+
+def tiny_classifier_flags(**overrides):
+    """The flags of a tiny 8x8 noised-image classifier over NUM_CLASSES classes."""
+    flags = classifier_defaults()
+    flags.update(
+        image_size=8, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="",
+        num_classes=NUM_CLASSES,
+    )
+    flags.update(overrides)
+    return flags
+
+
+def randomize_zero_weights(model, seed=0):
+    """Give the zero-initialised layers (output convolutions) small random weights,
+    so that the untrained model's output depends on its inputs and labels."""
+    generator = th.Generator().manual_seed(seed)
+    with th.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.copy_(th.randn(param.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def tiny_model(super_res=False, seed=0, **overrides):
+    """A seeded tiny (model, diffusion) with random weights."""
+    th.manual_seed(seed)
+    if super_res:
+        model, diffusion = sr_create_model_and_diffusion(**tiny_sr_flags(**overrides))
+    else:
+        model, diffusion = create_model_and_diffusion(**tiny_flags(**overrides))
+    return randomize_zero_weights(model, seed), diffusion
+
+
+def train_colour_classifier(steps=40, seed=0, **overrides):
+    """A tiny classifier trained for a few steps to tell CLASS_COLOURS apart under noise."""
+    th.manual_seed(seed)
+    classifier = create_classifier(**tiny_classifier_flags(**overrides))
+    _, base = create_model_and_diffusion(**tiny_flags(timestep_respacing=""))
+    optimizer = th.optim.Adam(classifier.parameters(), lr=2e-3)
+    for _ in range(steps):
+        labels = th.randint(0, NUM_CLASSES, (32,))
+        clean = CLASS_COLOURS[labels][:, :, None, None] + 0.1 * th.randn(32, 3, 8, 8)
+        t = th.randint(0, base.num_timesteps, (32,))
+        loss = F.cross_entropy(classifier(base.q_sample(clean, t), t), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return classifier.eval()
+
+
+def classifier_accuracy(classifier, images, labels):
+    """The classifier's accuracy on uint8 NHWC images at t = 0."""
+    x = th.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with th.no_grad():
+        predicted = classifier(x, th.zeros(len(x), dtype=th.long)).argmax(dim=-1)
+    return float((predicted.numpy() == labels).mean())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def conditional():
+    return tiny_model(class_cond=True)
+
+
+@pytest.fixture(scope="module")
+def unconditional():
+    return tiny_model(class_cond=False)
+
+
+# ---------------------------------------------------------------- seeds, labels, work split
+
+
+def test_derived_seeds_are_stable_and_distinct():
+    assert derived_seed(5, 0, 1) == derived_seed(5, 0, 1)
+    seeds = {derived_seed(s, stream, i) for s in (0, 1) for stream in (0, 1) for i in range(50)}
+    assert len(seeds) == 200 and all(0 <= s < 2**64 for s in seeds)
+
+
+def test_per_sample_noise_depends_only_on_the_sample_index():
+    pair = PerSampleNoise(7, [3, 5])
+    single = PerSampleNoise(7, [5])
+    first, second = pair.draw((2, 3, 4, 4), "cpu"), pair(th.zeros(2, 3, 4, 4))
+    assert th.equal(first[1:], single.draw((1, 3, 4, 4), "cpu"))
+    assert th.equal(second[1:], single(th.zeros(1, 3, 4, 4)))
+    assert not th.equal(first, second)
+    expected = th.randn((3, 4, 4), generator=th.Generator().manual_seed(derived_seed(7, 0, 3)))
+    assert th.equal(first[0], expected)
+    with pytest.raises(ValueError, match="2 generators"):
+        pair.draw((3, 3, 4, 4), "cpu")
+
+
+@pytest.mark.parametrize("num_samples, num_classes, counts", [
+    (10, 4, [3, 2, 3, 2]), (7, 3, [3, 2, 2]), (8, 4, [2, 2, 2, 2]), (3, 4, [1, 1, 1, 0]), (3, 9, [1, 0, 0, 1, 0, 0, 1, 0, 0]),
+])
+def test_balanced_labels_have_exact_counts(num_samples, num_classes, counts):
+    labels = balanced_labels(num_samples, num_classes, th.Generator().manual_seed(0))
+    assert labels.dtype == th.int64
+    assert th.bincount(labels, minlength=num_classes).tolist() == counts
+
+
+def test_choose_labels():
+    assert choose_labels(10, 4) is None
+    seeded = choose_labels(100, 4, seed=3)
+    assert th.equal(seeded, choose_labels(100, 4, seed=3))
+    assert not th.equal(seeded, choose_labels(100, 4, seed=4))
+    assert seeded.min() == 0 and seeded.max() == 3
+    assert th.equal(choose_labels(10, 4, class_balanced=True), choose_labels(10, 4, class_balanced=True))
+    assert th.bincount(choose_labels(1000, 1000, class_balanced=True, seed=1)).tolist() == [1] * 1000
+
+
+@pytest.mark.parametrize("num_samples, batch_size, world_size", [(10, 3, 1), (10, 3, 2), (5, 4, 3), (8, 2, 2)])
+def test_rounds_cover_every_index_once_in_order(num_samples, batch_size, world_size):
+    plan = rounds(num_samples, batch_size, world_size)
+    flat = [i for work in plan for indices in work for i in indices]
+    assert flat == list(range(num_samples))
+    assert all(len(work) == world_size and all(len(r) <= batch_size for r in work) for work in plan)
+    assert len(plan) == -(-num_samples // (batch_size * world_size))
+
+
+# ---------------------------------------------------------------- sample()
+
+
+def test_unseeded_sampling_follows_the_original_draw_order(conditional):
+    model, diffusion = conditional
+    th.manual_seed(11)
+    images, labels = sample(model, diffusion, num_samples=4, batch_size=2, progress=False)
+    th.manual_seed(11)
+    expected_images, expected_labels = [], []
+    for _ in range(2):
+        classes = th.randint(0, NUM_CLASSES, (2,))
+        batch = diffusion.p_sample_loop(model, (2, 3, 8, 8), model_kwargs={"y": classes})
+        expected_images.append(to_uint8_nhwc(batch))
+        expected_labels.append(classes)
+    assert images.dtype == np.uint8 and images.shape == (4, 8, 8, 3)
+    assert np.array_equal(images, th.cat(expected_images).numpy())
+    assert np.array_equal(labels, th.cat(expected_labels).numpy())
+
+
+@pytest.mark.parametrize("use_ddim", [False, True])
+def test_same_seed_same_images_whatever_the_batch_size(conditional, use_ddim):
+    model, diffusion = conditional
+    runs = [
+        sample(model, diffusion, num_samples=5, batch_size=size, seed=3, use_ddim=use_ddim, progress=False)
+        for size in (2, 4, 5)
+    ]
+    for images, labels in runs[1:]:
+        assert np.array_equal(labels, runs[0][1])
+        assert np.abs(images.astype(int) - runs[0][0].astype(int)).max() <= 1
+        assert (images == runs[0][0]).mean() > 0.99
+    other, _ = sample(model, diffusion, num_samples=5, batch_size=2, seed=4, use_ddim=use_ddim, progress=False)
+    assert (other != runs[0][0]).mean() > 0.5
+
+
+def test_seeded_sample_draws_initial_and_step_noise_from_the_sample_generator(conditional):
+    model, diffusion = conditional
+    images, labels = sample(model, diffusion, num_samples=1, batch_size=1, seed=9, progress=False)
+    noise = PerSampleNoise(9, [0])
+    y = th.as_tensor(labels)
+    x_t = noise.draw((1, 3, 8, 8), "cpu")
+    expected = diffusion.p_sample_loop(model, (1, 3, 8, 8), noise=x_t, noise_fn=noise, model_kwargs={"y": y})
+    assert np.array_equal(images, to_uint8_nhwc(expected).numpy())
+
+
+def test_zero_classifier_scale_equals_unguided_sampling(conditional):
+    model, diffusion = conditional
+    classifier = create_classifier(**tiny_classifier_flags())
+    labels = [0, 1, 2, 3]
+    plain, _ = sample(model, diffusion, labels=labels, batch_size=4, seed=2, progress=False)
+    guided, guided_labels = sample(
+        model, diffusion, classifier=classifier, classifier_scale=0.0, labels=labels, batch_size=4,
+        seed=2, progress=False,
+    )
+    assert np.array_equal(plain, guided) and guided_labels.tolist() == labels
+    ddim_plain, _ = sample(model, diffusion, labels=labels, batch_size=4, seed=2, use_ddim=True, progress=False)
+    ddim_guided, _ = sample(
+        model, diffusion, classifier=classifier, classifier_scale=0.0, labels=labels, batch_size=4,
+        seed=2, use_ddim=True, progress=False,
+    )
+    assert np.abs(ddim_plain.astype(int) - ddim_guided.astype(int)).max() <= 1
+
+
+def test_classifier_guidance_raises_the_classifiers_accuracy(unconditional):
+    model, diffusion = unconditional
+    classifier = train_colour_classifier()
+    accuracies = {}
+    for scale in (0.0, 20.0):
+        images, labels = sample(
+            model, diffusion, classifier=classifier, classifier_scale=scale, num_samples=32,
+            batch_size=32, seed=1, class_balanced=True, progress=False,
+        )
+        assert th.bincount(th.as_tensor(labels)).tolist() == [8] * NUM_CLASSES
+        accuracies[scale] = classifier_accuracy(classifier, images, labels)
+    assert accuracies[0.0] < 0.5 < 0.8 < accuracies[20.0], accuracies
+
+
+def test_cfg_scale_one_equals_conditional_sampling():
+    model, diffusion = tiny_model(class_cond=True, class_dropout_prob=0.1)
+    labels = [0, 1, 2, 3, 3]
+    plain, _ = sample(model, diffusion, labels=labels, batch_size=5, seed=5, num_classes=NUM_CLASSES, progress=False)
+    guided, _ = sample(
+        model, diffusion, labels=labels, batch_size=5, seed=5, cfg_scale=1.0, num_classes=NUM_CLASSES,
+        progress=False,
+    )
+    assert np.abs(plain.astype(int) - guided.astype(int)).max() <= 1
+    assert (plain == guided).mean() > 0.99
+    strong, _ = sample(
+        model, diffusion, labels=labels, batch_size=5, seed=5, cfg_scale=4.0, num_classes=NUM_CLASSES,
+        progress=False,
+    )
+    assert (strong != plain).mean() > 0.2
+
+
+def test_classifier_and_classifier_free_guidance_combine():
+    model, diffusion = tiny_model(class_cond=True, class_dropout_prob=0.1)
+    classifier = create_classifier(**tiny_classifier_flags())
+    common = dict(labels=[1, 2], batch_size=2, seed=5, cfg_scale=3.0, num_classes=NUM_CLASSES, progress=False)
+    cfg_only, _ = sample(model, diffusion, **common)
+    unguided_classifier, _ = sample(model, diffusion, classifier=classifier, classifier_scale=0.0, **common)
+    both, _ = sample(model, diffusion, classifier=classifier, classifier_scale=50.0, **common)
+    assert np.array_equal(cfg_only, unguided_classifier)
+    assert not np.array_equal(cfg_only, both)
+
+
+def test_class_balanced_sampling_gives_exact_counts(conditional):
+    model, diffusion = conditional
+    _, labels = sample(model, diffusion, num_samples=10, batch_size=4, class_balanced=True, progress=False)
+    assert np.bincount(labels, minlength=NUM_CLASSES).tolist() == [3, 2, 3, 2]
+
+
+def test_unconditional_sampling_has_no_labels(unconditional):
+    model, diffusion = unconditional
+    images, labels = sample(model, diffusion, num_samples=3, batch_size=2, seed=0, progress=False)
+    assert images.shape == (3, 8, 8, 3) and labels is None
+
+
+def test_super_resolution_conditions_on_low_res_and_passes_labels():
+    model, diffusion = tiny_model(super_res=True, class_cond=True)
+    low_res = np.stack([np.full((4, 4, 3), value, np.uint8) for value in (0, 255, 128)])
+    images, labels = sample(model, diffusion, low_res=low_res, labels=[1, 2, 1], batch_size=2, seed=0, progress=False)
+    assert images.shape == (3, 8, 8, 3) and labels.tolist() == [1, 2, 1]
+    again, _ = sample(model, diffusion, low_res=low_res[::-1], labels=[1, 2, 1], batch_size=2, seed=0, progress=False)
+    assert np.array_equal(again[1], images[1]) and not np.array_equal(again[0], images[0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_samples=0), "--num_samples 0"),
+    (dict(num_samples=2, batch_size=-1), "--batch_size -1"),
+    (dict(num_samples=2, seed=-3), "--seed -3"),
+    (dict(), "num_samples is required"),
+    (dict(num_samples=2, classifier_scale=3.0), "without a classifier"),
+    (dict(num_samples=2, cfg_scale=2.0), "unconditional"),
+    (dict(labels=[1, 2]), "unconditional and there is no classifier"),
+    (dict(num_samples=2, class_balanced=True), "class_balanced needs labels"),
+    (dict(num_samples=2, low_res=np.zeros((2, 4, 4, 3), np.uint8)), "not a super-resolution model"),
+])
+def test_unconditional_sampling_errors(unconditional, kwargs, message):
+    model, diffusion = unconditional
+    with pytest.raises(ValueError, match=message):
+        sample(model, diffusion, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(labels=[0, 4]), r"labels range from 0 to 4: expected class ids in \[0, 3\]"),
+    (dict(labels=[0, 1], num_samples=3), "labels has 2 entries for num_samples=3"),
+    (dict(num_samples=2, cfg_scale=2.0, num_classes=NUM_CLASSES), "4 rows for --num_classes 4"),
+    (dict(num_samples=2, classifier="16"), "16x16 images but the model samples 8x8"),
+])
+def test_conditional_sampling_errors(conditional, kwargs, message):
+    model, diffusion = conditional
+    if kwargs.get("classifier") == "16":
+        kwargs["classifier"] = create_classifier(**tiny_classifier_flags(image_size=16))
+    with pytest.raises(ValueError, match=message):
+        sample(model, diffusion, progress=False, **kwargs)
+
+
+def test_super_resolution_errors():
+    model, diffusion = tiny_model(super_res=True)
+    with pytest.raises(ValueError, match="needs low_res"):
+        sample(model, diffusion, num_samples=2, progress=False)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        sample(model, diffusion, low_res=np.zeros((2, 4, 4, 3), np.float32), progress=False)
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_save_samples_writes_npz_grid_and_pngs(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3, 0])
+    path = save_samples(images, labels, str(tmp_path), save_png=True)
+    assert path == str(tmp_path / "samples_5x8x8x3.npz")
+    with np.load(path) as data:
+        assert sorted(data.files) == ["arr_0", "arr_1"]
+        assert np.array_equal(data["arr_0"], images) and np.array_equal(data["arr_1"], labels)
+    grid = np.array(Image.open(tmp_path / "samples_5x8x8x3.png"))
+    assert grid.shape == (2 + 2 * 10, 2 + 3 * 10, 3)  # 3 per row, 2 px padding
+    assert np.array_equal(grid[2:10, 12:20], images[1])
+    pngs = sorted(p.name for p in (tmp_path / "samples_5x8x8x3").iterdir())
+    assert pngs == [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(np.array(Image.open(tmp_path / "samples_5x8x8x3" / "000004.png")), images[4])
+    unlabelled = save_samples(images[:2], None, str(tmp_path))
+    with np.load(unlabelled) as data:
+        assert data.files == ["arr_0"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def _npz(tmp_path, name, **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_read_base_samples(tmp_path):
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    good = _npz(tmp_path, "good.npz", arr_0=images, arr_1=np.array([0, 1, 2]))
+    read_images, read_labels = read_base_samples(good, 4, class_cond=True)
+    assert np.array_equal(read_images, images) and read_labels.tolist() == [0, 1, 2]
+    assert read_base_samples(good, 4, class_cond=False)[1] is None
+    cases = [
+        (_npz(tmp_path, "float.npz", arr_0=images.astype(np.float32)), False, "dtype float32"),
+        (_npz(tmp_path, "size.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8)), False, "expected uint8 \\[N x 4 x 4 x 3\\]"),
+        (_npz(tmp_path, "nchw.npz", arr_0=np.zeros((3, 3, 4, 4), np.uint8)), False, "shape \\(3, 3, 4, 4\\)"),
+        (_npz(tmp_path, "nolabels.npz", arr_0=images), True, "needs arr_1 with 3 integer labels, found no arr_1"),
+        (_npz(tmp_path, "badlabels.npz", arr_0=images, arr_1=np.zeros(2)), True, "arr_1 of shape \\(2,\\)"),
+    ]
+    for path, class_cond, message in cases:
+        with pytest.raises(ValueError, match=message):
+            read_base_samples(path, 4, class_cond=class_cond)
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        read_base_samples(str(tmp_path / "text.npz"), 4, class_cond=False)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        read_base_samples(str(tmp_path / "missing.npz"), 4, class_cond=False)
+    with pytest.raises(ValueError, match="--base_samples is empty"):
+        read_base_samples("", 4, class_cond=False)
+
+
+def test_load_for_sampling(tmp_path):
+    model, _ = tiny_model(class_cond=True)
+    path = str(tmp_path / "model.pt")
+    th.save(model.state_dict(), path)
+    fresh, _ = create_model_and_diffusion(**tiny_flags(class_cond=True))
+    load_for_sampling(fresh, path, tiny_flags(class_cond=True), device="cpu")
+    assert not fresh.training
+    assert all(th.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="--model_path is empty"):
+        load_for_sampling(fresh, "", {}, device="cpu")
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_for_sampling(fresh, str(tmp_path / "nothing.pt"), {}, device="cpu")
+    unconditional, _ = create_model_and_diffusion(**tiny_flags())
+    with pytest.raises(ValueError, match="class_cond"):
+        load_for_sampling(unconditional, path, tiny_flags(), device="cpu")
+
+
+# ---------------------------------------------------------------- bits per dimension
+
+
+class ImageList:
+    """A dataset of (CHW image, kwargs) pairs, like image_datasets.ImageDataset."""
+
+    def __init__(self, count, seed=0):
+        generator = th.Generator().manual_seed(seed)
+        self.images = th.rand((count, 3, 8, 8), generator=generator) * 2 - 1
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index].numpy(), {"y": np.array(index % NUM_CLASSES)}
+
+
+def test_evaluate_bpd_matches_calc_bpd_loop(conditional):
+    model, diffusion = conditional
+    data = ImageList(3)
+    th.manual_seed(4)
+    terms = evaluate_bpd(model, diffusion, data, num_samples=3, batch_size=3, progress=False)
+    th.manual_seed(4)
+    expected = diffusion.calc_bpd_loop(model, data.images, model_kwargs={"y": th.tensor([0, 1, 2])})
+    for name in ("total_bpd", "prior_bpd", "vb", "mse", "xstart_mse"):
+        assert np.allclose(terms[name], expected[name].numpy(), rtol=1e-5), name
+    assert terms["vb"].shape == (3, diffusion.num_timesteps)
+
+
+def test_seeded_bpd_is_independent_of_the_batch_size_and_repeats_images(conditional):
+    model, diffusion = conditional
+    data = ImageList(2)
+    one = evaluate_bpd(model, diffusion, data, num_samples=3, batch_size=1, seed=8, progress=False)
+    three = evaluate_bpd(model, diffusion, data, num_samples=3, batch_size=3, seed=8, progress=False)
+    assert np.allclose(one["total_bpd"], three["total_bpd"], rtol=1e-5)
+    assert one["total_bpd"].shape == (3,)
+    assert one["prior_bpd"][2] == pytest.approx(one["prior_bpd"][0])  # image 0 again, same prior
+    assert one["total_bpd"][2] != pytest.approx(one["total_bpd"][0], rel=1e-6)  # other noise
