@@ -203,23 +203,18 @@ def sample(
     if device is None:
         device = next(model.parameters()).device
     conditional = getattr(model, "num_classes", None) is not None
-    num_classes = _resolve_num_classes(model, classifier, num_classes, cfg_scale)
     uses_labels = conditional or classifier is not None
+    num_classes = _resolve_num_classes(model, classifier, num_classes, cfg_scale)
     if labels is not None and np.ndim(labels) == 0:
         if num_samples is None:
             raise ValueError(f"labels={labels}: one label for all samples needs num_samples")
         labels = [int(labels)] * num_samples
     labels = _check_labels(labels, uses_labels, num_classes)
-    if low_res is not None:
-        low_res = _check_low_res(low_res)
-    if num_samples is None:
-        num_samples = len(labels) if labels is not None else len(low_res) if low_res is not None else None
-        if num_samples is None:
-            raise ValueError("num_samples is required (or labels / low_res, one per sample)")
+    low_res = None if low_res is None else _check_low_res(low_res)
+    num_samples = _count_samples(num_samples, labels, low_res)
     check_counts(num_samples=num_samples, batch_size=batch_size)
     check_seed(seed)
     shape = _sample_shape(model, low_res)
-    _check_lengths(num_samples, labels=labels, low_res=low_res)
     if classifier is None and classifier_scale != 1.0:
         raise ValueError(
             f"classifier_scale={classifier_scale} without a classifier: classifier guidance needs "
@@ -240,34 +235,58 @@ def sample(
     world_size, rank = dist_util.get_world_size(), dist_util.get_rank()
     plan = rounds(num_samples, batch_size, world_size)
     steps = sum(len(work[rank]) > 0 for work in plan) * diffusion.num_timesteps
-    bar = tqdm(total=steps, unit="step", desc="sampling", disable=not progress or rank > 0)
     all_images, all_labels = [], []
-    with bar:
+    with tqdm(total=steps, unit="step", desc="sampling", disable=not progress or rank > 0) as bar:
         for work in plan:
             indices = work[rank]
-            batch_labels = None
-            if uses_labels:
-                batch_labels = (
-                    th.randint(0, num_classes, (len(indices),), device=device)
-                    if labels is None
-                    else labels[list(indices)].to(device)
-                )
+            model_kwargs = _batch_kwargs(indices, uses_labels, labels, num_classes, low_res, device)
             images = th.zeros((0, shape[2], shape[3], shape[1]), dtype=th.uint8, device=device)
             if len(indices):
-                model_kwargs = {} if batch_labels is None else {"y": batch_labels}
-                if low_res is not None:
-                    model_kwargs["low_res"] = _to_model_range(low_res[list(indices)], device)
                 batch = _sample_batch(
                     diffusion, model_fn, cond_fn, (len(indices), *shape[1:]), model_kwargs,
                     indices, seed, use_ddim, clip_denoised, device, bar,
                 )
                 images = to_uint8_nhwc(batch)
             all_images.append(gather_in_order(images, work, batch_size).cpu())
-            if batch_labels is not None:
-                all_labels.append(gather_in_order(batch_labels, work, batch_size).cpu())
+            if uses_labels:
+                all_labels.append(gather_in_order(model_kwargs["y"], work, batch_size).cpu())
             logger.debug(f"created {sum(len(part) for part in all_images)} samples")
-    images = th.cat(all_images).numpy()
-    return images, (th.cat(all_labels).numpy() if all_labels else None)
+    return th.cat(all_images).numpy(), (th.cat(all_labels).numpy() if uses_labels else None)
+
+
+def _batch_kwargs(indices, uses_labels, labels, num_classes, low_res, device):
+    """
+    The model keyword arguments of a batch: "y", the chosen labels or, when none
+    were chosen, labels drawn now with th.randint on the global RNG (the
+    original's draw, just before the batch's noise); "low_res" for super-resolution.
+    """
+    model_kwargs = {}
+    if uses_labels:
+        model_kwargs["y"] = (
+            th.randint(0, num_classes, (len(indices),), device=device)
+            if labels is None
+            else labels[list(indices)].to(device)
+        )
+    if low_res is not None:
+        model_kwargs["low_res"] = _to_model_range(low_res[list(indices)], device)
+    return model_kwargs
+
+
+def _count_samples(num_samples, labels, low_res):
+    """
+    :return: num_samples, defaulting to the number of labels or low-res images,
+             checked against them.
+    """
+    given = {name: len(values) for name, values in (("labels", labels), ("low_res", low_res))
+             if values is not None}
+    if num_samples is None:
+        if not given:
+            raise ValueError("num_samples is required (or labels / low_res, one per sample)")
+        num_samples = next(iter(given.values()))
+    for name, count in given.items():
+        if count != num_samples:
+            raise ValueError(f"{name} has {count} entries for num_samples={num_samples}")
+    return num_samples
 
 
 def _resolve_num_classes(model, classifier, num_classes, cfg_scale):
@@ -314,12 +333,6 @@ def _check_low_res(low_res):
             "[N x h x w x 3] (as in a samples_*.npz)"
         )
     return low_res
-
-
-def _check_lengths(num_samples, **arrays):
-    for name, values in arrays.items():
-        if values is not None and len(values) != num_samples:
-            raise ValueError(f"{name} has {len(values)} entries for num_samples={num_samples}")
 
 
 def _sample_shape(model, low_res):
