@@ -30,3 +30,35 @@ def tiny_model():
     the timesteps of every call in .calls.
     """
     return TinyDenoiser
+
+
+@pytest.fixture
+def isolated_logger():
+    """
+    Restore guided_diffusion.logger's current logger after the test, so a test can
+    call logger.configure without leaking its directory into later tests.
+    """
+    from guided_diffusion import logger
+
+    previous = logger.Logger.CURRENT
+    yield logger
+    if logger.Logger.CURRENT is not previous and logger.Logger.CURRENT is not logger.Logger.DEFAULT:
+        logger.Logger.CURRENT.close()
+    logger.Logger.CURRENT = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_image_dir(tmp_path_factory):
+    """
+    A folder of 8 random 12x12 PNG images named c0_0.png, c1_1.png, c2_2.png, ...
+    (classes c0, c1, c2 by file-name prefix).
+    """
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("tiny_images")
+    generator = np.random.default_rng(0)
+    for i in range(8):
+        pixels = generator.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{i % 3}_{i}.png")
+    return str(folder)

@@ -8,13 +8,9 @@ from guided_diffusion import logger
 
 
 @pytest.fixture(autouse=True)
-def restore_logger():
+def restore_logger(isolated_logger):
     """Leave the module's current logger as it was before each test."""
-    previous = logger.Logger.CURRENT
     yield
-    if logger.Logger.CURRENT is not previous and logger.Logger.CURRENT is not logger.Logger.DEFAULT:
-        logger.Logger.CURRENT.close()
-    logger.Logger.CURRENT = previous
 
 
 class FakeComm:

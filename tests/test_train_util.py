@@ -1,0 +1,329 @@
+"""Tests for guided_diffusion.train_util: steps, EMA, lr, checkpoints, exact resume, errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch as th
+from PIL import Image
+
+from guided_diffusion import logger
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.script_util import (
+    classifier_and_diffusion_defaults,
+    create_classifier_and_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import (
+    ClassifierTrainLoop,
+    TrainLoop,
+    compute_top_k,
+    log_loss_dict,
+    parse_ema_rates,
+)
+
+FLAGS = dict(
+    model_and_diffusion_defaults(),
+    image_size=8,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1",
+    attention_resolutions="8",
+    num_head_channels=32,
+    learn_sigma=True,
+    dropout=0.1,
+)
+
+
+@pytest.fixture(autouse=True)
+def _logger(isolated_logger):
+    yield
+
+
+def _build(flags=FLAGS):
+    th.manual_seed(0)
+    return create_model_and_diffusion(**flags)
+
+
+def _train(logdir, image_dir, max_steps, model_and_diffusion=None, **overrides):
+    """Configure the logger to logdir, build the tiny model and run TrainLoop."""
+    logger.configure(str(logdir), ["log", "csv"])
+    model, diffusion = model_and_diffusion or _build()
+    data = load_data(data_dir=image_dir, batch_size=4, image_size=8, num_workers=0, seed=1)
+    options = dict(
+        model=model, diffusion=diffusion, data=data, batch_size=4, microbatch=2, lr=1e-3,
+        ema_rate="0.9,0.99", log_interval=1, save_interval=2, resume_checkpoint="",
+        max_steps=max_steps, seed=3, flags=FLAGS,
+    )
+    options.update(overrides)
+    loop = TrainLoop(**options)
+    loop.run_loop()
+    return loop
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, tiny_image_dir):
+    """The log directory of a 2-step run of _train (checkpoints of step 2); do not modify."""
+    from guided_diffusion import logger as module_logger
+
+    previous = module_logger.Logger.CURRENT
+    logdir = tmp_path_factory.mktemp("two_step_run")
+    _train(logdir, tiny_image_dir, 2)
+    module_logger.Logger.CURRENT.close()
+    module_logger.Logger.CURRENT = previous
+    return logdir
+
+
+def _copy_run(run_dir, destination):
+    shutil.copytree(run_dir, destination)
+    return destination
+
+
+def _same_tensors(first, second):
+    return len(first) == len(second) and all(th.equal(a, b) for a, b in zip(first, second))
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, tiny_image_dir, two_step_run):
+    # The uninterrupted run also writes sample grids, which must not disturb the RNG streams.
+    full = _train(tmp_path / "full", tiny_image_dir, 4, sample_interval=2)
+    part = _copy_run(two_step_run, tmp_path / "part")
+    resumed = _train(part, tiny_image_dir, 4, resume_checkpoint=str(part / "model000002.pt"))
+    assert resumed.resume_step == 2 and resumed.step == full.step == 4
+    assert _same_tensors(list(full.model.state_dict().values()), list(resumed.model.state_dict().values()))
+    for full_ema, resumed_ema in zip(full.ema_params, resumed.ema_params):
+        assert _same_tensors(full_ema, resumed_ema)
+    full_opt, resumed_opt = full.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    assert all(th.equal(full_opt[k]["exp_avg_sq"], resumed_opt[k]["exp_avg_sq"]) for k in full_opt)
+    assert (tmp_path / "full" / "samples_000002.png").exists()
+
+
+def test_checkpoints_are_plain_state_dicts_with_sidecars_and_a_training_state(two_step_run):
+    tmp_path = two_step_run
+    names = sorted(os.listdir(tmp_path))
+    for name in ("model000002", "ema_0.9_000002", "ema_0.99_000002"):
+        assert f"{name}.pt" in names and f"{name}.json" in names
+    assert "opt000002.pt" in names and not any(".tmp-" in name for name in names)
+
+    sidecar = json.loads((tmp_path / "ema_0.99_000002.json").read_text())
+    assert {k: sidecar[k] for k in ("format", "kind", "ema_rate", "step")} == dict(
+        format="guided_diffusion/1", kind="ema", ema_rate=0.99, step=2
+    )
+    model_sidecar = json.loads((tmp_path / "model000002.json").read_text())
+    assert model_sidecar["kind"] == "model" and model_sidecar["ema_rate"] is None
+    model, _ = create_model_and_diffusion(**{k: model_sidecar["flags"][k] for k in FLAGS})
+    state_dict = th.load(tmp_path / "model000002.pt", weights_only=True)
+    assert all(th.is_tensor(value) for value in state_dict.values())
+    model.load_state_dict(state_dict, strict=True)
+
+    training_state = th.load(tmp_path / "opt000002.pt", weights_only=True)
+    assert training_state["step"] == 2 and training_state["lg_loss_scale"] is None
+    assert set(training_state["rng"]) == {0} and set(training_state["rng"][0]) == {"torch", "numpy", "python"}
+    # 8 images, batch 4: two batches per epoch, so after 2 steps epoch 1 is about to start.
+    assert training_state["data_state"][0]["data"]["epoch"] == 0
+    assert training_state["data_state"][0]["data"]["batch_index"] == 2
+    assert training_state["flags"]["image_size"] == 8
+
+
+def test_max_steps_ends_with_a_save_and_resuming_past_it_trains_nothing(tmp_path, tiny_image_dir, two_step_run):
+    run = _copy_run(two_step_run, tmp_path / "run")
+    loop = _train(run, tiny_image_dir, 3, resume_checkpoint=str(run / "model000002.pt"))
+    assert loop.step == 3  # 3 is not a multiple of save_interval=2: saved because it is the last
+    assert {"model000003.pt", "ema_0.9_000003.pt", "opt000003.pt"} <= set(os.listdir(run))
+    before = sorted(os.listdir(run))
+    again = _train(run, tiny_image_dir, 3, resume_checkpoint=str(run / "model000003.pt"))
+    assert again.step == 3 and sorted(os.listdir(run)) == before
+
+
+def test_lr_anneals_linearly_and_stops_at_lr_anneal_steps(tmp_path, tiny_image_dir):
+    loop = _train(tmp_path, tiny_image_dir, 0, lr_anneal_steps=2)
+    assert loop.step == 2
+    assert loop.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 1 / 2))  # the lr of step 1
+    rows = (tmp_path / "progress.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2
+
+
+def test_every_ema_rate_follows_its_closed_form(tmp_path, tiny_image_dir):
+    model, diffusion = _build()
+    initial = [p.detach().clone() for p in model.parameters()]
+    loop = _train(tmp_path, tiny_image_dir, 1, model_and_diffusion=(model, diffusion), ema_rate="0.5,0.9")
+    assert loop.ema_rate == [0.5, 0.9]
+    for rate, ema in zip(loop.ema_rate, loop.ema_params):
+        for start, trained, averaged in zip(initial, model.parameters(), ema):
+            assert th.allclose(averaged, rate * start + (1 - rate) * trained.detach(), atol=1e-6)
+
+
+class _FixedSampler:
+    """Always timestep 7 with weight 1: makes batches and microbatches draw nothing."""
+
+    def sample(self, batch_size, device):
+        return th.full((batch_size,), 7, dtype=th.long), th.ones(batch_size)
+
+
+class _SquaredError:
+    """A diffusion stand-in whose loss is deterministic: mean((model(x, t) - x)^2)."""
+
+    num_timesteps = 100
+
+    def training_losses(self, model, x, t, model_kwargs=None):
+        return {"loss": ((model(x, t) - x) ** 2).mean(dim=(1, 2, 3))}
+
+
+def test_microbatches_accumulate_the_gradient_of_the_whole_batch(tmp_path, tiny_model):
+    logger.configure(str(tmp_path), ["log"])
+    batch = th.randn(4, 3, 8, 8)
+    grads = []
+    for microbatch in (-1, 1, 3):
+        model = tiny_model()
+        loop = TrainLoop(
+            model=model, diffusion=_SquaredError(), data=None, batch_size=4, microbatch=microbatch,
+            lr=0.1, ema_rate="", log_interval=1, save_interval=10, resume_checkpoint="",
+            schedule_sampler=_FixedSampler(),
+        )
+        loop.forward_backward(batch, {})
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for other in grads[1:]:
+        assert all(th.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], other))
+
+
+def test_resuming_needs_the_model_file_its_step_and_its_opt_file(tmp_path, tiny_image_dir, two_step_run):
+    run = _copy_run(two_step_run, tmp_path / "run")
+    with pytest.raises(ValueError, match="is not a model checkpoint: pass the model000002.pt"):
+        _train(run, tiny_image_dir, 4, resume_checkpoint=str(run / "ema_0.9_000002.pt"))
+    plain = run / "weights.pt"
+    shutil.copy(run / "model000002.pt", plain)
+    with pytest.raises(ValueError, match="has no step .*--init_checkpoint .*weights.pt"):
+        _train(run, tiny_image_dir, 4, resume_checkpoint=str(plain))
+    lonely = tmp_path / "alone"
+    lonely.mkdir()
+    shutil.copy(run / "model000002.pt", lonely / "model000002.pt")
+    with pytest.raises(FileNotFoundError, match="opt000002.pt is missing"):
+        _train(run, tiny_image_dir, 4, resume_checkpoint=str(lonely / "model000002.pt"))
+    with pytest.raises(ValueError, match="pass one"):
+        _train(run, tiny_image_dir, 4, resume_checkpoint=str(run / "model000002.pt"), init_checkpoint=str(plain))
+
+
+def test_a_renamed_checkpoint_resumes_through_its_sidecar(tmp_path, tiny_image_dir, two_step_run):
+    run = _copy_run(two_step_run, tmp_path / "run")
+    shutil.move(run / "model000002.pt", run / "best.pt")
+    shutil.move(run / "model000002.json", run / "best.json")
+    loop = _train(tmp_path / "next", tiny_image_dir, 3, resume_checkpoint=str(run / "best.pt"))
+    assert loop.resume_step == 2 and loop.step == 3
+
+
+def test_init_checkpoint_starts_a_new_run_from_the_weights(tmp_path, two_step_run):
+    plain = tmp_path / "pretrained.pt"
+    shutil.copy(two_step_run / "model000002.pt", plain)
+    logger.configure(str(tmp_path / "fine_tune"), ["log"])
+    model, diffusion = _build()
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=None, batch_size=4, microbatch=-1, lr=1e-3,
+        ema_rate="0.9", log_interval=1, save_interval=2, resume_checkpoint="",
+        init_checkpoint=str(plain),
+    )
+    saved = th.load(plain, weights_only=True)
+    assert loop.step == 0 and not loop.opt.state
+    assert all(th.equal(saved[name], value) for name, value in model.state_dict().items())
+    assert all(th.equal(saved[name], ema) for (name, _), ema in zip(model.named_parameters(), loop.ema_params[0]))
+
+
+def test_an_original_plain_optimizer_file_resumes_with_a_warning(tmp_path, tiny_image_dir, two_step_run):
+    run = _copy_run(two_step_run, tmp_path / "run")
+    state = th.load(run / "opt000002.pt", weights_only=True)
+    th.save(state["optimizer"], run / "opt000002.pt")
+    (run / "model000002.json").unlink()
+    loop = _train(run, tiny_image_dir, 3, resume_checkpoint=str(run / "model000002.pt"))
+    assert loop.step == 3
+    assert "plain optimizer state (original ADM format)" in (run / "log.txt").read_text()
+
+
+def test_sample_grid_holds_one_tile_per_sample(tmp_path, tiny_image_dir):
+    _train(tmp_path, tiny_image_dir, 1, sample_interval=1)
+    grid = Image.open(tmp_path / "samples_000001.png")
+    assert grid.size == (2 + 2 * (8 + 2), 2 + 2 * (8 + 2))  # 4 samples in 2 rows of 2
+    assert np.array(grid)[2:10, 2:10].std() > 0
+
+
+def test_log_loss_dict_splits_losses_by_quarter_of_the_timesteps(tmp_path):
+    logger.configure(str(tmp_path), ["log"])
+
+    class Diffusion:
+        num_timesteps = 1000
+
+    log_loss_dict(Diffusion(), th.tensor([0, 249, 250, 999]), {"loss": th.tensor([1.0, 3.0, 5.0, 7.0])})
+    values = logger.getkvs()
+    assert values["loss"] == 4.0
+    assert (values["loss_q0"], values["loss_q1"], values["loss_q3"]) == (2.0, 5.0, 7.0)
+    assert "loss_q2" not in values
+
+
+def test_top_k_accuracy_and_ema_rate_parsing():
+    logits = th.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05]])
+    labels = th.tensor([1, 1])
+    assert compute_top_k(logits, labels, k=1) == 0.5
+    assert compute_top_k(logits, labels, k=2, reduction="none").tolist() == [1.0, 1.0]
+    assert parse_ema_rates("0.9999,0.9999432") == [0.9999, 0.9999432]
+    assert parse_ema_rates(0.99) == [0.99] and parse_ema_rates("") == []
+    with pytest.raises(ValueError, match='--ema_rate "0.9;0.99"'):
+        parse_ema_rates("0.9;0.99")
+
+
+def test_label_dropout_uses_the_null_label(tmp_path):
+    flags = dict(FLAGS, class_cond=True, num_classes=3, class_dropout_prob=0.5)
+    logger.configure(str(tmp_path), ["log"])
+    model, diffusion = _build(flags)
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=None, batch_size=4, microbatch=-1, lr=1e-3,
+        ema_rate="", log_interval=1, save_interval=2, resume_checkpoint="", class_dropout_prob=0.5,
+    )
+    th.manual_seed(0)
+    labels = loop._drop_labels(th.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]))
+    th.manual_seed(0)
+    dropped = th.rand(10) < 0.5
+    assert labels[dropped].tolist() == [3] * int(dropped.sum())
+    assert labels[~dropped].tolist() == th.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])[~dropped].tolist()
+
+
+def _train_classifier(logdir, image_dir, iterations, resume=""):
+    logger.configure(str(logdir), ["log", "csv"])
+    flags = dict(
+        classifier_and_diffusion_defaults(), image_size=8, classifier_width=32, classifier_depth=1,
+        classifier_attention_resolutions="4", num_classes=3,
+    )
+    th.manual_seed(0)
+    model, diffusion = create_classifier_and_diffusion(**flags)
+    data_flags = dict(data_dir=image_dir, batch_size=4, image_size=8, class_cond=True, num_workers=0)
+    loop = ClassifierTrainLoop(
+        model=model, diffusion=diffusion, data=load_data(random_crop=True, seed=1, **data_flags),
+        val_data=load_data(seed=2, **data_flags), iterations=iterations, anneal_lr=False,
+        eval_interval=1, batch_size=4, microbatch=2, lr=1e-3, log_interval=1, save_interval=2,
+        resume_checkpoint=resume, seed=4, flags=flags,
+    )
+    loop.run_loop()
+    return loop
+
+
+def test_classifier_training_logs_accuracy_and_resumes_exactly(tmp_path, tiny_image_dir):
+    full = _train_classifier(tmp_path / "full", tiny_image_dir, 3)
+    _train_classifier(tmp_path / "part", tiny_image_dir, 2)
+    resumed = _train_classifier(tmp_path / "part", tiny_image_dir, 3, resume=str(tmp_path / "part" / "model000002.pt"))
+    assert _same_tensors(list(full.model.state_dict().values()), list(resumed.model.state_dict().values()))
+    header = (tmp_path / "full" / "progress.csv").read_text().splitlines()[0].split(",")
+    for key in ("train_loss", "train_acc@1", "train_acc@5", "val_loss", "val_acc@1", "val_acc@5"):
+        assert key in header
+    assert any(key.startswith("val_loss_q") for key in header)
+    assert sorted(os.listdir(tmp_path / "full")) == [
+        "log.txt", "model000002.json", "model000002.pt", "model000003.json", "model000003.pt",
+        "opt000002.pt", "opt000003.pt", "progress.csv",
+    ]
+
+
+def test_training_needs_a_configured_log_directory(tiny_model):
+    logger.reset()
+    with pytest.raises(ValueError, match="call logger.configure"):
+        TrainLoop(
+            model=tiny_model(), diffusion=_SquaredError(), data=None, batch_size=1, microbatch=-1,
+            lr=0.1, ema_rate="", log_interval=1, save_interval=1, resume_checkpoint="",
+        )
