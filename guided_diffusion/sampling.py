@@ -133,10 +133,13 @@ def rounds(num_samples, batch_size, world_size):
 
     :return: a list of rounds, each a list with one range of sample indices per rank.
     """
+    def clip(index):
+        return min(index, num_samples)
+
     per_round = batch_size * world_size
     return [
         [
-            range(min(start + rank * batch_size, num_samples), min(start + (rank + 1) * batch_size, num_samples))
+            range(clip(start + rank * batch_size), clip(start + (rank + 1) * batch_size))
             for rank in range(world_size)
         ]
         for start in range(0, num_samples, per_round)
@@ -355,7 +358,8 @@ def _model_function(model, conditional, cfg_scale, num_classes):
     dropping the labels (only the classifier uses them) for an unconditional model.
     """
     if cfg_scale is not None:
-        return classifier_free_model(model, cfg_scale, check_classifier_free(model, cfg_scale, num_classes))
+        null_label = check_classifier_free(model, cfg_scale, num_classes)
+        return classifier_free_model(model, cfg_scale, null_label)
     if conditional:
         return model
 
@@ -444,13 +448,16 @@ def read_base_samples(path, small_size, class_cond):
     except (ValueError, OSError, AttributeError) as error:
         raise ValueError(f"--base_samples {path!r} is not a readable .npz file ({error})") from None
     if "arr_0" not in contents:
-        raise ValueError(f"--base_samples {path!r} has arrays {sorted(contents)}; expected arr_0 (images)")
+        raise ValueError(
+            f"--base_samples {path!r} has arrays {sorted(contents)}; expected arr_0 (images)"
+        )
     images = contents["arr_0"]
     expected = (small_size, small_size, 3)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected or not len(images):
         raise ValueError(
             f"--base_samples {path!r}: arr_0 has shape {images.shape} and dtype {images.dtype}; "
-            f"expected uint8 [N x {small_size} x {small_size} x 3] with N > 0 (--small_size {small_size})"
+            f"expected uint8 [N x {small_size} x {small_size} x 3] with N > 0 "
+            f"(--small_size {small_size})"
         )
     if not class_cond:
         return images, None
@@ -554,8 +561,9 @@ def evaluate_bpd(
     with tqdm(total=steps, unit="step", desc="bpd", disable=not progress or rank > 0) as bar:
         for work in plan:
             indices = work[rank]
+            per_step = (0, diffusion.num_timesteps)
             local = {
-                name: th.zeros((0,) if name.endswith("bpd") else (0, diffusion.num_timesteps), device=device)
+                name: th.zeros((0,) if name.endswith("bpd") else per_step, device=device)
                 for name in names
             }
             if len(indices):
@@ -602,7 +610,7 @@ def add_sampling_flags(parser, guidance=True, images=True):
                             help="also write every sample as a PNG")
     if guidance:
         parser.add_argument("--cfg_scale", type=float, default=None,
-                            help="classifier-free guidance weight (model trained with --class_dropout_prob)")
+                            help="classifier-free guidance weight (needs --class_dropout_prob > 0)")
         parser.add_argument("--class_balanced", type=str2bool, nargs="?", const=True, default=False,
                             help="exactly num_samples / num_classes samples per class")
 

@@ -7,7 +7,6 @@ Tiny models (8x8 images, 32 channels, 40 diffusion steps respaced to 6) on one
 CPU thread; the builders here are shared with test_sample_scripts.py.
 """
 
-import io
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import torch as th
 import torch.nn.functional as F
 from PIL import Image
 
-from guided_diffusion import sampling
 from guided_diffusion.image_grid import to_uint8_nhwc
 from guided_diffusion.sampling import (
     PerSampleNoise,
@@ -163,7 +161,8 @@ def test_per_sample_noise_depends_only_on_the_sample_index():
 
 
 @pytest.mark.parametrize("num_samples, num_classes, counts", [
-    (10, 4, [3, 2, 3, 2]), (7, 3, [3, 2, 2]), (8, 4, [2, 2, 2, 2]), (3, 4, [1, 1, 1, 0]), (3, 9, [1, 0, 0, 1, 0, 0, 1, 0, 0]),
+    (10, 4, [3, 2, 3, 2]), (7, 3, [3, 2, 2]), (8, 4, [2, 2, 2, 2]), (3, 4, [1, 1, 1, 0]),
+    (3, 9, [1, 0, 0, 1, 0, 0, 1, 0, 0]),
 ])
 def test_balanced_labels_have_exact_counts(num_samples, num_classes, counts):
     labels = balanced_labels(num_samples, num_classes, th.Generator().manual_seed(0))
@@ -391,7 +390,8 @@ def test_read_base_samples(tmp_path):
     assert read_base_samples(good, 4, class_cond=False)[1] is None
     cases = [
         (_npz(tmp_path, "float.npz", arr_0=images.astype(np.float32)), False, "dtype float32"),
-        (_npz(tmp_path, "size.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8)), False, "expected uint8 \\[N x 4 x 4 x 3\\]"),
+        (_npz(tmp_path, "size.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8)), False,
+         "expected uint8 \\[N x 4 x 4 x 3\\]"),
         (_npz(tmp_path, "nchw.npz", arr_0=np.zeros((3, 3, 4, 4), np.uint8)), False, "shape \\(3, 3, 4, 4\\)"),
         (_npz(tmp_path, "nolabels.npz", arr_0=images), True, "needs arr_1 with 3 integer labels, found no arr_1"),
         (_npz(tmp_path, "badlabels.npz", arr_0=images, arr_1=np.zeros(2)), True, "arr_1 of shape \\(2,\\)"),
