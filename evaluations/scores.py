@@ -1,0 +1,154 @@
+"""
+Gaussian feature statistics with the Frechet distance (FID, sFID), and the Inception Score.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+from scipy import linalg
+from scipy.special import xlogy
+
+
+class FIDStatistics:
+    """The mean and covariance of a set of feature vectors."""
+
+    def __init__(self, mu, sigma):
+        """
+        :param mu: the [D] mean.
+        :param sigma: the [D x D] covariance.
+        """
+        self.mu = mu
+        self.sigma = sigma
+
+    def frechet_distance(self, other, eps=1e-6):
+        """
+        The Frechet distance between two Gaussians,
+        |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)).
+
+        As in the original evaluator (after TTUR's fid.py): when the square root of the
+        product is not finite, eps is added to both diagonals; an imaginary part is
+        dropped when its diagonal is within 1e-3 of zero, else this raises.
+
+        :param other: another FIDStatistics.
+        :param eps: the diagonal offset for a singular product.
+        :return: the distance, a float.
+        """
+        mu1, mu2 = np.atleast_1d(self.mu), np.atleast_1d(other.mu)
+        sigma1, sigma2 = np.atleast_2d(self.sigma), np.atleast_2d(other.sigma)
+        if mu1.shape != mu2.shape:
+            raise ValueError(f"mean vectors have different lengths: {mu1.shape}, {mu2.shape}")
+        if sigma1.shape != sigma2.shape:
+            raise ValueError(f"covariances have different shapes: {sigma1.shape}, {sigma2.shape}")
+        diff = mu1 - mu2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)  # we check finiteness below
+            covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            warnings.warn(
+                f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates"
+            )
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        if np.iscomplexobj(covmean):
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+            covmean = covmean.real
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def check_statistics(mu, sigma, dim, where):
+    """
+    Raise a ValueError unless mu is [dim] and sigma is [dim x dim].
+
+    :param mu: a mean.
+    :param sigma: a covariance.
+    :param dim: the feature dimension.
+    :param where: what the statistics are, for the message.
+    """
+    if np.shape(mu) != (dim,) or np.shape(sigma) != (dim, dim):
+        raise ValueError(
+            f"{where}: statistics have shapes {np.shape(mu)} and {np.shape(sigma)}, "
+            f"expected ({dim},) and ({dim}, {dim})"
+        )
+
+
+def _warn_if_singular(count, dim):
+    """Warn that fewer samples than dimensions give a singular covariance; raise if under 2."""
+    if count < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {count}")
+    if count < dim:
+        warnings.warn(
+            f"{count} samples for {dim} features: the covariance has rank at most {count - 1} "
+            f"and is singular, so FID/sFID are strongly biased and not comparable; use at "
+            f"least {dim} samples (the paper uses 50,000)"
+        )
+
+
+def compute_statistics(activations):
+    """
+    The statistics of a set of features, computed as the original evaluator does
+    (np.mean in the features' dtype, np.cov in float64).
+
+    :param activations: an [N x D] array.
+    :return: an FIDStatistics.
+    """
+    _warn_if_singular(*activations.shape)
+    return FIDStatistics(np.mean(activations, axis=0), np.cov(activations, rowvar=False))
+
+
+class RunningStatistics:
+    """Mean and covariance accumulated over batches in float64 (Chan et al.'s pairwise update)."""
+
+    def __init__(self, dim, device="cpu"):
+        """
+        :param dim: the feature dimension.
+        :param device: the torch device to accumulate on.
+        """
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, features):
+        """
+        :param features: an [N x D] tensor or array of new feature vectors.
+        """
+        x = torch.as_tensor(features).to(self.mean.device, torch.float64)
+        count = len(x)
+        if count == 0:
+            return
+        batch_mean = x.mean(dim=0)
+        centered = x - batch_mean
+        delta = batch_mean - self.mean
+        total = self.count + count
+        self.scatter += centered.T @ centered + torch.outer(delta, delta) * (self.count * count / total)
+        self.mean += delta * (count / total)
+        self.count = total
+
+    def statistics(self):
+        """
+        :return: an FIDStatistics of everything seen (covariance with N - 1, like np.cov).
+        """
+        _warn_if_singular(self.count, len(self.mean))
+        sigma = self.scatter / (self.count - 1)
+        return FIDStatistics(self.mean.cpu().numpy(), sigma.cpu().numpy())
+
+
+def inception_score(probabilities, split_size=5000):
+    """
+    The Inception Score: exp of the mean KL divergence between each row's class
+    distribution and the split's marginal, averaged over splits of split_size rows.
+    Zero probabilities contribute 0 (0 log 0 = 0).
+
+    :param probabilities: an [N x C] array whose rows are distributions.
+    :param split_size: rows per split (the last split may be smaller).
+    :return: the score, a float.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    scores = []
+    for start in range(0, len(probabilities), split_size):
+        part = probabilities[start : start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = (xlogy(part, part) - xlogy(part, marginal)).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
