@@ -13,6 +13,7 @@ the model's dropout (torch's global generator).
 
 import contextlib
 import copy
+import inspect
 import math
 import random
 
@@ -37,6 +38,15 @@ from .respace import SpacedDiffusion, space_timesteps
 PREVIEW_SAMPLES = 8
 PREVIEW_STEPS = 25
 PREVIEW_SEED = 0
+
+
+# DDP keyword that stops buffers being broadcast from rank 0 at every forward (the
+# original's broadcast_buffers=False, renamed forward_sync_buffers in newer torch).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def parse_ema_rates(ema_rate):
@@ -199,9 +209,9 @@ class TrainLoop:
                 model,
                 device_ids=[dist_util.dev()] if on_gpu else None,
                 output_device=dist_util.dev() if on_gpu else None,
-                broadcast_buffers=False,
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
+                **_NO_BUFFER_SYNC,
             )
         else:
             self.ddp_model = model
