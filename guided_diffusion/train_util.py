@@ -459,7 +459,8 @@ class TrainLoop:
             th.manual_seed(PREVIEW_SEED)
             with self.mp_trainer.autocast():
                 images = sample_preview(
-                    preview_model, self.diffusion, (count, *batch.shape[1:]), model_kwargs
+                    preview_model, self.diffusion, (count, *batch.shape[1:]), model_kwargs,
+                    steps=PREVIEW_STEPS,
                 )
         path = bf.join(logger.get_dir(), f"samples_{self.step:06d}.png")
         save_image_grid(to_uint8_nhwc(images.float()), path, nrow=math.ceil(math.sqrt(count)))

@@ -62,3 +62,16 @@ def tiny_image_dir(tmp_path_factory):
         pixels = generator.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"c{i % 3}_{i}.png")
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """
+    Run the tests of a module with one intra-op torch thread (tiny models are faster
+    so, spinning worker threads do not slow down tests running side by side, and
+    results that must match bit for bit do not depend on the machine's core count).
+    """
+    previous = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(previous)

@@ -82,7 +82,7 @@ def test_master_weights_are_float32_copies_and_round_trip_through_state_dicts():
     assert all(th.equal(a, b) for a, b in zip(rebuilt, trainer.master_params))
 
 
-def test_fp16_gradients_match_float32_gradients():
+def test_fp16_gradients_match_float32_gradients(torch_single_thread):
     th.manual_seed(0)
     flags = dict(channel_mult="1", attention_resolutions="8", num_head_channels=32)
     model32 = create_model(8, 32, 1, **flags)

@@ -9,7 +9,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import logger
+from guided_diffusion import logger, train_util
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
@@ -38,8 +38,14 @@ FLAGS = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(torch_single_thread):
+    yield
+
+
 @pytest.fixture(autouse=True)
-def _logger(isolated_logger):
+def _logger_and_short_previews(isolated_logger, monkeypatch):
+    monkeypatch.setattr(train_util, "PREVIEW_STEPS", 3)  # sample grids with 3 DDIM steps
     yield
 
 
