@@ -70,7 +70,7 @@ class Evaluator:
             return self.compute_activations(reader.read_batches(self.batch_size))
 
     def _forward(self, batch):
-        """Start the network on one batch; returns device tensors (computed asynchronously on GPU)."""
+        """Start the network on one batch; returns device tensors (asynchronous on a GPU)."""
         images = torch.from_numpy(np.ascontiguousarray(check_image_batch(batch)))
         with torch.inference_mode(), full_fp32_precision():
             return self.model(images.to(self.device))
@@ -125,6 +125,9 @@ class Evaluator:
                     mu, sigma = data[mu_key], data[sigma_key]
                     check_statistics(mu, sigma, dim, f"{npz_path} {mu_key}/{sigma_key}")
                     result.append(FIDStatistics(mu, sigma))
+                elif features is None:
+                    message = f"{npz_path}: no {mu_key!r}/{sigma_key!r} and no features given"
+                    raise ValueError(message)
                 else:
                     result.append(self.compute_statistics(features))
         return tuple(result)
@@ -251,7 +254,8 @@ def create_argparser():
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     parser.add_argument(
-        "--no_cache", action="store_true", help="do not read or write feature caches next to the batches"
+        "--no_cache", action="store_true",
+        help="do not read or write feature caches next to the batches",
     )
     return parser
 

@@ -166,7 +166,7 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-    """17x17 to 8x8 reduction (mixed_8): 1x1, 3x3 stride 2 | 1x1, 1x7, 7x1, 3x3 stride 2 | max pool."""
+    """17x17 to 8x8 reduction (mixed_8): 1x1, 3x3 s2 | 1x1, 1x7, 7x1, 3x3 s2 | max pool."""
 
     def __init__(self, in_channels):
         super().__init__()

@@ -43,6 +43,7 @@ WEIGHTS_NAMES = (OPENAI_WEIGHTS_NAME, PYTORCH_FID_WEIGHTS_NAME, TF_GRAPH_NAME)
 INCEPTION_PATH_ENV = "GUIDED_DIFFUSION_INCEPTION"  # a weights file
 CACHE_DIR_ENV = "GUIDED_DIFFUSION_CACHE"  # folder searched for WEIGHTS_NAMES
 
+_SUFFIXES = ["", "_1", "_2", "_3", "_4"]  # conv, conv_1, ... in a graph tower
 # Graph scopes of each block type -> torchvision's (pytorch-fid's) layer names.
 _BLOCK_LAYERS = {
     "A": {
@@ -57,11 +58,11 @@ _BLOCK_LAYERS = {
     "C": {
         "conv": "branch1x1", "tower/conv": "branch7x7_1", "tower/conv_1": "branch7x7_2",
         "tower/conv_2": "branch7x7_3", "tower_2/conv": "branch_pool",
-        **{f"tower_1/conv{s}": f"branch7x7dbl_{i + 1}" for i, s in enumerate(["", "_1", "_2", "_3", "_4"])},
+        **{f"tower_1/conv{s}": f"branch7x7dbl_{i + 1}" for i, s in enumerate(_SUFFIXES[:5])},
     },
     "D": {
         "tower/conv": "branch3x3_1", "tower/conv_1": "branch3x3_2",
-        **{f"tower_1/conv{s}": f"branch7x7x3_{i + 1}" for i, s in enumerate(["", "_1", "_2", "_3"])},
+        **{f"tower_1/conv{s}": f"branch7x7x3_{i + 1}" for i, s in enumerate(_SUFFIXES[:4])},
     },
     "E": {
         "conv": "branch1x1", "tower/conv": "branch3x3_1", "tower/mixed/conv": "branch3x3_2a",
@@ -110,7 +111,8 @@ def from_pytorch_fid(state_dict):
     result = {}
     for _, ours, theirs in conv_layers():
         scale = _get(state_dict, f"{theirs}.bn.weight")
-        result[f"{ours}.weight"] = _get(state_dict, f"{theirs}.conv.weight") * scale[:, None, None, None]
+        weight = _get(state_dict, f"{theirs}.conv.weight")
+        result[f"{ours}.weight"] = weight * scale[:, None, None, None]
         result[f"{ours}.mean"] = _get(state_dict, f"{theirs}.bn.running_mean") * scale
         result[f"{ours}.var"] = _get(state_dict, f"{theirs}.bn.running_var")
         result[f"{ours}.beta"] = _get(state_dict, f"{theirs}.bn.bias")
@@ -131,7 +133,7 @@ def from_graphdef(data):
     for scope, ours, _ in conv_layers():
         settings = batch_norms.get(f"{scope}/batchnorm")
         if settings is None:
-            raise ValueError(f"GraphDef: no batch norm node {scope}/batchnorm; not the Inception graph")
+            raise ValueError(f"GraphDef: no node {scope}/batchnorm; not the Inception graph")
         if not np.isclose(settings["variance_epsilon"], BATCH_NORM_EPS):
             raise ValueError(
                 f"GraphDef: {scope}/batchnorm has variance_epsilon "
@@ -148,13 +150,16 @@ def from_graphdef(data):
         result[f"{ours}.beta"] = _get(constants, f"{scope}/batchnorm/beta")
     result["output.weight"] = _get(constants, "softmax/weights").T  # [2048, 1008] in the graph
     result["output.bias"] = _get(constants, "softmax/biases")
-    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in result.items()}
+    return {
+        name: torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        for name, value in result.items()
+    }
 
 
 def _get(mapping, key):
     """mapping[key], with an error naming the missing key when a file is not the expected one."""
     if key not in mapping:
-        raise ValueError(f"missing {key!r}: the file is not a 2015-12-05 Inception-v3 in this format")
+        raise ValueError(f"missing {key!r}: not a 2015-12-05 Inception-v3 in this format")
     return mapping[key]
 
 
@@ -177,7 +182,11 @@ def read_state_dict(path):
                 f"dict {OPENAI_WEIGHTS_URL}"
             )
     elif data[:1] != b"\x80":  # neither zip nor a legacy pickle: a GraphDef protobuf
-        return from_graphdef(data)
+        try:
+            return from_graphdef(data)
+        except ValueError as error:
+            message = f"{path}: neither a PyTorch state dict nor the Inception GraphDef ({error})"
+            raise ValueError(message) from error
     state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
@@ -188,7 +197,10 @@ def read_state_dict(path):
 
 
 def default_cache_dir():
-    """The folder searched for weights and downloaded into: $GUIDED_DIFFUSION_CACHE or ~/.cache/guided_diffusion."""
+    """
+    :return: the folder searched for weights and downloaded into: $GUIDED_DIFFUSION_CACHE,
+             else ~/.cache/guided_diffusion.
+    """
     return os.environ.get(CACHE_DIR_ENV) or os.path.join(
         os.path.expanduser("~"), ".cache", "guided_diffusion"
     )
@@ -244,7 +256,8 @@ def resolve_weights_path(inception_path=None):
     if explicit:
         if not bf.exists(explicit):
             source = "inception_path" if inception_path else f"${INCEPTION_PATH_ENV}"
-            raise FileNotFoundError(_missing_weights_message(f"{source} {explicit!r} does not exist"))
+            message = _missing_weights_message(f"{source} {explicit!r} does not exist")
+            raise FileNotFoundError(message)
         return explicit
     cache_dir = default_cache_dir()
     for name in WEIGHTS_NAMES:
@@ -272,7 +285,8 @@ def load_inception(inception_path=None, device="cpu"):
     try:
         model.load_state_dict(read_state_dict(path), strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit the 2015-12-05 Inception-v3: {error}") from error
+        message = f"{path}: weights do not fit the 2015-12-05 Inception-v3: {error}"
+        raise ValueError(message) from error
     return model.eval().to(device)
 
 

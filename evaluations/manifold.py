@@ -70,12 +70,20 @@ class DistanceBlock:
         batch_1, batch_2, radii_1, radii_2 = (
             _as_tensor(x, self.device) for x in (batch_1, batch_2, radii_1, radii_2)
         )
-        batch_1_in, batch_2_in = self._inside(self.distances(batch_1, batch_2), radii_1, radii_2)
+        batch_1_in, batch_2_in = self.inside(self.distances(batch_1, batch_2), radii_1, radii_2)
         return batch_1_in.cpu().numpy(), batch_2_in.cpu().numpy()
 
     @staticmethod
-    def _inside(distances, radii_1, radii_2):
-        """For [N x M] distances: rows inside some column ball [N x K2], columns inside some row ball [M x K1]."""
+    def inside(distances, radii_1, radii_2):
+        """
+        Ball membership from a block of distances.
+
+        :param distances: [N x M] squared distances between rows and columns.
+        :param radii_1: [N x K1] squared radii of the rows' balls.
+        :param radii_2: [M x K2] squared radii of the columns' balls.
+        :return: ([N x K2] rows inside some column's ball, [M x K1] columns inside some
+                 row's ball), bool tensors.
+        """
         rows_in = torch.stack([(distances <= r[None, :]).any(dim=1) for r in radii_2.T], dim=1)
         cols_in = torch.stack([(distances <= r[:, None]).any(dim=0) for r in radii_1.T], dim=1)
         return rows_in, cols_in
@@ -101,6 +109,7 @@ class ManifoldEstimator:
         self.eps = eps
 
     def _blocks(self, count, size):
+        """(start, end) of consecutive blocks of at most size rows out of count."""
         return [(start, min(start + size, count)) for start in range(0, count, size)]
 
     def manifold_radii(self, features):
@@ -114,14 +123,16 @@ class ManifoldEstimator:
         k_max = max(self.nhood_sizes)
         if len(features) <= k_max:
             raise ValueError(
-                f"precision/recall needs more than k={k_max} feature vectors per set, got {len(features)}"
+                f"precision/recall needs more than k={k_max} feature vectors per set, "
+                f"got {len(features)}"
             )
         feats = _as_tensor(features, self.distance_block.device)
         radii = []
         for row_start, row_end in self._blocks(len(feats), self.row_batch_size):
             nearest = None  # the k_max + 1 smallest distances so far, ascending
             for col_start, col_end in self._blocks(len(feats), self.col_batch_size):
-                block = self.distance_block.distances(feats[row_start:row_end], feats[col_start:col_end])
+                rows, cols = feats[row_start:row_end], feats[col_start:col_end]
+                block = self.distance_block.distances(rows, cols)
                 candidates = block if nearest is None else torch.cat([nearest, block], dim=1)
                 keep = min(k_max + 1, candidates.shape[1])
                 nearest = torch.topk(candidates, keep, dim=1, largest=False, sorted=True).values
@@ -150,13 +161,15 @@ class ManifoldEstimator:
         for row_start, row_end in self._blocks(len(evals), self.row_batch_size):
             inside = best_ratio = best_distance = best_index = None
             for col_start, col_end in self._blocks(len(ref), self.col_batch_size):
-                block = self.distance_block.distances(evals[row_start:row_end], ref[col_start:col_end])
+                rows, cols = evals[row_start:row_end], ref[col_start:col_end]
+                block = self.distance_block.distances(rows, cols)
                 block_radii = ref_radii[col_start:col_end]
                 block_inside = (block[:, :, None] <= block_radii[None]).any(dim=1)
                 ratio = (block_radii[None, :, 0] / (block + self.eps)).max(dim=1).values
                 distance, index = block.min(dim=1)
                 if inside is None:
-                    inside, best_ratio, best_distance, best_index = block_inside, ratio, distance, index
+                    inside, best_ratio = block_inside, ratio
+                    best_distance, best_index = distance, index
                     continue
                 inside |= block_inside
                 best_ratio = torch.maximum(best_ratio, ratio)
@@ -190,12 +203,14 @@ class ManifoldEstimator:
         feats_1, feats_2, radii_1, radii_2 = (
             _as_tensor(x, block.device) for x in (features_1, features_2, radii_1, radii_2)
         )
-        status_1 = torch.zeros(len(feats_1), radii_2.shape[1], dtype=torch.bool, device=block.device)
-        status_2 = torch.zeros(len(feats_2), radii_1.shape[1], dtype=torch.bool, device=block.device)
+        # References inside the sample manifold (recall), samples inside the reference one.
+        flags = dict(dtype=torch.bool, device=block.device)
+        status_1 = torch.zeros(len(feats_1), radii_2.shape[1], **flags)
+        status_2 = torch.zeros(len(feats_2), radii_1.shape[1], **flags)
         for start_1, end_1 in self._blocks(len(feats_1), self.row_batch_size):
             for start_2, end_2 in self._blocks(len(feats_2), self.col_batch_size):
                 distances = block.distances(feats_1[start_1:end_1], feats_2[start_2:end_2])
-                in_1, in_2 = block._inside(distances, radii_1[start_1:end_1], radii_2[start_2:end_2])
+                in_1, in_2 = block.inside(distances, radii_1[start_1:end_1], radii_2[start_2:end_2])
                 status_1[start_1:end_1] |= in_1
                 status_2[start_2:end_2] |= in_2
         precision = status_2.double().mean(dim=0).cpu().numpy()

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import blobfile as bf
 import numpy as np
 
-UINT8_HINT = "convert samples in [-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)"
+UINT8_HINT = "convert [-1, 1] samples with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)"
 
 
 def check_image_shape(shape, where):
@@ -42,7 +42,9 @@ def check_npz_images(reader, path):
     """
     check_image_shape(reader.shape, f"{path} arr_0")
     if reader.dtype != np.uint8:
-        raise ValueError(f"{path} arr_0: expected uint8 images in [0, 255], got {reader.dtype}; {UINT8_HINT}")
+        raise ValueError(
+            f"{path} arr_0: expected uint8 images in [0, 255], got {reader.dtype}; {UINT8_HINT}"
+        )
 
 
 def check_image_batch(batch, where="batch"):
@@ -59,7 +61,9 @@ def check_image_batch(batch, where="batch"):
     if batch.dtype == np.uint8:
         return batch
     if not np.issubdtype(batch.dtype, np.floating):
-        raise ValueError(f"{where}: expected uint8 images in [0, 255], got dtype {batch.dtype}; {UINT8_HINT}")
+        raise ValueError(
+            f"{where}: expected uint8 images in [0, 255], got dtype {batch.dtype}; {UINT8_HINT}"
+        )
     if np.isnan(batch).any():
         raise ValueError(f"{where}: images contain NaN")
     low, high = float(batch.min()), float(batch.max())

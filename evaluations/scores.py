@@ -46,7 +46,8 @@ class FIDStatistics:
             covmean = linalg.sqrtm(sigma1.dot(sigma2))
         if not np.isfinite(covmean).all():
             warnings.warn(
-                f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates"
+                f"fid calculation produces singular product; "
+                f"adding {eps} to diagonal of cov estimates"
             )
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
@@ -121,7 +122,8 @@ class RunningStatistics:
         centered = x - batch_mean
         delta = batch_mean - self.mean
         total = self.count + count
-        self.scatter += centered.T @ centered + torch.outer(delta, delta) * (self.count * count / total)
+        between = torch.outer(delta, delta) * (self.count * count / total)
+        self.scatter += centered.T @ centered + between
         self.mean += delta * (count / total)
         self.count = total
 

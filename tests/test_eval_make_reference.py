@@ -39,7 +39,8 @@ def _write_images(folder):
     shapes = {"a.png": (30, 40), "b.jpg": (40, 30), "sub/c.png": (20, 20), "sub/d.png": (48, 64)}
     for name, (height, width) in shapes.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / name, quality=95)
+        pixels = rng.randint(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name, quality=95)
     Image.fromarray(rng.randint(0, 256, (33, 35, 4), dtype=np.uint8), "RGBA").save(folder / "e.png")
     (folder / "notes.txt").write_text("not an image")
     return ["a.png", "b.jpg", "e.png", "sub/c.png", "sub/d.png"]  # sorted, depth first
@@ -58,10 +59,11 @@ def test_reference_holds_statistics_of_all_and_a_seeded_subset(tmp_path):
     keep = np.sort(np.random.default_rng(0).choice(5, 3, replace=False))
     expected_images = [center_crop_arr(Image.open(paths[i]).convert("RGB"), 16) for i in keep]
     np.testing.assert_array_equal(reference["arr_0"], np.stack(expected_images))
-    pool, spatial = np.concatenate(evaluator.pool), np.concatenate(evaluator.spatial)
-    np.testing.assert_allclose(reference["mu"], pool.astype(np.float32).mean(axis=0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(reference["sigma"], np.cov(pool.astype(np.float32), rowvar=False), atol=1e-5)
-    np.testing.assert_allclose(reference["sigma_s"], np.cov(spatial.astype(np.float32), rowvar=False), atol=1e-6)
+    pool = np.concatenate(evaluator.pool).astype(np.float32)
+    spatial = np.concatenate(evaluator.spatial).astype(np.float32)
+    np.testing.assert_allclose(reference["mu"], pool.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reference["sigma"], np.cov(pool, rowvar=False), atol=1e-5)
+    np.testing.assert_allclose(reference["sigma_s"], np.cov(spatial, rowvar=False), atol=1e-6)
     assert reference["mu_s"].shape == (SPATIAL_FEATURES,)
 
 

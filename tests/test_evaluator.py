@@ -84,7 +84,7 @@ def test_frechet_distance_errors():
     with pytest.raises(ValueError, match="Imaginary component"):
         indefinite.frechet_distance(FIDStatistics(np.zeros(2), np.eye(2)))
     with pytest.raises(ValueError, match="different lengths"):
-        FIDStatistics(np.zeros(2), np.eye(2)).frechet_distance(FIDStatistics(np.zeros(3), np.eye(3)))
+        FIDStatistics(np.zeros(2), np.eye(2)).frechet_distance(FIDStatistics(np.ones(3), np.eye(3)))
 
 
 def test_statistics_match_numpy_and_warn_when_singular():
@@ -130,13 +130,15 @@ def test_evaluator_inception_score_is_softmax_of_features_times_weights(evaluato
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     expected = inception_score(probabilities, split_size=7)
-    assert evaluator.compute_inception_score(features, split_size=7) == pytest.approx(expected, rel=1e-5)
+    got = evaluator.compute_inception_score(features, split_size=7)
+    assert got == pytest.approx(expected, rel=1e-5)
 
 
 # --- precision and recall ---
 def _line(points):
     """Points on a line embedded in 3 dimensions."""
-    return np.stack([np.asarray(points, np.float32), np.zeros(len(points)), np.ones(len(points))], axis=1)
+    points = np.asarray(points, np.float32)
+    return np.stack([points, np.zeros_like(points), np.ones_like(points)], axis=1)
 
 
 def _brute_force_pr(ref, sample, k=3):
@@ -162,6 +164,8 @@ def test_precision_recall_on_point_clouds(block):
     # or 3 around 0..4) cover references 0..7.
     assert (precision[0], recall[0]) == (0.5, 0.8)
     assert (precision[0], recall[0]) == _brute_force_pr(ref, sample)
+    ref_in, sample_in = estimator.distance_block.less_thans(ref, radii_ref, sample, radii_sample)
+    assert (sample_in.mean(), ref_in.mean()) == (0.5, 0.8)
     same = estimator.evaluate_pr(ref, radii_ref, ref, radii_ref)
     assert (same[0][0], same[1][0]) == (1.0, 1.0)
 
@@ -281,18 +285,34 @@ def test_features_are_cached_next_to_the_batch(tmp_path, evaluator, monkeypatch)
         evaluator.read_batch(path)
 
 
-def test_command_line_on_a_batch_against_itself(tmp_path, weights_path, capsys, evaluator):
+def test_command_line_on_a_batch_against_itself(tmp_path, weights_path, capsys, evaluator, monkeypatch):
     batch = str(tmp_path / "batch.npz")
     np.savez(batch, _images(4, seed=9, size=24))
+    # scipy's sqrtm of a 2048 x 2048 matrix takes ~10 s on two cores: compute each distance
+    # on the leading 64 dimensions (the real method, tested above) and record the shapes.
+    frechet_distance, shapes = FIDStatistics.frechet_distance, []
+
+    def leading_block(self, other):
+        shapes.append((self.sigma.shape, other.sigma.shape))
+        head = slice(0, 64)
+        return frechet_distance(
+            FIDStatistics(self.mu[head], self.sigma[head, head]),
+            FIDStatistics(other.mu[head], other.sigma[head, head]),
+        )
+
+    monkeypatch.setattr(FIDStatistics, "frechet_distance", leading_block)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 4 samples for 2048 features
-        evaluator_module.main([batch, batch, "--inception_path", weights_path, "--json", "--batch_size", "3"])
+        argv = [batch, batch, "--inception_path", weights_path, "--json", "--batch_size", "3"]
+        evaluator_module.main(argv)
         pool = evaluator.read_batch(batch)[0]  # from the cache the command line wrote
     results = json.loads(capsys.readouterr().out)
     assert sorted(results) == ["fid", "inception_score", "precision", "recall", "sfid"]
-    assert abs(results["fid"]) < 1e-2 and abs(results["sfid"]) < 1e-2
+    assert shapes == [((2048, 2048), (2048, 2048)), ((2023, 2023), (2023, 2023))]
+    assert abs(results["fid"]) < 1e-3 and abs(results["sfid"]) < 1e-3
     assert (results["precision"], results["recall"]) == (1.0, 1.0)
-    assert results["inception_score"] == pytest.approx(evaluator.compute_inception_score(pool), rel=1e-6)
+    expected_is = evaluator.compute_inception_score(pool)
+    assert results["inception_score"] == pytest.approx(expected_is, rel=1e-6)
 
 
 def test_output_lines_are_the_originals():
@@ -305,7 +325,8 @@ def test_output_lines_are_the_originals():
 def test_script_runs_without_installation():
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "evaluations", "evaluator.py"), "--help"],
-        capture_output=True, text=True, cwd=os.path.dirname(REPO), env={**os.environ, "PYTHONPATH": ""},
+        capture_output=True, text=True, cwd=os.path.dirname(REPO),
+        env={**os.environ, "PYTHONPATH": ""},
     )
     assert result.returncode == 0, result.stderr
     assert "ref_batch" in result.stdout and "--json" in result.stdout

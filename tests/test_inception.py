@@ -18,6 +18,7 @@ from evaluations.inception import (
     InceptionV3,
     tf1_resize_bilinear,
 )
+from evaluations.graphdef import read_graphdef
 from evaluations.inception_weights import conv_layers, load_inception, read_state_dict
 
 
@@ -42,8 +43,8 @@ def random_state_dict(seed=0):
 def random_gammas(seed=1):
     """A random batch-norm scale per convolution, {our module name: [out] tensor}."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = {n[: -len(".beta")]: t.shape for n, t in InceptionV3().state_dict().items() if n.endswith(".beta")}
-    return {name: 0.5 + torch.rand(shape, generator=generator) for name, shape in shapes.items()}
+    betas = {n: t for n, t in InceptionV3().state_dict().items() if n.endswith(".beta")}
+    return {n[: -len(".beta")]: 0.5 + torch.rand(t.shape, generator=generator) for n, t in betas.items()}
 
 
 def to_pytorch_fid(state, gammas):
@@ -164,7 +165,9 @@ def _tf1_resize_reference(image, out_h, out_w):
     return out
 
 
-@pytest.mark.parametrize("in_size,out_size", [((5, 7), (299, 299)), ((37, 23), (11, 13)), ((6, 6), (6, 6))])
+@pytest.mark.parametrize(
+    "in_size,out_size", [((5, 7), (299, 299)), ((37, 23), (11, 13)), ((6, 6), (6, 6))]
+)
 def test_resize_matches_tf1_formula(in_size, out_size):
     image = np.random.RandomState(0).uniform(0, 255, size=(1, 2, *in_size)).astype(np.float32)
     resized = tf1_resize_bilinear(torch.from_numpy(image), out_size).numpy()
@@ -257,6 +260,34 @@ def test_weight_formats_give_the_same_network(tmp_path, state):
             torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
+def test_graphdef_reader_on_a_small_graph():
+    def const(name, tensor):
+        return _node(name, "Const", {"value": _field(8, tensor)})
+
+    shape = _field(2, _field(2, _varint_field(1, 2)) + _field(2, _varint_field(1, 3)))
+    filled = _varint_field(1, 1) + shape
+    one_float = _varint(5 << 3 | 5) + struct.pack("<f", 1.5)  # float_val, not packed
+    graph = b"".join([
+        const("content", _tensor_proto(np.arange(6, dtype=np.float32).reshape(2, 3))),
+        const("packed", _tensor_proto(np.array([2.5, -1.0], np.float32), packed_floats=True)),
+        const("filled", filled + one_float),  # one value repeated over the [2, 3] shape
+        const("integers", _tensor_proto(np.array([299, 299]), dtype=3)),
+        _node("bn", "BatchNormWithGlobalNormalization", {
+            "variance_epsilon": _varint(4 << 3 | 5) + struct.pack("<f", 0.001),
+            "scale_after_normalization": _varint_field(5, 1),
+        }),
+    ])
+    constants, batch_norms = read_graphdef(graph)
+    assert sorted(constants) == ["content", "filled", "packed"]
+    np.testing.assert_array_equal(constants["content"], np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(constants["packed"], [2.5, -1.0])
+    np.testing.assert_array_equal(constants["filled"], np.full((2, 3), 1.5))
+    assert batch_norms["bn"]["scale_after_normalization"] is True
+    assert batch_norms["bn"]["variance_epsilon"] == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="runs past the end"):
+        read_graphdef(graph[:-3])
+
+
 def test_torchscript_archive_is_refused_with_advice(tmp_path):
     path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
@@ -273,6 +304,10 @@ def test_wrong_weights_are_refused(tmp_path, state):
     torch.save(wrong_shape, other)
     with pytest.raises(ValueError, match="output.weight"):
         load_inception(str(other))
+    garbage = tmp_path / "notes.txt"
+    garbage.write_bytes(b"these are not weights")
+    with pytest.raises(ValueError, match="neither a PyTorch state dict nor the Inception GraphDef"):
+        read_state_dict(str(garbage))
     incomplete = tmp_path / "incomplete.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, incomplete)
     with pytest.raises(ValueError, match="missing 'Conv2d_1a_3x3.bn.weight'"):
@@ -304,7 +339,8 @@ def test_download_goes_to_the_cache_folder(empty_cache, monkeypatch):
     class Response(io.BytesIO):
         headers = {"Content-Length": "5"}
 
-    monkeypatch.setattr(inception_weights.urllib.request, "urlopen", lambda url, timeout: Response(b"bytes"))
+    fake_urlopen = lambda url, timeout: Response(b"bytes")  # noqa: E731
+    monkeypatch.setattr(inception_weights.urllib.request, "urlopen", fake_urlopen)
     path = inception_weights.resolve_weights_path()
     assert path == str(empty_cache / "inception-2015-12-05.pt")
     assert open(path, "rb").read() == b"bytes"
