@@ -119,7 +119,8 @@ def master_params_to_model_params(param_groups_and_shapes, master_params):
     :param master_params: as returned by make_master_params.
     """
     for master, (param_group, _) in zip(master_params, param_groups_and_shapes):
-        for (_, param), value in zip(param_group, unflatten_master_params(param_group, master.view(-1))):
+        values = unflatten_master_params(param_group, master.view(-1))
+        for (_, param), value in zip(param_group, values):
             param.detach().copy_(value)
 
 
@@ -198,8 +199,8 @@ class MixedPrecisionTrainer:
     def __init__(
         self,
         *,
-        model,                                  # the network; converted with convert_to_fp16() when use_fp16
-        use_fp16=False,                         # float16 weights, float32 masters, dynamic loss scale
+        model,                                  # the network (convert_to_fp16() if use_fp16)
+        use_fp16=False,                         # float16 weights, float32 masters, loss scale
         fp16_scale_growth=1e-3,                 # added to lg_loss_scale after each finite step
         initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,  # log2 of the first loss scale
         max_lg_loss_scale=24.0,                 # lg_loss_scale never grows above this
@@ -277,7 +278,8 @@ class MixedPrecisionTrainer:
         if self.use_fp16:
             zero_master_grads(self.master_params)
             master_params_to_model_params(self.param_groups_and_shapes, self.master_params)
-            self.lg_loss_scale = min(self.lg_loss_scale + self.fp16_scale_growth, self.max_lg_loss_scale)
+            grown = self.lg_loss_scale + self.fp16_scale_growth
+            self.lg_loss_scale = min(grown, self.max_lg_loss_scale)
         return True
 
     def _skip_step(self, grad_norm):

@@ -346,7 +346,8 @@ class ImageLoader:
         """
         count = len(self.dataset)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.dataset.shard, self.epoch]).permutation(count)
+            rng = np.random.default_rng([self.seed, self.dataset.shard, self.epoch])
+            order = rng.permutation(count)
         else:
             order = np.arange(count)
         batches = order[: self.batches_per_epoch() * self.batch_size].reshape(-1, self.batch_size)

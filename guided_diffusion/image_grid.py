@@ -35,7 +35,8 @@ def make_image_grid(images_uint8_nhwc, nrow, padding=2):
     images = np.asarray(images_uint8_nhwc)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(
-            f"images of shape {images.shape} and dtype {images.dtype}: expected uint8 [N x H x W x C]"
+            f"images of shape {images.shape} and dtype {images.dtype}: "
+            "expected uint8 [N x H x W x C]"
         )
     if nrow < 1:
         raise ValueError(f"nrow={nrow}: expected at least 1")

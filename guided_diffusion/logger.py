@@ -65,7 +65,9 @@ class HumanOutputFormat(KVWriter, SeqWriter):
             self.own_file = False
 
     def writekvs(self, kvs):
-        rows = [(_truncate(key), _truncate(_format_value(value))) for key, value in sorted(kvs.items())]
+        rows = [
+            (_truncate(key), _truncate(_format_value(value))) for key, value in sorted(kvs.items())
+        ]
         if not rows:
             self.file.write("WARNING: tried to write empty key-value dict\n")
             self.file.flush()
@@ -312,10 +314,10 @@ class Logger:
         if self.comm is None:
             written = dict(self.name2val)
         else:
-            written = weighted_mean_over_ranks(
-                self.comm,
-                {name: (value, self.name2cnt.get(name, 1)) for name, value in self.name2val.items()},
-            )
+            counts = {
+                name: (value, self.name2cnt.get(name, 1)) for name, value in self.name2val.items()
+            }
+            written = weighted_mean_over_ranks(self.comm, counts)
         if self.comm is None or self.comm.Get_rank() == 0:
             for fmt in self.output_formats:
                 if isinstance(fmt, KVWriter):

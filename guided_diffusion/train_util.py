@@ -26,7 +26,8 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger, training_state
-from .training_state import find_ema_checkpoint, parse_resume_step_from_filename  # noqa: F401 (original API)
+# parse_resume_step_from_filename is re-exported: the original had it here.
+from .training_state import find_ema_checkpoint, parse_resume_step_from_filename  # noqa: F401
 from .checkpoint import load_checkpoint, read_state_dict
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
 from .image_grid import save_image_grid, to_uint8_nhwc
@@ -59,7 +60,9 @@ def parse_ema_rates(ema_rate):
     try:
         rates = [float(rate) for rate in ema_rate.split(",") if rate.strip()]
     except ValueError:
-        raise ValueError(f'--ema_rate "{ema_rate}": expected comma-separated floats, e.g. 0.9999,0.9999432') from None
+        raise ValueError(
+            f'--ema_rate "{ema_rate}": expected comma-separated floats, e.g. 0.9999,0.9999432'
+        ) from None
     bad = [rate for rate in rates if not 0.0 <= rate < 1.0]
     if bad:
         raise ValueError(f"--ema_rate {bad}: rates must lie in [0, 1)")
@@ -160,10 +163,13 @@ class TrainLoop:
         and previews go to logger.get_dir().
         """
         if logger.get_dir() is None:
-            raise ValueError("call logger.configure() before TrainLoop: checkpoints go to the log directory")
+            raise ValueError(
+                "call logger.configure() before TrainLoop: checkpoints go to the log directory"
+            )
         if resume_checkpoint and init_checkpoint:
             raise ValueError(
-                "--resume_checkpoint continues a run and --init_checkpoint starts a new one: pass one"
+                "--resume_checkpoint continues a run and --init_checkpoint starts a new one: "
+                "pass one"
             )
         self.model = model
         self.diffusion = diffusion
@@ -356,7 +362,9 @@ class TrainLoop:
         if self.class_dropout_prob > 0:
             micro_cond = dict(micro_cond, y=self._drop_labels(micro_cond["y"]))
         with self.mp_trainer.autocast():
-            losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
+            losses = self.diffusion.training_losses(
+                self.ddp_model, micro, t, model_kwargs=micro_cond
+            )
         if isinstance(self.schedule_sampler, LossAwareSampler):
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
         log_loss_dict(self.diffusion, t, {key: value * weights for key, value in losses.items()})
@@ -436,7 +444,8 @@ class TrainLoop:
             schedule_sampler=sampler.state_dict() if hasattr(sampler, "state_dict") else None,
             flags=self.flags,
         )
-        training_state.save_checkpoint(bf.join(logdir, training_state.opt_filename(self.step)), state)
+        opt_path = bf.join(logdir, training_state.opt_filename(self.step))
+        training_state.save_checkpoint(opt_path, state)
 
     def save_samples(self, batch, cond):
         """
@@ -483,7 +492,9 @@ def sample_preview(model, diffusion, shape, model_kwargs=None, steps=PREVIEW_STE
     else:
         base_model, rescale = model, diffusion.rescale_timesteps
     preview_diffusion = SpacedDiffusion(
-        use_timesteps=space_timesteps(diffusion.num_timesteps, [min(steps, diffusion.num_timesteps)]),
+        use_timesteps=space_timesteps(
+            diffusion.num_timesteps, [min(steps, diffusion.num_timesteps)]
+        ),
         betas=diffusion.betas,
         model_mean_type=diffusion.model_mean_type,
         model_var_type=diffusion.model_var_type,

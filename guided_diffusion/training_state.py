@@ -206,7 +206,9 @@ def resume_plan(path):
             f"{step} without RNG states, data position or loss scale, so the run will not "
             "be bit-identical to an uninterrupted one"
         )
-        opt_state = dict(optimizer=opt_state, step=step, lg_loss_scale=None, rng=None, data_state=None)
+        opt_state = dict(
+            optimizer=opt_state, step=step, lg_loss_scale=None, rng=None, data_state=None
+        )
     elif opt_state["step"] != step:
         raise ValueError(f"{opt_path} records step {opt_state['step']} but {path} is step {step}")
     return dict(step=step, model=path, opt=opt_path, opt_state=opt_state)

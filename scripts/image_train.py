@@ -1,9 +1,9 @@
 """
 Train a diffusion model on images.
 
-Single process:  python scripts/image_train.py --data_dir DIR $MODEL_FLAGS $DIFFUSION_FLAGS $TRAIN_FLAGS
-Several:         mpiexec -n 8 python scripts/image_train.py ...
-                 torchrun --nproc_per_node 8 scripts/image_train.py ...
+One process: python scripts/image_train.py --data_dir DIR $MODEL_FLAGS $DIFFUSION_FLAGS $TRAIN_FLAGS
+Several:     mpiexec -n 8 python scripts/image_train.py ...
+             torchrun --nproc_per_node 8 scripts/image_train.py ...
 """
 
 import argparse
@@ -80,7 +80,7 @@ def create_argparser():
     defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     add_dict_to_argparser(parser, defaults)
-    parser.add_argument("--seed", type=int, default=None, help="seed everything (default: unseeded)")
+    parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
     return parser
 
 

@@ -80,7 +80,7 @@ def create_argparser():
     defaults.update(sr_model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     add_dict_to_argparser(parser, defaults)
-    parser.add_argument("--seed", type=int, default=None, help="seed everything (default: unseeded)")
+    parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
     return parser
 
 

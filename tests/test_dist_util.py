@@ -26,7 +26,8 @@ def clean_env(monkeypatch):
 
 def test_no_launcher_means_one_process(clean_env):
     launch = dist_util._detect_launch()
-    assert (launch["launcher"], launch["rank"], launch["world_size"], launch["local_rank"]) == ("none", 0, 1, 0)
+    summary = (launch["launcher"], launch["rank"], launch["world_size"], launch["local_rank"])
+    assert summary == ("none", 0, 1, 0)
 
 
 def test_torchrun_variables_give_rank_size_and_rendezvous(clean_env):

@@ -155,7 +155,9 @@ def test_the_loss_scale_is_bounded():
 
 def test_too_many_consecutive_non_finite_steps_abort_with_advice():
     model = SmallNet()
-    trainer = MixedPrecisionTrainer(model=model, use_fp16=True, initial_lg_loss_scale=4.0, max_nonfinite_steps=3)
+    trainer = MixedPrecisionTrainer(
+        model=model, use_fp16=True, initial_lg_loss_scale=4.0, max_nonfinite_steps=3
+    )
     opt = th.optim.SGD(trainer.master_params, lr=0.0)
     bad = _small_grads(model)
     bad["conv.bias"][0] = float("nan")
@@ -163,7 +165,8 @@ def test_too_many_consecutive_non_finite_steps_abort_with_advice():
         _set_scaled_grads(trainer, grads)
         trainer.optimize(opt)
     _set_scaled_grads(trainer, bad)
-    with pytest.raises(RuntimeError, match=r"3 consecutive steps had inf/NaN gradients \(lg_loss_scale is now -0\.99.*--lr"):
+    message = r"3 consecutive steps had inf/NaN gradients \(lg_loss_scale is now -0\.99.*--lr"
+    with pytest.raises(RuntimeError, match=message):
         trainer.optimize(opt)
 
 

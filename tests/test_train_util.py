@@ -126,14 +126,17 @@ def test_checkpoints_are_plain_state_dicts_with_sidecars_and_a_training_state(tw
 
     training_state = th.load(tmp_path / "opt000002.pt", weights_only=True)
     assert training_state["step"] == 2 and training_state["lg_loss_scale"] is None
-    assert set(training_state["rng"]) == {0} and set(training_state["rng"][0]) == {"torch", "numpy", "python"}
+    assert set(training_state["rng"]) == {0}
+    assert set(training_state["rng"][0]) == {"torch", "numpy", "python"}
     # 8 images, batch 4: two batches per epoch, so after 2 steps epoch 1 is about to start.
     assert training_state["data_state"][0]["data"]["epoch"] == 0
     assert training_state["data_state"][0]["data"]["batch_index"] == 2
     assert training_state["flags"]["image_size"] == 8
 
 
-def test_max_steps_ends_with_a_save_and_resuming_past_it_trains_nothing(tmp_path, tiny_image_dir, two_step_run):
+def test_max_steps_ends_with_a_save_and_resuming_past_it_trains_nothing(
+    tmp_path, tiny_image_dir, two_step_run
+):
     run = _copy_run(two_step_run, tmp_path / "run")
     loop = _train(run, tiny_image_dir, 3, resume_checkpoint=str(run / "model000002.pt"))
     assert loop.step == 3  # 3 is not a multiple of save_interval=2: saved because it is the last
@@ -208,7 +211,10 @@ def test_resuming_needs_the_model_file_its_step_and_its_opt_file(tmp_path, tiny_
     with pytest.raises(FileNotFoundError, match="opt000002.pt is missing"):
         _train(run, tiny_image_dir, 4, resume_checkpoint=str(lonely / "model000002.pt"))
     with pytest.raises(ValueError, match="pass one"):
-        _train(run, tiny_image_dir, 4, resume_checkpoint=str(run / "model000002.pt"), init_checkpoint=str(plain))
+        _train(
+            run, tiny_image_dir, 4, resume_checkpoint=str(run / "model000002.pt"),
+            init_checkpoint=str(plain),
+        )
 
 
 def test_a_renamed_checkpoint_resumes_through_its_sidecar(tmp_path, tiny_image_dir, two_step_run):
@@ -232,7 +238,8 @@ def test_init_checkpoint_starts_a_new_run_from_the_weights(tmp_path, two_step_ru
     saved = th.load(plain, weights_only=True)
     assert loop.step == 0 and not loop.opt.state
     assert all(th.equal(saved[name], value) for name, value in model.state_dict().items())
-    assert all(th.equal(saved[name], ema) for (name, _), ema in zip(model.named_parameters(), loop.ema_params[0]))
+    names = [name for name, _ in model.named_parameters()]
+    assert all(th.equal(saved[name], ema) for name, ema in zip(names, loop.ema_params[0]))
 
 
 def test_an_original_plain_optimizer_file_resumes_with_a_warning(tmp_path, tiny_image_dir, two_step_run):
@@ -314,7 +321,8 @@ def _train_classifier(logdir, image_dir, iterations, resume=""):
 def test_classifier_training_logs_accuracy_and_resumes_exactly(tmp_path, tiny_image_dir):
     full = _train_classifier(tmp_path / "full", tiny_image_dir, 3)
     _train_classifier(tmp_path / "part", tiny_image_dir, 2)
-    resumed = _train_classifier(tmp_path / "part", tiny_image_dir, 3, resume=str(tmp_path / "part" / "model000002.pt"))
+    resume = str(tmp_path / "part" / "model000002.pt")
+    resumed = _train_classifier(tmp_path / "part", tiny_image_dir, 3, resume=resume)
     assert _same_tensors(list(full.model.state_dict().values()), list(resumed.model.state_dict().values()))
     header = (tmp_path / "full" / "progress.csv").read_text().splitlines()[0].split(",")
     for key in ("train_loss", "train_acc@1", "train_acc@5", "val_loss", "val_acc@1", "val_acc@5"):

@@ -80,15 +80,18 @@ def test_mpiexec_ranks_end_with_identical_weights_after_a_resume(mpiexec_run):
         ("mpi", 0, 2, "gloo"), ("mpi", 1, 2, "gloo")
     ]
     for run in ("part", "resumed"):
-        assert _identical(_weights(mpiexec_run / f"{run}_rank0.pt"), _weights(mpiexec_run / f"{run}_rank1.pt"))
-    assert not _identical(_weights(mpiexec_run / "part_rank0.pt"), _weights(mpiexec_run / "resumed_rank0.pt"))
+        rank0, rank1 = (_weights(mpiexec_run / f"{run}_rank{r}.pt") for r in (0, 1))
+        assert _identical(rank0, rank1)
+    part, resumed = (_weights(mpiexec_run / f"{run}_rank0.pt") for run in ("part", "resumed"))
+    assert not _identical(part, resumed)
     training_state = th.load(mpiexec_run / "interrupted" / "opt000004.pt", weights_only=True)
     assert sorted(training_state["rng"]) == [0, 1] and sorted(training_state["data_state"]) == [0, 1]
 
 
 def test_torchrun_ranks_end_with_identical_weights(torchrun_run):
     setups = [json.loads((torchrun_run / f"setup_rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(s["launcher"], s["rank"], s["local_rank"]) for s in setups] == [("torchrun", 0, 0), ("torchrun", 1, 1)]
+    summaries = [(s["launcher"], s["rank"], s["local_rank"]) for s in setups]
+    assert summaries == [("torchrun", 0, 0), ("torchrun", 1, 1)]
     assert _identical(_weights(torchrun_run / "full_rank0.pt"), _weights(torchrun_run / "full_rank1.pt"))
     saved = _weights(torchrun_run / "full" / "model000004.pt")
     assert _identical(saved, _weights(torchrun_run / "full_rank0.pt"))
@@ -161,7 +164,9 @@ def test_classifier_train_checkpoints_load_and_accuracy_is_logged(script_runs):
 def test_super_res_train_checkpoints_load_into_the_upsampler(script_runs):
     logdir = script_runs / "super_res"
     flags = read_sidecar(str(logdir / "model000002.pt"))["flags"]
-    model, _ = sr_create_model_and_diffusion(**args_to_dict(_Namespace(flags), sr_model_and_diffusion_defaults()))
+    model, _ = sr_create_model_and_diffusion(
+        **args_to_dict(_Namespace(flags), sr_model_and_diffusion_defaults())
+    )
     model.load_state_dict(_weights(logdir / "ema_0.9999_000002.pt"), strict=True)
 
 
