@@ -15,6 +15,8 @@ gives the same numbers):
     drawn after the model call (and, in DDIM, after cond_fn);
   - training_losses: th.randn_like(x_start) when `noise` is None;
   - calc_bpd_loop: one th.randn_like(x_start) per timestep, from T-1 down to 0.
+The sampling loops and calc_bpd_loop take a `noise_fn` that replaces these draws
+(e.g. per-sample generators whose images do not depend on the batch size).
 """
 
 import enum
@@ -383,9 +385,7 @@ class GaussianDiffusion:
         """
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(
-            x, self._scale_timesteps(t), **(model_kwargs or {})
-        )
+        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
         out = dict(p_mean_var)
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
@@ -394,13 +394,14 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ sampling
 
     def p_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None
+        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+        noise_fn=None,
     ):
         """
         One ancestral step x_t -> x_{t-1} (Ho et al. 2020, algorithm 2).
 
-        Draws th.randn_like(x) once, after the model call and before cond_fn;
-        no noise is added where t == 0.
+        Draws noise_fn(x) (th.randn_like(x) by default) once, after the model
+        call and before cond_fn; no noise is added where t == 0.
 
         :param model: the model, see p_mean_variance.
         :param x: the [N x C x ...] tensor x_t.
@@ -409,12 +410,14 @@ class GaussianDiffusion:
         :param denoised_fn: if not None, applied to the x_0 prediction.
         :param cond_fn: if not None, a guidance gradient, see condition_mean.
         :param model_kwargs: extra keyword arguments for model and cond_fn.
+        :param noise_fn: if not None, replaces th.randn_like: a callable from a
+            tensor to standard normal noise of its shape, dtype and device.
         :return: dict with 'sample' (x_{t-1}) and 'pred_xstart'.
         """
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        noise = th.randn_like(x)
+        noise = (noise_fn or th.randn_like)(x)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
@@ -422,13 +425,13 @@ class GaussianDiffusion:
 
     def p_sample_loop(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False,
+        model_kwargs=None, device=None, progress=False, noise_fn=None,
     ):
         """
         Ancestral sampling from pure noise (Ho et al. 2020, algorithm 2).
 
-        Random draws: th.randn(*shape, device=device) for x_T unless `noise` is
-        given, then one th.randn_like per step (see p_sample), t = T-1 .. 0.
+        Random draws: x_T = th.randn(*shape, device=device) unless `noise` is
+        given, then one draw per step (see p_sample), t = T-1 .. 0.
 
         :param model: the model, see p_mean_variance.
         :param shape: the sample shape (N, C, H, W) as a tuple or list.
@@ -440,35 +443,39 @@ class GaussianDiffusion:
         :param device: where to create tensors; defaults to noise's device, or
             else the device of the model's first parameter.
         :param progress: if True, show a tqdm progress bar.
+        :param noise_fn: if not None, draws every step's noise and, when
+            `noise` is None, x_T (as noise_fn(th.empty(shape))); see p_sample.
         :return: the final samples, computed without gradients.
         """
         return _last_sample(self.p_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+            noise_fn=noise_fn,
         ))
 
     def p_sample_loop_progressive(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False,
+        model_kwargs=None, device=None, progress=False, noise_fn=None,
     ):
         """
         As p_sample_loop, but yield p_sample's dict at every step, t = T-1 .. 0.
         """
         step = functools.partial(
             self.p_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs,
+            cond_fn=cond_fn, model_kwargs=model_kwargs, noise_fn=noise_fn,
         )
-        yield from self._loop(step, model, shape, noise, device, progress, _descending(self.num_timesteps))
+        img = self._initial_image(model, shape, noise, device, noise_fn)
+        yield from _loop(step, img, self._descending(), progress)
 
     def ddim_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-        eta=0.0,
+        eta=0.0, noise_fn=None,
     ):
         """
         One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12).
 
-        Draws th.randn_like(x) once, after the model call and cond_fn; with
-        eta = 0 the step is deterministic (the draw is multiplied by zero).
+        Draws noise_fn(x) (th.randn_like(x) by default) once, after the model
+        call and cond_fn; with eta = 0 the draw is multiplied by zero.
 
         :param eta: the stochasticity; 0 is DDIM, 1 matches DDPM's variance.
         :return: dict with 'sample' (x_{t-1}) and 'pred_xstart'.
@@ -485,14 +492,11 @@ class GaussianDiffusion:
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
         sigma = (
-            eta
-            * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * th.sqrt(1 - alpha_bar / alpha_bar_prev)
+            eta * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * th.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        noise = th.randn_like(x)
+        noise = (noise_fn or th.randn_like)(x)
         mean_pred = (
-            out["pred_xstart"] * th.sqrt(alpha_bar_prev)
-            + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+            out["pred_xstart"] * th.sqrt(alpha_bar_prev) + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         )
         sample = mean_pred + _nonzero_mask(t, x) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -521,7 +525,7 @@ class GaussianDiffusion:
 
     def ddim_sample_loop(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, eta=0.0,
+        model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None,
     ):
         """
         DDIM sampling from pure noise (Song et al. 2020). Random draws as
@@ -535,24 +539,25 @@ class GaussianDiffusion:
         return _last_sample(self.ddim_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
+            noise_fn=noise_fn,
         ))
 
     def ddim_sample_loop_progressive(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, eta=0.0,
+        model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None,
     ):
         """
         As ddim_sample_loop, but yield ddim_sample's dict at every step, t = T-1 .. 0.
         """
         step = functools.partial(
             self.ddim_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
+            cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn,
         )
-        yield from self._loop(step, model, shape, noise, device, progress, _descending(self.num_timesteps))
+        img = self._initial_image(model, shape, noise, device, noise_fn)
+        yield from _loop(step, img, self._descending(), progress)
 
     def ddim_reverse_sample_loop(
-        self, model, x, clip_denoised=True, denoised_fn=None, model_kwargs=None, device=None,
-        progress=False,
+        self, model, x, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False
     ):
         """
         Encode data into a DDIM latent by running the DDIM ODE forwards (Song et
@@ -572,28 +577,27 @@ class GaussianDiffusion:
             self.ddim_reverse_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
         )
-        indices = list(range(self.num_timesteps - 1))
-        return _last_sample(self._loop(step, model, tuple(x.shape), x, device, progress, indices))
+        return _last_sample(_loop(step, x, range(self.num_timesteps - 1), progress))
 
-    def _loop(self, step, model, shape, noise, device, progress, indices):
+    def _initial_image(self, model, shape, noise, device, noise_fn):
         """
-        Drive `step(img, t)` over the timesteps in `indices` without gradients,
-        yielding each result. The initial image is `noise`, or
-        th.randn(*shape, device=device) when it is None.
+        x_T for a sampling loop: `noise` if given, else a fresh standard normal draw.
         """
         if not isinstance(shape, (tuple, list)):
             raise ValueError(f"shape {shape!r}: expected a tuple or list like (N, C, H, W)")
-        if noise is not None and tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"noise shape {tuple(noise.shape)} differs from shape {tuple(shape)}")
+        if noise is not None:
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise shape {tuple(noise.shape)} differs from shape {tuple(shape)}")
+            return noise if device is None else noise.to(device)
         if device is None:
-            device = noise.device if noise is not None else next(model.parameters()).device
-        img = noise if noise is not None else th.randn(*shape, device=device)
-        for i in _maybe_tqdm(indices, progress):
-            t = th.tensor([i] * shape[0], device=device)
-            with th.no_grad():
-                out = step(img, t)
-            yield out
-            img = out["sample"]
+            device = next(model.parameters()).device
+        if noise_fn is not None:
+            return noise_fn(th.empty(*shape, device=device))
+        return th.randn(*shape, device=device)
+
+    def _descending(self):
+        # The timesteps T-1 .. 0, the order of sampling (and of the original's bpd loop).
+        return range(self.num_timesteps - 1, -1, -1)
 
     # ------------------------------------------------------------------ losses
 
@@ -605,15 +609,12 @@ class GaussianDiffusion:
 
         :return: dict with 'output' ([N] tensor) and 'pred_xstart'.
         """
-        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(
-            x_start=x_start, x_t=x_t, t=t
-        )
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / np.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
-        )
+        log_scales = 0.5 * out["log_variance"]
+        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=log_scales)
         decoder_nll = mean_flat(decoder_nll) / np.log(2.0)
         return {"output": th.where((t == 0), decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
@@ -682,16 +683,20 @@ class GaussianDiffusion:
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / np.log(2.0)
 
-    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, progress=False):
+    def calc_bpd_loop(
+        self, model, x_start, clip_denoised=True, model_kwargs=None, progress=False, noise_fn=None
+    ):
         """
         The full variational bound of x_start in bits per dimension, with
-        per-step terms. Draws one th.randn_like(x_start) per step, t = T-1 .. 0.
+        per-step terms. Draws noise_fn(x_start) (th.randn_like(x_start) by
+        default) once per step, t = T-1 .. 0.
 
         :param model: the model, see p_mean_variance.
         :param x_start: the [N x C x ...] data.
         :param clip_denoised: if True, clamp x_0 predictions to [-1, 1].
         :param model_kwargs: extra keyword arguments for the model.
         :param progress: if True, show a tqdm progress bar.
+        :param noise_fn: if not None, replaces th.randn_like, see p_sample.
         :return: dict with 'total_bpd' [N] (prior plus every term), 'prior_bpd'
             [N], and [N x T] tensors 'vb' (the VLB terms), 'xstart_mse' and
             'mse' (of the implied eps); as in the original code, column j holds
@@ -699,9 +704,9 @@ class GaussianDiffusion:
         """
         batch_size = x_start.shape[0]
         vb, xstart_mse, mse = [], [], []
-        for step in _maybe_tqdm(_descending(self.num_timesteps), progress):
+        for step in _maybe_tqdm(self._descending(), progress):
             t = th.tensor([step] * batch_size, device=x_start.device)
-            noise = th.randn_like(x_start)
+            noise = (noise_fn or th.randn_like)(x_start)
             x_t = self.q_sample(x_start=x_start, t=t, noise=noise)
             with th.no_grad():
                 out = self._vb_terms_bpd(
@@ -740,13 +745,6 @@ def _nonzero_mask(t, x):
     return (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
 
 
-def _descending(num_timesteps):
-    """
-    The timesteps T-1, T-2, ..., 0 as a list.
-    """
-    return list(range(num_timesteps))[::-1]
-
-
 def _maybe_tqdm(indices, progress):
     """
     Wrap indices in a tqdm progress bar if progress is True.
@@ -756,6 +754,19 @@ def _maybe_tqdm(indices, progress):
     from tqdm.auto import tqdm
 
     return tqdm(indices)
+
+
+def _loop(step, img, indices, progress):
+    """
+    Apply `img = step(img, t)["sample"]` for each timestep in `indices`,
+    without gradients, yielding each step's output dict.
+    """
+    for i in _maybe_tqdm(indices, progress):
+        t = th.tensor([i] * img.shape[0], device=img.device)
+        with th.no_grad():
+            out = step(img, t)
+        yield out
+        img = out["sample"]
 
 
 def _last_sample(progressive):

@@ -426,6 +426,36 @@ def test_progressive_loop_yields_every_step_and_uses_given_noise(tiny_model):
     assert not steps[-1]["sample"].requires_grad
 
 
+def generator_noise(seed):
+    generator = th.Generator().manual_seed(seed)
+    return lambda x: th.randn(x.shape, generator=generator).to(x)
+
+
+@pytest.mark.parametrize("loop", ["p_sample_loop", "ddim_sample_loop"])
+def test_noise_fn_replaces_every_draw_of_the_global_generator(tiny_model, loop):
+    diffusion = make_diffusion(20, "cosine")
+    options = {"eta": 1.0} if loop == "ddim_sample_loop" else {}
+    model = tiny_model()
+    th.manual_seed(0)
+    state = th.random.get_rng_state()
+    own = getattr(diffusion, loop)(model, (2, 3, 4, 4), noise_fn=generator_noise(5), **options)
+    assert th.equal(th.random.get_rng_state(), state)
+    # The same numbers through the global generator give the same samples.
+    th.manual_seed(5)
+    standard = getattr(diffusion, loop)(model, (2, 3, 4, 4), **options)
+    assert th.equal(own, standard)
+
+
+def test_calc_bpd_loop_noise_fn_matches_the_global_generator(tiny_model):
+    diffusion = make_diffusion(10, "cosine")
+    model, x_start = tiny_model(), pixel_images(2)
+    own = diffusion.calc_bpd_loop(model, x_start, noise_fn=generator_noise(2))
+    th.manual_seed(2)
+    standard = diffusion.calc_bpd_loop(model, x_start)
+    for key in standard:
+        assert th.equal(own[key], standard[key])
+
+
 def test_ddim_with_eta_zero_is_deterministic(tiny_model):
     diffusion = make_diffusion(25, "cosine")
     noise = th.randn(2, 3, 4, 4)
