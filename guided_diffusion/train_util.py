@@ -166,6 +166,9 @@ class TrainLoop:
             raise ValueError(
                 "call logger.configure() before TrainLoop: checkpoints go to the log directory"
             )
+        for name, interval in (("log_interval", log_interval), ("save_interval", save_interval)):
+            if interval < 1:
+                raise ValueError(f"--{name} {interval}: expected a positive number of steps")
         if resume_checkpoint and init_checkpoint:
             raise ValueError(
                 "--resume_checkpoint continues a run and --init_checkpoint starts a new one: "

@@ -334,6 +334,15 @@ def test_classifier_training_logs_accuracy_and_resumes_exactly(tmp_path, tiny_im
     ]
 
 
+def test_intervals_must_be_positive(tmp_path, tiny_model):
+    logger.configure(str(tmp_path), ["log"])
+    with pytest.raises(ValueError, match="--save_interval 0: expected a positive number of steps"):
+        TrainLoop(
+            model=tiny_model(), diffusion=_SquaredError(), data=None, batch_size=1, microbatch=-1,
+            lr=0.1, ema_rate="", log_interval=1, save_interval=0, resume_checkpoint="",
+        )
+
+
 def test_training_needs_a_configured_log_directory(tiny_model):
     logger.reset()
     with pytest.raises(ValueError, match="call logger.configure"):
