@@ -392,8 +392,7 @@ def _sample_batch(
         progress=False,
     )
     if seed is not None:
-        noise_fn = PerSampleNoise(seed, indices)
-        options.update(noise=noise_fn.draw(shape, device), noise_fn=noise_fn)
+        options["noise_fn"] = PerSampleNoise(seed, indices)  # draws x_T first, then each step
     for out in loop(model_fn, shape, **options):
         bar.update(1)
     return out["sample"]
