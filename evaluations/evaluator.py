@@ -172,7 +172,7 @@ class Evaluator:
         )
         return float(precision[0]), float(recall[0])
 
-    def read_batch(self, npz_path, use_cache=True):
+    def read_batch_features(self, npz_path, use_cache=True):
         """
         A batch's pool features and both statistics, from a cache file next to the batch
         when one matches its content and these weights, else computed (and cached).
@@ -213,9 +213,10 @@ def evaluate(evaluator, ref_batch, sample_batch, use_cache=True):
     :return: a dict with inception_score, fid, sfid, precision, recall.
     """
     logger.info("computing reference batch features...")
-    ref_pool, ref_stats, ref_stats_spatial = evaluator.read_batch(ref_batch, use_cache)
+    ref_pool, ref_stats, ref_stats_spatial = evaluator.read_batch_features(ref_batch, use_cache)
     logger.info("computing sample batch features...")
-    sample_pool, sample_stats, sample_stats_spatial = evaluator.read_batch(sample_batch, use_cache)
+    sample = evaluator.read_batch_features(sample_batch, use_cache)
+    sample_pool, sample_stats, sample_stats_spatial = sample
     logger.info("computing evaluations...")
     precision, recall = evaluator.compute_prec_recall(ref_pool, sample_pool)
     return {

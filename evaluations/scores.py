@@ -82,7 +82,8 @@ def _warn_if_singular(count, dim):
         warnings.warn(
             f"{count} samples for {dim} features: the covariance has rank at most {count - 1} "
             f"and is singular, so FID/sFID are strongly biased and not comparable; use at "
-            f"least {dim} samples (the paper uses 50,000)"
+            f"least {dim} samples (the paper uses 50,000)",
+            stacklevel=3,
         )
 
 

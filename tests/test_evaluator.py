@@ -269,7 +269,7 @@ def test_features_are_cached_next_to_the_batch(tmp_path, evaluator, monkeypatch)
     path = str(tmp_path / "samples.npz")
     np.savez(path, _images(4, seed=7))
     with pytest.warns(UserWarning, match="4 samples for 2048 features"):
-        pool, stats, stats_spatial = evaluator.read_batch(path)
+        pool, stats, stats_spatial = evaluator.read_batch_features(path)
     assert pool.shape == (4, 2048) and stats_spatial.mu.shape == (2023,)
     assert len([p for p in os.listdir(tmp_path) if p.startswith("samples.npz.features-")]) == 1
 
@@ -277,12 +277,12 @@ def test_features_are_cached_next_to_the_batch(tmp_path, evaluator, monkeypatch)
         raise AssertionError("features recomputed despite the cache")
 
     monkeypatch.setattr(evaluator, "read_activations", fail)
-    cached_pool, cached_stats, _ = evaluator.read_batch(path)
+    cached_pool, cached_stats, _ = evaluator.read_batch_features(path)
     np.testing.assert_array_equal(cached_pool, pool)
     np.testing.assert_array_equal(cached_stats.sigma, stats.sigma)
     np.savez(path, _images(4, seed=8))  # new content: a new key
     with pytest.raises(AssertionError, match="recomputed"):
-        evaluator.read_batch(path)
+        evaluator.read_batch_features(path)
 
 
 def test_command_line_on_a_batch_against_itself(tmp_path, weights_path, capsys, evaluator, monkeypatch):
@@ -305,7 +305,7 @@ def test_command_line_on_a_batch_against_itself(tmp_path, weights_path, capsys, 
         warnings.simplefilter("ignore")  # 4 samples for 2048 features
         argv = [batch, batch, "--inception_path", weights_path, "--json", "--batch_size", "3"]
         evaluator_module.main(argv)
-        pool = evaluator.read_batch(batch)[0]  # from the cache the command line wrote
+        pool = evaluator.read_batch_features(batch)[0]  # from the cache the command line wrote
     results = json.loads(capsys.readouterr().out)
     assert sorted(results) == ["fid", "inception_score", "precision", "recall", "sfid"]
     assert shapes == [((2048, 2048), (2048, 2048)), ((2023, 2023), (2023, 2023))]
