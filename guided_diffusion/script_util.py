@@ -212,6 +212,7 @@ def create_model_and_diffusion(
 
     :return: a (model, diffusion) pair.
     """
+    diffusion = _diffusion_from_flags(locals())
     model = create_model(
         image_size,
         num_channels,
@@ -232,16 +233,6 @@ def create_model_and_diffusion(
         class_dropout_prob=class_dropout_prob,
         num_classes=num_classes,
         fast_attention=fast_attention,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
     )
     return model, diffusion
 
@@ -352,6 +343,7 @@ def create_classifier_and_diffusion(
 
     :return: a (classifier, diffusion) pair.
     """
+    diffusion = _diffusion_from_flags(locals())
     classifier = create_classifier(
         image_size,
         classifier_use_fp16,
@@ -363,16 +355,6 @@ def create_classifier_and_diffusion(
         classifier_pool,
         num_classes=num_classes,
         fast_attention=fast_attention,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
     )
     return classifier, diffusion
 
@@ -446,6 +428,7 @@ def sr_create_model_and_diffusion(
 
     :return: a (model, diffusion) pair.
     """
+    diffusion = _diffusion_from_flags(locals())
     model = sr_create_model(
         large_size,
         small_size,
@@ -464,16 +447,6 @@ def sr_create_model_and_diffusion(
         use_fp16=use_fp16,
         num_classes=num_classes,
         fast_attention=fast_attention,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
     )
     return model, diffusion
 
@@ -528,6 +501,15 @@ def sr_create_model(
         use_fp16=use_fp16,
         fast_attention=fast_attention,
     )
+
+
+def _diffusion_from_flags(flags):
+    """
+    Build the diffusion from a dict holding (at least) the diffusion_defaults() flags.
+    """
+    kwargs = {name: flags[name] for name in diffusion_defaults()}
+    kwargs["steps"] = kwargs.pop("diffusion_steps")
+    return create_gaussian_diffusion(**kwargs)
 
 
 def create_gaussian_diffusion(
