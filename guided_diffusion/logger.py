@@ -115,11 +115,14 @@ class CSVOutputFormat(KVWriter):
 
     def __init__(self, filename):
         """
-        :param filename: the path to write; an existing file is replaced.
+        :param filename: the path to write; rows are appended to an existing table (a
+            resumed run continues its progress.csv; the original started a new one).
         """
         self.filename = filename
-        self.keys = []
-        self.file = open(filename, "w+t")
+        self.file = open(filename, "a+t")
+        self.file.seek(0)
+        header = self.file.readline().strip()
+        self.keys = header.split(",") if header else []
 
     def writekvs(self, kvs):
         new_keys = sorted(key for key in kvs if key not in self.keys)
@@ -228,9 +231,10 @@ class TorchDistComm:
         """
         if self.Get_size() == 1:
             return [obj]
-        received = [None] * self.Get_size() if self.Get_rank() == root else None
-        dist.gather_object(obj, received, dst=root)
-        return received
+        # all_gather_object works on every backend (gather_object did not on older NCCL).
+        received = [None] * self.Get_size()
+        dist.all_gather_object(received, obj)
+        return received if self.Get_rank() == root else None
 
     def bcast(self, obj, root=0):
         """
@@ -251,21 +255,28 @@ def weighted_mean_over_ranks(comm, name2valcount):
 
     :param comm: a communicator with Get_rank() and gather(obj, root).
     :param name2valcount: a dict from key to (mean value, number of values) on this rank.
-    :return: on rank 0, a dict from key to the weighted mean; elsewhere an empty dict.
+    :return: on rank 0, a dict from key to the weighted mean (an int when every rank
+        gave integers and the mean is whole); elsewhere an empty dict.
     """
     gathered = comm.gather(name2valcount, root=0)
     if comm.Get_rank() != 0:
         return {}
-    totals, counts = defaultdict(float), defaultdict(float)
+    totals, counts, all_integers = defaultdict(float), defaultdict(float), defaultdict(lambda: True)
     for rank_values in gathered:
         for name, (value, count) in rank_values.items():
+            all_integers[name] &= isinstance(value, numbers.Integral)
             try:
                 value = float(value)
             except (TypeError, ValueError):
                 continue
             totals[name] += value * count
             counts[name] += count
-    return {name: totals[name] / counts[name] for name in totals}
+    means = {name: totals[name] / counts[name] for name in totals}
+    # Integers that agree on every rank (step, samples) stay integers.
+    return {
+        name: int(mean) if all_integers[name] and mean.is_integer() else mean
+        for name, mean in means.items()
+    }
 
 
 class Logger:

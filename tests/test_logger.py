@@ -52,6 +52,17 @@ def test_files_hold_the_step_values_and_means(tmp_path):
     assert logger.get_dir() == str(tmp_path)
 
 
+def test_a_reconfigured_csv_continues_the_existing_table(tmp_path):
+    logger.configure(str(tmp_path), ["csv"])
+    logger.logkv("step", 0)
+    logger.dumpkvs()
+    logger.configure(str(tmp_path), ["csv"])  # e.g. a resumed run in the same directory
+    logger.logkv("step", 1)
+    logger.logkv("loss", 0.5)
+    logger.dumpkvs()
+    assert (tmp_path / "progress.csv").read_text().splitlines() == ["step,loss", "0,", "1,0.5"]
+
+
 def test_openai_logdir_is_the_default_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "from_env"))
     logger.configure(format_strs=["log"])
@@ -67,12 +78,15 @@ def test_without_a_directory_a_timestamped_one_is_made(monkeypatch):
 
 def test_ranks_average_weighted_by_count_and_only_rank_zero_writes(tmp_path):
     # Rank 1 logged loss twice (mean 4.0) and rank 2 once (1.0); rank 0 once (1.0).
-    root = FakeComm(0, [{"loss": (4.0, 2)}, {"loss": (1.0, 1), "acc": (0.5, 1)}])
+    others = [{"loss": (4.0, 2), "step": (7, 1)}, {"loss": (1.0, 1), "acc": (0.5, 1), "step": (7, 1)}]
+    root = FakeComm(0, others)
     logger.configure(str(tmp_path), ["csv"], comm=root)
     logger.logkv_mean("loss", 1.0)
+    logger.logkv("step", 7)
     written = logger.dumpkvs()
-    assert written == {"loss": pytest.approx((1.0 + 8.0 + 1.0) / 4), "acc": 0.5}
-    assert root.sent == {"loss": (1.0, 1)}
+    assert written == {"loss": pytest.approx((1.0 + 8.0 + 1.0) / 4), "acc": 0.5, "step": 7}
+    assert isinstance(written["step"], int)
+    assert root.sent == {"loss": (1.0, 1), "step": (7, 1)}
 
     other = FakeComm(1, [])
     logger.configure(str(tmp_path / "rank1"), ["csv"], comm=other)

@@ -86,6 +86,15 @@ def test_mpiexec_ranks_end_with_identical_weights_after_a_resume(mpiexec_run):
     assert not _identical(part, resumed)
     training_state = th.load(mpiexec_run / "interrupted" / "opt000004.pt", weights_only=True)
     assert sorted(training_state["rng"]) == [0, 1] and sorted(training_state["data_state"]) == [0, 1]
+    # Rank 0 writes the table (values averaged over ranks); samples count both ranks' batches.
+    rows = (mpiexec_run / "interrupted" / "progress.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps_and_samples = [
+        (row.split(",")[header.index("step")], row.split(",")[header.index("samples")]) for row in rows[1:]
+    ]
+    # The resumed run continued the interrupted run's table.
+    assert steps_and_samples == [("0", "4"), ("1", "8"), ("2", "12"), ("3", "16")]
+    assert (mpiexec_run / "interrupted" / "log-rank001.txt").exists()
 
 
 def test_torchrun_ranks_end_with_identical_weights(torchrun_run):
