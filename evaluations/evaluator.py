@@ -71,7 +71,7 @@ class Evaluator:
 
     def _forward(self, batch):
         """Start the network on one batch; returns device tensors (asynchronous on a GPU)."""
-        images = torch.from_numpy(np.ascontiguousarray(check_image_batch(batch)))
+        images = torch.from_numpy(np.require(check_image_batch(batch), requirements=["C", "W"]))
         with torch.inference_mode(), full_fp32_precision():
             return self.model(images.to(self.device))
 
