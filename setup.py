@@ -13,6 +13,7 @@ setup(
     install_requires=["torch", "numpy", "blobfile>=1.0.5", "tqdm", "pillow", "scipy"],
     extras_require={
         "mpi": ["mpi4py"],
-        "test": ["pytest", "mpich", "mpi4py"],
+        "quickstart": ["scikit-learn"],
+        "test": ["pytest", "mpich", "mpi4py", "scikit-learn"],
     },
 )

@@ -1,0 +1,816 @@
+"""
+The quickstart job: ADM end to end on a CPU in minutes. A small class-conditional
+diffusion model and a small noised-image classifier are trained on real images,
+sampled with classifier guidance at several scales, and judged by a classifier that
+has nothing to do with the guidance, to show the fidelity-diversity trade-off of
+"Diffusion Models Beat GANs" (Dhariwal & Nichol 2021, section 4) at small scale.
+
+The default data are the 1,797 8x8 handwritten digits that ship inside scikit-learn
+(nothing is downloaded). They are written as a labelled image folder and follow the
+library's real path: load_data -> TrainLoop / ClassifierTrainLoop -> checkpoints ->
+sampling.sample -> the evaluator's precision and recall (evaluations.manifold).
+
+Outputs, all under out_dir:
+  data/train, data/heldout   the digits as PNGs named CLASS_INDEX.png (without data_dir)
+  diffusion/, classifier/    training logs (log.txt, progress.csv) and checkpoints
+  samples/scale_S.npz        arr_0: uint8 NHWC samples, arr_1: their requested labels
+  samples/scale_S.png        the samples of one scale, one row per class
+  results.md, results.csv    per scale: the fraction recognised as the requested class,
+                             precision and recall
+  tradeoff.png               the same as a plot
+  quickstart.png             the grids and the plot in one picture
+
+The judge is an MLP (scikit-learn) fitted on the real training images area-downsampled
+to judge_size x judge_size; samples are downsampled the same way. Precision and recall
+(k = 3, Kynkaanniemi et al. 2019) compare the samples of each scale with the held-out
+real images in the judge's hidden-layer features, as the evaluator does with Inception
+features.
+
+Randomness: every stage draws from generators seeded by `seed`: the split of the
+digits, each network's initialisation and training (set_seed, load_data's seed), the
+samples (sample(seed=...): sample i gets the same x_T at every scale) and the judge.
+"""
+
+import contextlib
+import csv
+import io
+import math
+import time
+import warnings
+
+import blobfile as bf
+import numpy as np
+import torch as th
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from evaluations.manifold import ManifoldEstimator
+
+from . import dist_util, logger
+from .image_datasets import center_crop_arr, class_labels, list_image_files, load_data, read_image
+from .image_grid import make_image_grid
+from .sampling import load_for_sampling, sample, write_npz
+from .script_util import (
+    classifier_and_diffusion_defaults,
+    classifier_defaults,
+    create_classifier,
+    create_classifier_and_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from .train_util import ClassifierTrainLoop, TrainLoop, set_seed
+from .training_state import atomic_write, ema_filename, model_filename
+
+# Pixel values of scikit-learn's digits run from 0 to this.
+DIGITS_MAX_VALUE = 16
+# Steps between rows of the training logs (progress.csv) and between validation batches.
+LOG_INTERVAL = 50
+# Nearest neighbours of the precision/recall manifolds (the evaluator's k).
+NEIGHBOURS = 3
+# The plotted metrics: result key, legend, colour.
+SERIES = (
+    ("recognised", "recognised", (31, 119, 180)),
+    ("precision", "precision", (255, 127, 14)),
+    ("recall", "recall", (44, 160, 44)),
+)
+
+
+def quickstart_defaults():
+    """
+    :return: the job's options and their defaults (the flags of scripts/quickstart.py).
+    """
+    return dict(
+        out_dir="runs/quickstart",      # every output goes here
+        data_dir="",                    # labelled training images ("": scikit-learn's digits)
+        heldout_dir="",                 # labelled real images kept out of training ("": with
+                                        # data_dir, the training images themselves)
+        class_from="prefix",            # labels from the file-name prefix or the sub-folder
+        heldout_per_class=30,           # digits of each class held out (the digits only)
+        image_size=16,                  # side of the training images and samples
+        num_channels=32,                # UNet base width
+        num_res_blocks=1,               # UNet residual blocks per resolution
+        attention_resolutions="",       # feature-map sides with self-attention ("": none)
+        diffusion_steps=1000,           # T of the training diffusion
+        noise_schedule="cosine",        # "linear" or "cosine"
+        train_steps=1200,               # diffusion training steps
+        batch_size=64,                  # training images per step (both networks)
+        lr=5e-4,                        # diffusion learning rate, decayed linearly to 0
+        ema_rate=0.995,                 # EMA of the diffusion weights that is sampled
+        classifier_width=32,            # classifier base width
+        classifier_depth=1,             # classifier residual blocks per resolution
+        classifier_steps=400,           # classifier training steps (on noised images)
+        classifier_lr=1e-3,             # classifier learning rate, decayed linearly to 0
+        classifier_scales="0,1,3,10",   # guidance scales to sample and compare
+        sample_steps=25,                # DDIM steps per sample
+        samples_per_class=30,           # samples of each class at each scale
+        sample_batch_size=100,          # samples per forward pass
+        judge_size=8,                   # side the judge sees images at
+        judge_hidden=64,                # judge MLP hidden units (the feature dimension)
+        grid_columns=10,                # samples per class shown in the grids
+        seed=0,                         # seed of every random draw
+    )
+
+
+def parse_scales(text):
+    """
+    :param text: comma-separated non-negative guidance scales, e.g. "0,1,3,10".
+    :return: the scales as floats, in the given order.
+    """
+    try:
+        scales = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        scales = []
+    if not scales or any(scale < 0 or not math.isfinite(scale) for scale in scales):
+        raise ValueError(
+            f'--classifier_scales "{text}": expected comma-separated non-negative numbers, '
+            'e.g. "0,1,3,10"'
+        )
+    if len(set(scales)) != len(scales):
+        raise ValueError(f'--classifier_scales "{text}": a scale is repeated')
+    return scales
+
+
+# ---------------------------------------------------------------------- data
+
+
+def load_digits_arrays():
+    """
+    :return: (uint8 images [1797 x 8 x 8], int64 labels [1797]) of scikit-learn's digits,
+        dark ink on white.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError('the quickstart needs scikit-learn: pip install -e ".[quickstart]"') from None
+    digits = load_digits()
+    pixels = np.rint(255 - digits.images * (255 / DIGITS_MAX_VALUE)).astype(np.uint8)
+    return pixels, digits.target.astype(np.int64)
+
+
+def split_per_class(labels, heldout_per_class, seed):
+    """
+    Hold out the same number of random images of every class.
+
+    :param labels: int labels [N].
+    :param heldout_per_class: images held out per class.
+    :param seed: seed of the choice.
+    :return: (training indices, held-out indices), each sorted.
+    """
+    rng = np.random.default_rng(seed)
+    heldout = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if not 0 < heldout_per_class < len(members):
+            raise ValueError(
+                f"--heldout_per_class {heldout_per_class}: class {label} has {len(members)} "
+                f"images; expected a number between 1 and {len(members) - 1}"
+            )
+        heldout.extend(rng.permutation(members)[:heldout_per_class])
+    heldout = np.sort(np.asarray(heldout))
+    return np.setdiff1d(np.arange(len(labels)), heldout), heldout
+
+
+def write_labelled_folder(images, labels, indices, folder):
+    """
+    Write images as folder/LABEL_INDEX.png (load_data's file-name-prefix labels), after
+    removing the PNGs a previous run left there.
+
+    :param images: uint8 images [N x H x W] or [N x H x W x 3].
+    :param labels: int labels [N].
+    :param indices: which images to write.
+    :param folder: the folder (created if missing).
+    """
+    bf.makedirs(folder)
+    for name in bf.listdir(folder):
+        if name.endswith(".png"):
+            bf.remove(bf.join(folder, name))
+    for index in indices:
+        buffer = io.BytesIO()
+        Image.fromarray(images[index]).save(buffer, format="PNG")
+        path = bf.join(folder, f"{labels[index]}_{index:04d}.png")
+        atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_digit_folders(train_dir, heldout_dir, heldout_per_class, seed):
+    """
+    Write scikit-learn's digits as two labelled image folders.
+
+    :return: (number of training images, number of held-out images).
+    """
+    images, labels = load_digits_arrays()
+    train, heldout = split_per_class(labels, heldout_per_class, seed)
+    write_labelled_folder(images, labels, train, train_dir)
+    write_labelled_folder(images, labels, heldout, heldout_dir)
+    return len(train), len(heldout)
+
+
+def read_labelled_images(data_dir, image_size, class_from, class_names=None):
+    """
+    Read a labelled image folder, each image cut as load_data's center crop cuts it.
+
+    :param data_dir: the folder.
+    :param image_size: the side of the crops.
+    :param class_from: "prefix" or "folder", as load_data.
+    :param class_names: the training classes the labels must index (None: this folder's).
+    :return: (uint8 images [N x S x S x 3], int64 labels [N], class names).
+    """
+    entries = list_image_files(data_dir)
+    labels, names = class_labels(entries, class_from)
+    if class_names is not None:
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise ValueError(
+                f"{data_dir} has classes {unknown[:5]} that the training images do not have"
+            )
+        labels = [class_names.index(names[label]) for label in labels]
+        names = list(class_names)
+    images = np.stack([center_crop_arr(read_image(path), image_size) for path, _ in entries])
+    return images, np.asarray(labels, dtype=np.int64), names
+
+
+def balanced_subset(labels, per_class, seed):
+    """
+    :return: sorted indices of up to per_class random images of every class.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)]
+    return np.sort(np.concatenate(chosen))
+
+
+# ---------------------------------------------------------------------- training
+
+
+class _StepProgress:
+    """Mixin for the training loops: advance a tqdm bar after every step, showing a logged value."""
+
+    progress_bar = None
+    progress_key = "loss"
+
+    def run_step(self, batch, cond):
+        super().run_step(batch, cond)
+        if self.progress_bar is not None:
+            value = logger.getkvs().get(self.progress_key)
+            if value is not None:
+                self.progress_bar.set_postfix({self.progress_key: f"{float(value):.4f}"}, refresh=False)
+            self.progress_bar.update(1)
+
+
+class _DiffusionTraining(_StepProgress, TrainLoop):
+    """TrainLoop with a progress bar."""
+
+
+class _ClassifierTraining(_StepProgress, ClassifierTrainLoop):
+    """ClassifierTrainLoop with a progress bar."""
+
+    progress_key = "train_acc@1"
+
+
+def _loader(data_dir, batch_size, image_size, class_from, num_classes, seed):
+    """load_data for the quickstart: labelled, unflipped (digits do not mirror), in-process."""
+    return load_data(
+        data_dir=data_dir, batch_size=batch_size, image_size=image_size, class_cond=True,
+        random_flip=False, class_from=class_from, num_classes=num_classes, seed=seed,
+        num_workers=0,
+    )
+
+
+def train_diffusion(model_flags, data_dir, steps, batch_size, lr, ema_rate, class_from, seed,
+                    progress=True):
+    """
+    Train a class-conditional diffusion model with TrainLoop; the learning rate decays
+    linearly to 0 at the last step, where the checkpoints are written to logger.get_dir().
+
+    :param model_flags: create_model_and_diffusion's flags.
+    :return: the path of the EMA checkpoint.
+    """
+    set_seed(seed)
+    model, diffusion = create_model_and_diffusion(**model_flags)
+    model.to(dist_util.dev())
+    data = _loader(data_dir, batch_size, model_flags["image_size"], class_from,
+                   model_flags["num_classes"], seed)
+    loop = _DiffusionTraining(
+        model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=-1, lr=lr,
+        ema_rate=ema_rate, log_interval=LOG_INTERVAL, save_interval=steps, resume_checkpoint="",
+        lr_anneal_steps=steps, max_steps=steps, seed=seed, flags=model_flags,
+    )
+    with tqdm(total=steps, desc="diffusion", unit="step", disable=not progress) as bar:
+        loop.progress_bar = bar
+        loop.run_loop()
+    return bf.join(logger.get_dir(), ema_filename(ema_rate, steps))
+
+
+def train_classifier(classifier_flags, data_dir, heldout_dir, steps, batch_size, lr, class_from,
+                     seed, progress=True):
+    """
+    Train a noised-image classifier with ClassifierTrainLoop (validated on held-out
+    images); the learning rate decays linearly to 0 at the last step, where the
+    checkpoint is written to logger.get_dir().
+
+    :param classifier_flags: create_classifier_and_diffusion's flags.
+    :return: the path of the checkpoint.
+    """
+    set_seed(seed)
+    classifier, diffusion = create_classifier_and_diffusion(**classifier_flags)
+    classifier.to(dist_util.dev())
+    image_size, num_classes = classifier_flags["image_size"], classifier_flags["num_classes"]
+    data = _loader(data_dir, batch_size, image_size, class_from, num_classes, seed)
+    val_batch = min(batch_size, len(list_image_files(heldout_dir)))
+    val_data = _loader(heldout_dir, val_batch, image_size, class_from, num_classes, seed)
+    loop = _ClassifierTraining(
+        model=classifier, diffusion=diffusion, data=data, val_data=val_data, noised=True,
+        iterations=steps, anneal_lr=True, eval_interval=LOG_INTERVAL, batch_size=batch_size,
+        microbatch=-1, lr=lr, log_interval=LOG_INTERVAL, save_interval=steps, resume_checkpoint="",
+        seed=seed, flags=classifier_flags,
+    )
+    with tqdm(total=steps, desc="classifier", unit="step", disable=not progress) as bar:
+        loop.progress_bar = bar
+        loop.run_loop()
+    return bf.join(logger.get_dir(), model_filename(steps))
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+def sample_scales(model, diffusion, classifier, scales, labels, batch_size, seed, progress=True):
+    """
+    DDIM samples guided by the classifier at each scale; sample i starts from the same
+    x_T at every scale. Scale 0 runs without the classifier (a zero gradient changes nothing).
+
+    :param labels: the requested class of each sample.
+    :return: a dict from scale to uint8 images [N x H x W x 3].
+    """
+    samples = {}
+    for scale in scales:
+        logger.log(f"sampling {len(labels)} images at classifier scale {scale:g}...")
+        guidance = dict(classifier=classifier, classifier_scale=scale) if scale else {}
+        samples[scale], _ = sample(
+            model, diffusion, labels=labels, batch_size=batch_size, use_ddim=True, seed=seed,
+            progress=progress, **guidance,
+        )
+    return samples
+
+
+def class_grid(images, labels, num_classes, columns):
+    """
+    :param images: uint8 images [N x H x W x C].
+    :param labels: their classes; every class has at least `columns` images.
+    :return: a uint8 grid image, row c holding the first `columns` images of class c.
+    """
+    rows = [images[labels == label][:columns] for label in range(num_classes)]
+    return make_image_grid(np.concatenate(rows), nrow=columns)
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def judge_inputs(images, judge_size):
+    """
+    :param images: uint8 images [N x H x W x C].
+    :param judge_size: the side to area-downsample to.
+    :return: float32 [N x judge_size * judge_size * C] pixel vectors in [0, 1].
+    """
+    pixels = th.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    return F.adaptive_avg_pool2d(pixels, judge_size).flatten(1).numpy()
+
+
+class Judge:
+    """
+    A one-hidden-layer MLP on downsampled images, fitted on real images: it says which
+    class an image shows and gives the features precision and recall are measured in.
+    """
+
+    def __init__(self, judge_size, hidden=64, seed=0):
+        """
+        :param judge_size: the side images are downsampled to.
+        :param hidden: hidden units (the feature dimension).
+        :param seed: seed of the MLP's initialisation and batches.
+        """
+        from sklearn.neural_network import MLPClassifier
+
+        self.judge_size = judge_size
+        self.mlp = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=400, random_state=seed)
+
+    def fit(self, images, labels):
+        """
+        :param images: uint8 real images [N x H x W x C].
+        :param labels: their classes.
+        :return: self.
+        """
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.mlp.fit(judge_inputs(images, self.judge_size), labels)
+        return self
+
+    def predict(self, images):
+        """
+        :return: the judged class of each image.
+        """
+        return self.mlp.predict(judge_inputs(images, self.judge_size))
+
+    def features(self, images):
+        """
+        :return: float [N x hidden] hidden-layer activations (ReLU) of the images.
+        """
+        hidden = judge_inputs(images, self.judge_size) @ self.mlp.coefs_[0] + self.mlp.intercepts_[0]
+        return np.maximum(hidden, 0)
+
+
+def precision_recall(real_features, sample_features):
+    """
+    Improved precision and recall (k = NEIGHBOURS), computed as the evaluator does.
+
+    :return: (precision, recall): the fraction of samples inside the real manifold and
+        the fraction of real images inside the sample manifold.
+    """
+    estimator = ManifoldEstimator(nhood_sizes=(NEIGHBOURS,))
+    real_radii = estimator.manifold_radii(real_features)
+    sample_radii = estimator.manifold_radii(sample_features)
+    precision, recall = estimator.evaluate_pr(real_features, real_radii, sample_features, sample_radii)
+    return float(precision[0]), float(recall[0])
+
+
+def score_images(judge, real_features, images, labels):
+    """
+    :return: a dict: 'recognised' (the fraction the judge assigns to labels), 'precision'
+        and 'recall' against the real features.
+    """
+    precision, recall = precision_recall(real_features, judge.features(images))
+    return dict(recognised=float(np.mean(judge.predict(images) == labels)),
+                precision=precision, recall=recall)
+
+
+# ---------------------------------------------------------------------- report
+
+TABLE_COLUMNS = (
+    ("classifier_scale", "classifier scale"),
+    ("recognised", "recognised as the requested class"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+)
+
+
+def results_table(rows):
+    """
+    :param rows: dicts with the TABLE_COLUMNS keys.
+    :return: a markdown table, one line per row.
+    """
+    lines = [
+        "| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |",
+        "|" + " ---: |" * len(TABLE_COLUMNS),
+    ]
+    for row in rows:
+        cells = [f"{row['classifier_scale']:g}"] + [f"{row[key]:.3f}" for key, _ in TABLE_COLUMNS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results_csv(rows, path):
+    """
+    Write the rows as CSV with the TABLE_COLUMNS keys as header, atomically.
+    """
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=[key for key, _ in TABLE_COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: row[key] for key, _ in TABLE_COLUMNS})
+    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
+
+
+def _trend(values):
+    """
+    :return: how a sequence moves, in words: "rises at every step", "falls overall", ...
+    """
+    steps = np.diff(values)
+    if np.all(steps > 0):
+        return "rises at every step"
+    if np.all(steps < 0):
+        return "falls at every step"
+    if values[-1] > values[0]:
+        return "rises overall, not at every step"
+    if values[-1] < values[0]:
+        return "falls overall, not at every step"
+    return "ends where it starts"
+
+
+def describe_trends(rows):
+    """
+    Say how each metric moves from the smallest to the largest scale, and whether the
+    paper's trade-off (recognition and precision up, recall down) shows.
+
+    :param rows: result dicts sorted by classifier scale.
+    :return: markdown text.
+    """
+    first, last = rows[0]["classifier_scale"], rows[-1]["classifier_scale"]
+    lines = [f"From classifier scale {first:g} to {last:g}:"]
+    for key, label, _ in SERIES:
+        values = [row[key] for row in rows]
+        lines.append(f"- {label} {_trend(values)} ({values[0]:.3f} -> {values[-1]:.3f})")
+    if len(rows) < 2:
+        verdict = "One scale only: there is no trend to compare."
+    else:
+        expected = (rows[-1]["recognised"] > rows[0]["recognised"],
+                    rows[-1]["precision"] > rows[0]["precision"],
+                    rows[-1]["recall"] < rows[0]["recall"])
+        verdict = (
+            "The fidelity-diversity trade-off shows: recognition and precision rise with the "
+            "scale while recall falls." if all(expected) else
+            "The expected trade-off (recognition and precision rising, recall falling) does "
+            "not fully show in these numbers."
+        )
+    return "\n".join(lines) + "\n\n" + verdict
+
+
+def _font(size):
+    """A scalable default font, or Pillow's bitmap one where it has no sizes (Pillow < 10.1)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text(draw, xy, text, font, align="left"):
+    """Draw text vertically centred on xy, starting, centred or ending at its x."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    shift = {"left": 0, "center": (right - left) / 2, "right": right - left}[align]
+    draw.text((xy[0] - shift - left, xy[1] - (top + bottom) / 2), text, fill="black", font=font)
+
+
+def draw_tradeoff_plot(rows, width=460, height=300):
+    """
+    :param rows: result dicts sorted by classifier scale.
+    :return: an RGB PIL image: recognition, precision and recall (0 to 1) against the
+        classifier scale (evenly spaced).
+    """
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font(13)
+    left, right, top, bottom = 44, width - 110, 24, height - 48
+
+    def y_of(value):
+        return bottom - value * (bottom - top)
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        draw.line([(left, y_of(tick)), (right, y_of(tick))], fill=(225, 225, 225))
+        _text(draw, (left - 6, y_of(tick)), f"{tick:g}", font, align="right")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    xs = [left + (right - left) * (index + 0.5) / len(rows) for index in range(len(rows))]
+    for x, row in zip(xs, rows):
+        _text(draw, (x, bottom + 12), f"{row['classifier_scale']:g}", font, align="center")
+    _text(draw, ((left + right) / 2, height - 14), "classifier scale", font, align="center")
+    for index, (key, label, colour) in enumerate(SERIES):
+        points = [(x, y_of(row[key])) for x, row in zip(xs, rows)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], fill=colour)
+        legend_y = top + 12 + 22 * index
+        draw.line([(right + 10, legend_y), (right + 30, legend_y)], fill=colour, width=2)
+        _text(draw, (right + 36, legend_y), label, font)
+    return image
+
+
+def overview_picture(grids, plot, zoom=2):
+    """
+    :param grids: (caption, uint8 grid image) pairs, one per scale.
+    :param plot: the trade-off plot (a PIL image).
+    :param zoom: pixel repetition of the grids.
+    :return: an RGB PIL image: the captioned grids in a near-square block, the plot to its right.
+    """
+    font = _font(14)
+    caption_height = 24
+    tiles = []
+    for caption, grid in grids:
+        picture = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).convert("RGB")
+        picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
+        tile = Image.new("RGB", (picture.width, picture.height + caption_height), "white")
+        tile.paste(picture, (0, caption_height))
+        _text(ImageDraw.Draw(tile), (tile.width / 2, caption_height / 2), caption, font, "center")
+        tiles.append(tile)
+    per_row = math.ceil(math.sqrt(len(tiles)))
+    gap = 12
+    tile_width = max(tile.width for tile in tiles)
+    tile_height = max(tile.height for tile in tiles)
+    rows = math.ceil(len(tiles) / per_row)
+    block_width = per_row * tile_width + (per_row - 1) * gap
+    block_height = rows * tile_height + (rows - 1) * gap
+    canvas = Image.new(
+        "RGB", (block_width + gap + plot.width + 2 * gap, max(block_height, plot.height) + 2 * gap),
+        "white",
+    )
+    for index, tile in enumerate(tiles):
+        row, column = divmod(index, per_row)
+        canvas.paste(tile, (gap + column * (tile_width + gap), gap + row * (tile_height + gap)))
+    canvas.paste(plot, (2 * gap + block_width, gap + (block_height - plot.height) // 2 if
+                        block_height > plot.height else gap))
+    return canvas
+
+
+def _save_png(image, path):
+    """Write a PIL image as PNG, atomically."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def _write_text(text, path):
+    """Write UTF-8 text, atomically."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ---------------------------------------------------------------------- the job
+
+
+def _parameter_count(module):
+    """:return: the number of parameters of a module."""
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+class _StageTimer:
+    """Wall time per stage, in the order the stages ran."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name):
+        """Add the duration of the with-block to stage `name`."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
+
+    def summary(self):
+        """:return: "data 3 s, diffusion 250 s, ..., total 300 s"."""
+        parts = [f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items()]
+        return ", ".join(parts + [f"total {time.perf_counter() - self.start:.0f} s"])
+
+
+def _check_options(options):
+    """
+    :return: the defaults updated with options; unknown names raise ValueError.
+    """
+    merged = quickstart_defaults()
+    unknown = sorted(set(options) - set(merged))
+    if unknown:
+        raise ValueError(f"unknown quickstart options {unknown}; expected some of {sorted(merged)}")
+    merged.update(options)
+    if merged["heldout_dir"] and not merged["data_dir"]:
+        raise ValueError("--heldout_dir needs --data_dir (the digits bring their own held-out images)")
+    for name in ("train_steps", "classifier_steps", "sample_steps", "samples_per_class",
+                 "batch_size", "sample_batch_size", "grid_columns", "judge_size", "judge_hidden"):
+        if merged[name] < 1:
+            raise ValueError(f"--{name} {merged[name]}: expected a positive integer")
+    return merged
+
+
+def _model_flags(options, num_classes):
+    """:return: create_model_and_diffusion's flags for the job's diffusion model."""
+    flags = model_and_diffusion_defaults()
+    flags.update(
+        {name: options[name] for name in ("image_size", "num_channels", "num_res_blocks",
+                                          "attention_resolutions", "diffusion_steps", "noise_schedule")},
+        class_cond=True, num_classes=num_classes,
+    )
+    return flags
+
+
+def _classifier_flags(options, num_classes):
+    """:return: create_classifier_and_diffusion's flags for the job's noised classifier."""
+    flags = classifier_and_diffusion_defaults()
+    flags.update(
+        {name: options[name] for name in ("image_size", "classifier_width", "classifier_depth",
+                                          "diffusion_steps", "noise_schedule")},
+        classifier_attention_resolutions="", num_classes=num_classes,
+    )
+    return flags
+
+
+@contextlib.contextmanager
+def _logging_to(stage_dir, out_dir):
+    """
+    Inside the block, log to stage_dir (log.txt, progress.csv: the training loops' records
+    and checkpoints go there); afterwards to stdout and out_dir/log.txt again.
+    """
+    logger.configure(dir=stage_dir, format_strs=["log", "csv"])
+    try:
+        yield
+    finally:
+        logger.configure(dir=out_dir, format_strs=["stdout", "log"])
+
+
+def run_quickstart(progress=True, **options):
+    """
+    Run the whole job (see the module docstring). It configures `logger`: stdout and
+    out_dir/log.txt, the training stages their own folders.
+
+    :param progress: show tqdm progress bars.
+    :param options: quickstart_defaults() names to change.
+    :return: the result dicts, one per scale in increasing order: 'classifier_scale',
+        'recognised', 'precision', 'recall'.
+    """
+    options = _check_options(options)
+    scales = sorted(parse_scales(options["classifier_scales"]))
+    out_dir, seed, image_size = options["out_dir"], options["seed"], options["image_size"]
+    timer = _StageTimer()
+    logger.configure(dir=out_dir, format_strs=["stdout", "log"])
+
+    with timer.stage("data"):
+        train_dir, heldout_dir = options["data_dir"], options["heldout_dir"]
+        if not train_dir:
+            train_dir, heldout_dir = bf.join(out_dir, "data", "train"), bf.join(out_dir, "data", "heldout")
+            counts = write_digit_folders(train_dir, heldout_dir, options["heldout_per_class"], seed)
+            logger.log(f"wrote scikit-learn's digits: {counts[0]} training and {counts[1]} "
+                       f"held-out images under {bf.join(out_dir, 'data')}")
+        elif not heldout_dir:
+            logger.warn("no --heldout_dir: precision and recall compare the samples with the "
+                        "training images themselves")
+            heldout_dir = train_dir
+        train_images, train_labels, class_names = read_labelled_images(
+            train_dir, image_size, options["class_from"])
+        heldout_images, heldout_labels, _ = read_labelled_images(
+            heldout_dir, image_size, options["class_from"], class_names)
+        num_classes = len(class_names)
+
+    model_flags = _model_flags(options, num_classes)
+    classifier_flags = _classifier_flags(options, num_classes)
+    with timer.stage("diffusion training"):
+        logger.log(f"training the diffusion model for {options['train_steps']} steps...")
+        with _logging_to(bf.join(out_dir, "diffusion"), out_dir):
+            model_path = train_diffusion(
+                model_flags, train_dir, options["train_steps"], options["batch_size"],
+                options["lr"], options["ema_rate"], options["class_from"], seed, progress)
+    with timer.stage("classifier training"):
+        logger.log(f"training the noised classifier for {options['classifier_steps']} steps...")
+        with _logging_to(bf.join(out_dir, "classifier"), out_dir):
+            classifier_path = train_classifier(
+                classifier_flags, train_dir, heldout_dir, options["classifier_steps"],
+                options["batch_size"], options["classifier_lr"], options["class_from"], seed,
+                progress)
+
+    with timer.stage("sampling"):
+        sampling_flags = dict(model_flags, timestep_respacing=f"ddim{options['sample_steps']}")
+        model, diffusion = create_model_and_diffusion(**sampling_flags)
+        load_for_sampling(model, model_path, sampling_flags)
+        classifier_only = {name: classifier_flags[name] for name in classifier_defaults()}
+        classifier = load_for_sampling(
+            create_classifier(**classifier_only), classifier_path, classifier_only,
+            flag_name="classifier checkpoint")
+        labels = np.repeat(np.arange(num_classes), options["samples_per_class"])
+        samples = sample_scales(model, diffusion, classifier, scales, labels,
+                                options["sample_batch_size"], seed, progress)
+
+    with timer.stage("evaluation"):
+        judge = Judge(options["judge_size"], options["judge_hidden"], seed).fit(train_images, train_labels)
+        real_features = judge.features(heldout_images)
+        rows = [dict(classifier_scale=scale, **score_images(judge, real_features, samples[scale], labels))
+                for scale in scales]
+        judge_accuracy = float(np.mean(judge.predict(heldout_images) == heldout_labels))
+        reference = balanced_subset(train_labels, options["samples_per_class"], seed)
+        reference_scores = score_images(judge, real_features, train_images[reference],
+                                        train_labels[reference])
+
+    with timer.stage("report"):
+        columns = min(options["grid_columns"], options["samples_per_class"])
+        samples_dir = bf.join(out_dir, "samples")
+        bf.makedirs(samples_dir)
+        grids = []
+        for row in rows:
+            scale = row["classifier_scale"]
+            write_npz(bf.join(samples_dir, f"scale_{scale:g}.npz"), samples[scale], labels)
+            grid = class_grid(samples[scale], labels, num_classes, columns)
+            _save_png(Image.fromarray(grid), bf.join(samples_dir, f"scale_{scale:g}.png"))
+            grids.append((f"scale {scale:g}: {100 * row['recognised']:.0f}% recognised", grid))
+        plot = draw_tradeoff_plot(rows)
+        _save_png(plot, bf.join(out_dir, "tradeoff.png"))
+        _save_png(overview_picture(grids, plot), bf.join(out_dir, "quickstart.png"))
+        write_results_csv(rows, bf.join(out_dir, "results.csv"))
+
+    setup = (
+        f"{len(train_images)} training and {len(heldout_images)} held-out images of "
+        f"{num_classes} classes at {image_size}x{image_size}; diffusion model "
+        f"{_parameter_count(model) / 1e6:.2f}M parameters, {options['train_steps']} steps of "
+        f"{options['batch_size']}; noised classifier {_parameter_count(classifier) / 1e6:.2f}M "
+        f"parameters, {options['classifier_steps']} steps; {options['sample_steps']} DDIM steps, "
+        f"{len(labels)} samples per scale; seed {seed}; {th.get_num_threads()} torch threads."
+    )
+    judge_line = (
+        f"Judge: an MLP ({options['judge_hidden']} hidden units) on {options['judge_size']}x"
+        f"{options['judge_size']} downsampled images, fitted on the training images; "
+        f"{judge_accuracy:.3f} accuracy on the held-out images. Real training images (the same "
+        f"number per class as the samples) against the held-out ones: precision "
+        f"{reference_scores['precision']:.3f}, recall {reference_scores['recall']:.3f}."
+    )
+    report = "\n\n".join([
+        "# Quickstart results", setup, results_table(rows), judge_line, describe_trends(rows),
+        f"Wall time: {timer.summary()}.",
+    ]) + "\n"
+    _write_text(report, bf.join(out_dir, "results.md"))
+    logger.log(results_table(rows))
+    logger.log(describe_trends(rows))
+    logger.log(f"wall time: {timer.summary()}; outputs in {out_dir} (results.md, quickstart.png)")
+    return rows

@@ -1,0 +1,275 @@
+"""
+The quickstart job: its data preparation, judge, precision/recall, grids and report on
+small inputs with known answers, and the whole job (scripts/quickstart.py) on a tiny
+labelled folder and tiny networks: every output exists, parses and agrees, and a second
+run with the same seed gives the same samples.
+"""
+
+import csv
+import os
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import torch as th
+from PIL import Image
+
+from guided_diffusion import quickstart
+from guided_diffusion.checkpoint import load_checkpoint
+from guided_diffusion.script_util import (
+    classifier_defaults,
+    create_classifier,
+    create_model_and_diffusion,
+)
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                      "quickstart.py")
+CLASSES = ("a", "b", "c")
+TINY_OPTIONS = dict(
+    image_size=8, num_channels=32, num_res_blocks=1, diffusion_steps=50, train_steps=2,
+    batch_size=4, classifier_steps=2, classifier_width=32, classifier_depth=1, sample_steps=2,
+    samples_per_class=4, sample_batch_size=6, judge_hidden=8, grid_columns=3,
+    classifier_scales="2,0", seed=3,
+)
+
+
+def _write_class_images(folder, per_class, seed):
+    """per_class 8x8 RGB images of each class: a bright bar in a class-specific row, on noise."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        for index in range(per_class):
+            pixels = rng.integers(0, 60, size=(8, 8, 3), dtype=np.uint8)
+            pixels[2 * label + 1 : 2 * label + 3] = 255
+            Image.fromarray(pixels).save(folder / f"{name}_{index}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """(training folder: 6 images per class, held-out folder: 4 per class), classes a, b, c."""
+    root = tmp_path_factory.mktemp("quickstart_data")
+    return _write_class_images(root / "train", 6, seed=0), _write_class_images(root / "heldout", 4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def script_run(tmp_path_factory, tiny_folders, torch_single_thread):
+    """out_dir of scripts/quickstart.py run on the tiny folders with TINY_OPTIONS."""
+    from guided_diffusion import logger
+
+    out_dir = tmp_path_factory.mktemp("quickstart_run")
+    flags = dict(TINY_OPTIONS, data_dir=tiny_folders[0], heldout_dir=tiny_folders[1], out_dir=str(out_dir))
+    argv = [SCRIPT] + [part for name, value in flags.items() for part in (f"--{name}", str(value))]
+    previous_argv, previous_logger = sys.argv, logger.Logger.CURRENT
+    sys.argv = argv
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    finally:
+        sys.argv = previous_argv
+        logger.Logger.CURRENT.close()
+        logger.Logger.CURRENT = previous_logger
+    return out_dir
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+def test_parse_scales_keeps_the_order_and_refuses_bad_text():
+    assert quickstart.parse_scales("0,1, 3,10") == [0.0, 1.0, 3.0, 10.0]
+    assert quickstart.parse_scales("2.5") == [2.5]
+    for text in ("", "a,1", "-1,2", "1,1", "nan"):
+        with pytest.raises(ValueError, match="--classifier_scales"):
+            quickstart.parse_scales(text)
+
+
+def test_split_per_class_holds_out_the_same_number_of_each_class():
+    labels = np.array([0] * 5 + [1] * 7 + [2] * 4)
+    train, heldout = quickstart.split_per_class(labels, 2, seed=0)
+    assert np.bincount(labels[heldout]).tolist() == [2, 2, 2]
+    assert sorted(np.concatenate([train, heldout]).tolist()) == list(range(len(labels)))
+    again = quickstart.split_per_class(labels, 2, seed=0)
+    assert np.array_equal(again[1], heldout)
+    assert not np.array_equal(quickstart.split_per_class(labels, 2, seed=1)[1], heldout)
+    with pytest.raises(ValueError, match="class 2 has 4 images"):
+        quickstart.split_per_class(labels, 4, seed=0)
+
+
+def test_digit_folders_hold_the_scikit_learn_digits_dark_on_white(tmp_path):
+    from sklearn.datasets import load_digits
+
+    counts = quickstart.write_digit_folders(str(tmp_path / "train"), str(tmp_path / "heldout"), 30, 0)
+    assert counts == (1797 - 300, 300)
+    heldout = sorted(os.listdir(tmp_path / "heldout"))
+    assert len(heldout) == 300 and len(os.listdir(tmp_path / "train")) == 1497
+    assert [sum(name.startswith(f"{digit}_") for name in heldout) for digit in range(10)] == [30] * 10
+    name = heldout[0]
+    label, index = int(name.split("_")[0]), int(name[2:6])
+    digits = load_digits()
+    assert digits.target[index] == label
+    pixels = np.array(Image.open(tmp_path / "heldout" / name))
+    assert np.array_equal(pixels, np.rint(255 - digits.images[index] * 255 / 16).astype(np.uint8))
+
+
+def test_read_labelled_images_maps_held_out_classes_to_the_training_ones(tiny_folders, tmp_path):
+    train_images, train_labels, names = quickstart.read_labelled_images(tiny_folders[0], 8, "prefix")
+    assert train_images.shape == (18, 8, 8, 3) and train_images.dtype == np.uint8
+    assert names == list(CLASSES) and np.bincount(train_labels).tolist() == [6, 6, 6]
+    only_c = tmp_path / "only_c"
+    only_c.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(only_c / "c_0.png")
+    _, labels, mapped = quickstart.read_labelled_images(str(only_c), 8, "prefix", names)
+    assert labels.tolist() == [2] and mapped == list(CLASSES)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(only_c / "z_0.png")
+    with pytest.raises(ValueError, match="classes \\['z'\\]"):
+        quickstart.read_labelled_images(str(only_c), 8, "prefix", names)
+
+
+def test_judge_inputs_are_block_means_in_0_1():
+    image = np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1) * 10
+    expected = np.array([[0 + 10 + 40 + 50, 20 + 30 + 60 + 70, 80 + 90 + 120 + 130,
+                          100 + 110 + 140 + 150]]) / 4 / 255
+    assert np.allclose(quickstart.judge_inputs(image, 2), expected)
+
+
+def test_judge_recognises_separable_classes_and_gives_hidden_features(tiny_folders):
+    images, labels, _ = quickstart.read_labelled_images(tiny_folders[0], 8, "prefix")
+    judge = quickstart.Judge(judge_size=4, hidden=8, seed=0).fit(images, labels)
+    heldout, heldout_labels, _ = quickstart.read_labelled_images(tiny_folders[1], 8, "prefix")
+    assert np.array_equal(judge.predict(heldout), heldout_labels)
+    features = judge.features(heldout)
+    assert features.shape == (12, 8) and features.min() >= 0
+    inputs = quickstart.judge_inputs(heldout, 4)
+    assert np.allclose(features, np.maximum(inputs @ judge.mlp.coefs_[0] + judge.mlp.intercepts_[0], 0))
+
+
+def test_precision_recall_of_equal_sets_is_one_and_of_distant_sets_zero():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(20, 4)).astype(np.float32)
+    assert quickstart.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert quickstart.precision_recall(real, real + 100) == (0.0, 0.0)
+    # Half the samples on the real points, half far away: precision 1/2; the real points
+    # are inside the samples' balls (their own copies), recall 1.
+    half = np.concatenate([real[:10], real[:10] + 100])
+    precision, recall = quickstart.precision_recall(real[:10], half)
+    assert (precision, recall) == (0.5, 1.0)
+
+
+def test_class_grid_puts_class_c_in_row_c():
+    labels = np.array([1, 0, 2, 1, 0, 2, 1])
+    images = np.zeros((7, 2, 2, 1), np.uint8)
+    for index, label in enumerate(labels):
+        images[index] = 10 * label + index
+    grid = quickstart.class_grid(images, labels, num_classes=3, columns=2)
+    assert grid.shape == (3 * 4 + 2, 2 * 4 + 2, 1)
+    cells = [[grid[2 + 4 * row, 2 + 4 * column, 0] for column in range(2)] for row in range(3)]
+    assert cells == [[1, 4], [10, 13], [22, 25]]
+
+
+ROWS = [
+    dict(classifier_scale=0.0, recognised=0.8, precision=0.6, recall=0.7),
+    dict(classifier_scale=1.0, recognised=0.9, precision=0.65, recall=0.5),
+    dict(classifier_scale=10.0, recognised=0.95, precision=0.7, recall=0.2),
+]
+
+
+def test_results_table_and_csv(tmp_path):
+    assert quickstart.results_table(ROWS[:2]).splitlines() == [
+        "| classifier scale | recognised as the requested class | precision | recall |",
+        "| ---: | ---: | ---: | ---: |",
+        "| 0 | 0.800 | 0.600 | 0.700 |",
+        "| 1 | 0.900 | 0.650 | 0.500 |",
+    ]
+    quickstart.write_results_csv(ROWS, str(tmp_path / "results.csv"))
+    with open(tmp_path / "results.csv") as f:
+        assert [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)] == ROWS
+
+
+def test_describe_trends_reports_the_trade_off_only_when_the_numbers_show_it():
+    text = quickstart.describe_trends(ROWS)
+    assert "- recognised rises at every step (0.800 -> 0.950)" in text
+    assert "- recall falls at every step (0.700 -> 0.200)" in text
+    assert "The fidelity-diversity trade-off shows" in text
+    flat_precision = [dict(row, precision=0.6 + 0.1 * (index == 1)) for index, row in enumerate(ROWS)]
+    text = quickstart.describe_trends(flat_precision)
+    assert "- precision ends where it starts (0.600 -> 0.600)" in text
+    assert "does not fully show" in text
+    mixed = [dict(row, recall=value) for row, value in zip(ROWS, (0.5, 0.6, 0.4))]
+    assert "- recall falls overall, not at every step" in quickstart.describe_trends(mixed)
+
+
+def test_pictures_have_the_expected_layout():
+    plot = quickstart.draw_tradeoff_plot(ROWS, width=400, height=260)
+    assert plot.size == (400, 260) and plot.mode == "RGB"
+    grid = np.full((30, 20, 3), 128, np.uint8)
+    picture = quickstart.overview_picture([("a", grid)] * 4, plot, zoom=2)
+    # Two by two grids of 40 x (60 + caption) with 12-pixel gaps, then the plot.
+    assert picture.width == 12 + 2 * 40 + 12 + 12 + 400 + 12
+    assert picture.height == max(2 * (60 + 24) + 12, 260) + 24
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="unknown quickstart options \\['steps'\\]"):
+        quickstart.run_quickstart(steps=3)
+    with pytest.raises(ValueError, match="--train_steps 0"):
+        quickstart.run_quickstart(train_steps=0)
+    with pytest.raises(ValueError, match="--heldout_dir needs --data_dir"):
+        quickstart.run_quickstart(heldout_dir="somewhere")
+
+
+# ---------------------------------------------------------------------- the whole job
+
+
+def test_the_job_writes_grids_table_plot_and_checkpoints_that_parse(script_run):
+    out = script_run
+    with open(out / "results.csv") as f:
+        rows = [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
+    assert [row["classifier_scale"] for row in rows] == [0.0, 2.0]
+    assert all(0 <= row[key] <= 1 for row in rows for key in ("recognised", "precision", "recall"))
+    report = (out / "results.md").read_text()
+    assert quickstart.results_table(rows) in report
+    assert "18 training and 12 held-out images of 3 classes at 8x8" in report
+    assert quickstart.describe_trends(rows) in report and "Wall time: data" in report
+
+    labels = np.repeat(np.arange(3), 4)
+    for scale in ("0", "2"):
+        with np.load(out / "samples" / f"scale_{scale}.npz") as arrays:
+            assert arrays["arr_0"].shape == (12, 8, 8, 3) and arrays["arr_0"].dtype == np.uint8
+            assert np.array_equal(arrays["arr_1"], labels)
+        grid = Image.open(out / "samples" / f"scale_{scale}.png")
+        assert grid.size == (3 * 10 + 2, 3 * 10 + 2)  # 3 columns, one row per class
+    assert Image.open(out / "tradeoff.png").size == (460, 300)
+    assert Image.open(out / "quickstart.png").mode == "RGB"
+    assert "sampling 12 images at classifier scale 2" in (out / "log.txt").read_text()
+    assert (out / "diffusion" / "progress.csv").exists() and (out / "classifier" / "progress.csv").exists()
+
+
+def test_the_job_checkpoints_load_into_models_built_from_their_flags(script_run):
+    from guided_diffusion.checkpoint import read_sidecar
+
+    ema = str(script_run / "diffusion" / "ema_0.995_000002.pt")
+    flags = read_sidecar(ema)["flags"]
+    assert (flags["image_size"], flags["num_classes"], flags["class_cond"]) == (8, 3, True)
+    model, _ = create_model_and_diffusion(**flags)
+    load_checkpoint(model, ema, flags=flags)
+    classifier_path = str(script_run / "classifier" / "model000002.pt")
+    classifier_flags = read_sidecar(classifier_path)["flags"]
+    classifier_only = {name: classifier_flags[name] for name in classifier_defaults()}
+    classifier = create_classifier(**classifier_only)
+    load_checkpoint(classifier, classifier_path, flags=classifier_only)
+    assert classifier.out_channels == 3
+
+
+def test_the_same_seed_gives_the_same_samples(script_run, tiny_folders, tmp_path, isolated_logger):
+    rows = quickstart.run_quickstart(
+        progress=False, out_dir=str(tmp_path), data_dir=tiny_folders[0], heldout_dir=tiny_folders[1],
+        **TINY_OPTIONS)
+    with open(script_run / "results.csv") as f:
+        assert [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)] == rows
+    for scale in ("0", "2"):
+        first = np.load(script_run / "samples" / f"scale_{scale}.npz")["arr_0"]
+        second = np.load(tmp_path / "samples" / f"scale_{scale}.npz")["arr_0"]
+        assert np.array_equal(first, second)
+    first = th.load(script_run / "diffusion" / "model000002.pt", weights_only=True)
+    second = th.load(tmp_path / "diffusion" / "model000002.pt", weights_only=True)
+    assert all(th.equal(first[key], second[key]) for key in first)
