@@ -342,11 +342,13 @@ class GaussianDiffusion:
     def _check_timesteps(self, t, x):
         """
         Raise ValueError unless t is an [N] tensor of steps in [0, num_timesteps).
+        The values are checked on the CPU only: on an accelerator the check
+        would stall the host on every call.
         """
         if not isinstance(t, th.Tensor) or tuple(t.shape) != (x.shape[0],):
             shape = tuple(t.shape) if isinstance(t, th.Tensor) else type(t).__name__
             raise ValueError(f"timesteps: expected a tensor of shape ({x.shape[0]},), got {shape}")
-        if t.numel() and bool(((t < 0) | (t >= self.num_timesteps)).any()):
+        if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t >= self.num_timesteps)).any()):
             raise ValueError(
                 f"timesteps {t.tolist()}: expected integers in [0, {self.num_timesteps - 1}]"
             )
