@@ -48,7 +48,9 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
     :return: a float64 numpy array of betas, shape [num_diffusion_timesteps].
     """
     if int(num_diffusion_timesteps) != num_diffusion_timesteps or num_diffusion_timesteps < 1:
-        raise ValueError(f"num_diffusion_timesteps={num_diffusion_timesteps!r}: expected a positive integer")
+        raise ValueError(
+            f"num_diffusion_timesteps={num_diffusion_timesteps!r}: expected a positive integer"
+        )
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
         betas = np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
@@ -141,7 +143,9 @@ class GaussianDiffusion:
         scaled to the range [0, 1000) whatever the number of steps.
     """
 
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False):
+    def __init__(
+        self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False
+    ):
         for value, enum_type in (
             (model_mean_type, ModelMeanType), (model_var_type, ModelVarType), (loss_type, LossType)
         ):
@@ -154,10 +158,13 @@ class GaussianDiffusion:
 
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 2:
-            raise ValueError(f"betas: expected a 1-D array of at least 2 values, got shape {betas.shape}")
+            raise ValueError(
+                f"betas: expected a 1-D array of at least 2 values, got shape {betas.shape}"
+            )
         if not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError(
-                f"betas: expected every value in (0, 1], got min {betas.min():g}, max {betas.max():g}"
+                f"betas: expected every value in (0, 1], "
+                f"got min {betas.min():g}, max {betas.max():g}"
             )
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
@@ -176,13 +183,18 @@ class GaussianDiffusion:
 
         # The posterior q(x_{t-1} | x_t, x_0). Its variance is 0 at t = 0, so the
         # log-variance there borrows the value at t = 1.
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / one_minus_alphas_cumprod
+        )
         self.posterior_log_variance_clipped = np.log(
             np.append(self.posterior_variance[1], self.posterior_variance[1:])
         )
-        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = (
+            betas * np.sqrt(self.alphas_cumprod_prev) / one_minus_alphas_cumprod
+        )
         self.posterior_mean_coef2 = (
-            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / one_minus_alphas_cumprod
         )
 
         # FIXED_LARGE uses beta_t, except at t = 0 where the posterior variance
@@ -270,12 +282,15 @@ class GaussianDiffusion:
 
         if self._learns_variance():
             model_output, model_var_values = _split_mean_and_variance(model_output, x)
-            model_variance, model_log_variance = self._learned_variance(model_var_values, t, x.shape)
+            model_variance, model_log_variance = self._learned_variance(
+                model_var_values, t, x.shape
+            )
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
                 variance, log_variance = self._large_variance, self._large_log_variance
             else:
-                variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
+                variance = self.posterior_variance
+                log_variance = self.posterior_log_variance_clipped
             model_variance = _extract_into_tensor(variance, t, x.shape)
             model_log_variance = _extract_into_tensor(log_variance, t, x.shape)
 
@@ -285,13 +300,17 @@ class GaussianDiffusion:
             return pred.clamp(-1, 1) if clip_denoised else pred
 
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output))
+            pred_xstart = process_xstart(
+                self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
+            )
             model_mean = model_output
         else:
             if self.model_mean_type == ModelMeanType.START_X:
                 pred_xstart = process_xstart(model_output)
             else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
+                pred_xstart = process_xstart(
+                    self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
+                )
             model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
 
         _check_same_shape(model_mean=model_mean, x=x)
@@ -326,7 +345,10 @@ class GaussianDiffusion:
         _check_same_shape(x_t=x_t, xprev=xprev)
         return (
             _extract_into_tensor(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
-            - _extract_into_tensor(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape) * x_t
+            - _extract_into_tensor(
+                self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape
+            )
+            * x_t
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
@@ -348,7 +370,8 @@ class GaussianDiffusion:
         if not isinstance(t, th.Tensor) or tuple(t.shape) != (x.shape[0],):
             shape = tuple(t.shape) if isinstance(t, th.Tensor) else type(t).__name__
             raise ValueError(f"timesteps: expected a tensor of shape ({x.shape[0]},), got {shape}")
-        if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t >= self.num_timesteps)).any()):
+        on_cpu = t.device.type == "cpu"
+        if on_cpu and t.numel() and bool(((t < 0) | (t >= self.num_timesteps)).any()):
             raise ValueError(
                 f"timesteps {t.tolist()}: expected integers in [0, {self.num_timesteps - 1}]"
             )
@@ -387,7 +410,8 @@ class GaussianDiffusion:
         """
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        eps = eps - (1 - alpha_bar).sqrt() * gradient
         out = dict(p_mean_var)
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
@@ -417,7 +441,8 @@ class GaussianDiffusion:
         :return: dict with 'sample' (x_{t-1}) and 'pred_xstart'.
         """
         out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
         )
         noise = (noise_fn or th.randn_like)(x)
         if cond_fn is not None:
@@ -485,7 +510,8 @@ class GaussianDiffusion:
         Other arguments as p_sample.
         """
         out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
         )
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -494,11 +520,14 @@ class GaussianDiffusion:
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
         sigma = (
-            eta * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * th.sqrt(1 - alpha_bar / alpha_bar_prev)
+            eta
+            * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * th.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
         noise = (noise_fn or th.randn_like)(x)
         mean_pred = (
-            out["pred_xstart"] * th.sqrt(alpha_bar_prev) + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+            out["pred_xstart"] * th.sqrt(alpha_bar_prev)
+            + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         )
         sample = mean_pred + _nonzero_mask(t, x) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -518,7 +547,8 @@ class GaussianDiffusion:
         if eta != 0.0:
             raise ValueError(f"ddim_reverse_sample: eta={eta}, the reverse ODE needs eta=0")
         out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
         )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
@@ -589,7 +619,9 @@ class GaussianDiffusion:
             raise ValueError(f"shape {shape!r}: expected a tuple or list like (N, C, H, W)")
         if noise is not None:
             if tuple(noise.shape) != tuple(shape):
-                raise ValueError(f"noise shape {tuple(noise.shape)} differs from shape {tuple(shape)}")
+                raise ValueError(
+                    f"noise shape {tuple(noise.shape)} differs from shape {tuple(shape)}"
+                )
             return noise if device is None else noise.to(device)
         if device is None:
             device = next(model.parameters()).device
@@ -612,11 +644,14 @@ class GaussianDiffusion:
         :return: dict with 'output' ([N] tensor) and 'pred_xstart'.
         """
         true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(
+            model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        )
         kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / np.log(2.0)
-        log_scales = 0.5 * out["log_variance"]
-        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=log_scales)
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
         decoder_nll = mean_flat(decoder_nll) / np.log(2.0)
         return {"output": th.where((t == 0), decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
@@ -658,7 +693,8 @@ class GaussianDiffusion:
             # Stop the VLB's gradient through the mean; it trains the variance only.
             frozen_out = th.cat([model_output.detach(), model_var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(
-                model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
+                model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t,
+                clip_denoised=False,
             )["output"]
             if self.loss_type == LossType.RESCALED_MSE:
                 # The MSE term is a mean over steps, not a sum; rescale the VLB to match.

@@ -94,7 +94,8 @@ class LossAwareSampler(ScheduleSampler):
         """
         if len(local_ts) != len(local_losses):
             raise ValueError(
-                f"{len(local_ts)} timesteps but {len(local_losses)} losses: expected one loss per step"
+                f"{len(local_ts)} timesteps but {len(local_losses)} losses: "
+                "expected one loss per step"
             )
         local_ts, local_losses = local_ts.detach(), local_losses.detach()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -17,6 +17,9 @@ from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.unet import UNetModel
 
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
 def make_diffusion(
     steps=100,
     schedule="linear",
@@ -122,7 +125,7 @@ def test_schedule_arrays_are_float64_and_consistent():
     assert diffusion.alphas_cumprod.dtype == np.float64
     assert np.allclose(diffusion.alphas_cumprod, alphas_cumprod, rtol=1e-14)
     assert diffusion.alphas_cumprod_prev[0] == 1.0 and diffusion.alphas_cumprod_next[-1] == 0.0
-    assert np.allclose(diffusion.sqrt_recipm1_alphas_cumprod ** 2, 1 / alphas_cumprod - 1)
+    assert np.allclose(diffusion.sqrt_recipm1_alphas_cumprod**2, 1 / alphas_cumprod - 1)
 
 
 # ----------------------------------------------------------------------------- q(x_t | x_0)
@@ -169,25 +172,33 @@ def test_posterior_matches_bayes_rule(schedule):
         x_start.float(), x_t.float(), th.tensor(steps)
     )
     for row, t in enumerate(steps):
-        # q(x_{t-1} | x_0) = N(sqrt(ab_prev) x_0, 1 - ab_prev); q(x_t | x_{t-1}) = N(sqrt(a_t) x_{t-1}, b_t).
+        # q(x_{t-1} | x_0) = N(sqrt(ab_prev) x_0, 1 - ab_prev),
+        # q(x_t | x_{t-1}) = N(sqrt(a_t) x_{t-1}, b_t).
         ab_prev = np.prod(1 - betas[:t])
         alpha = 1 - betas[t]
         precision = 1 / (1 - ab_prev) + alpha / betas[t]
         expected_mean = (
-            math.sqrt(ab_prev) * x_start[row] / (1 - ab_prev) + math.sqrt(alpha) * x_t[row] / betas[t]
+            math.sqrt(ab_prev) * x_start[row] / (1 - ab_prev)
+            + math.sqrt(alpha) * x_t[row] / betas[t]
         ) / precision
         assert th.allclose(mean[row].double(), expected_mean, rtol=1e-5, atol=1e-6)
         assert th.allclose(variance[row].double(), th.full_like(x_t[row], 1 / precision), rtol=1e-5)
-        assert th.allclose(log_variance[row].double(), th.full_like(x_t[row], -math.log(precision)), rtol=1e-5)
+        assert th.allclose(
+            log_variance[row].double(), th.full_like(x_t[row], -math.log(precision)), rtol=1e-5
+        )
 
 
 def test_posterior_at_first_step_is_x_start_with_clipped_log_variance():
     diffusion = make_diffusion(100)
     x_start, x_t = th.randn(2, 3, 2, 2), th.randn(2, 3, 2, 2)
-    mean, variance, log_variance = diffusion.q_posterior_mean_variance(x_start, x_t, timesteps(0, 0))
+    mean, variance, log_variance = diffusion.q_posterior_mean_variance(
+        x_start, x_t, timesteps(0, 0)
+    )
     assert th.allclose(mean, x_start, atol=1e-6)
     assert (variance == 0).all()
-    assert th.allclose(log_variance, th.tensor(math.log(diffusion.posterior_variance[1])), rtol=1e-6)
+    assert th.allclose(
+        log_variance, th.tensor(math.log(diffusion.posterior_variance[1])), rtol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- p(x_{t-1} | x_t)
@@ -201,11 +212,16 @@ def test_fixed_and_learned_variances():
     expected = [large.posterior_variance[1], large.betas[1], large.betas[77]]
     assert out["variance"][:, 0, 0, 0].tolist() == pytest.approx(expected, rel=1e-6)
 
-    for v, expected_log in ((-1.0, large.posterior_log_variance_clipped), (1.0, np.log(large.betas))):
+    for v, expected_log in (
+        (-1.0, large.posterior_log_variance_clipped),
+        (1.0, np.log(large.betas)),
+    ):
         ranged = make_diffusion(100, var_type=ModelVarType.LEARNED_RANGE)
         output = th.cat([th.zeros_like(x), th.full_like(x, v)], dim=1)
         out = ranged.p_mean_variance(ConstantOutput(output), x, t)
-        assert out["log_variance"][:, 0, 0, 0].tolist() == pytest.approx(expected_log[[0, 1, 77]], rel=1e-6)
+        assert out["log_variance"][:, 0, 0, 0].tolist() == pytest.approx(
+            expected_log[[0, 1, 77]], rel=1e-6
+        )
 
     learned = make_diffusion(100, var_type=ModelVarType.LEARNED)
     log_var = th.randn_like(x)
@@ -220,8 +236,11 @@ def test_mean_types_recover_the_same_posterior(mean_type):
     t = timesteps(5, 60)
     x_t = diffusion.q_sample(x_start, t, noise=noise)
     posterior_mean = diffusion.q_posterior_mean_variance(x_start, x_t, t)[0]
-    output = {ModelMeanType.EPSILON: noise, ModelMeanType.START_X: x_start,
-              ModelMeanType.PREVIOUS_X: posterior_mean}[mean_type]
+    output = {
+        ModelMeanType.EPSILON: noise,
+        ModelMeanType.START_X: x_start,
+        ModelMeanType.PREVIOUS_X: posterior_mean,
+    }[mean_type]
     out = diffusion.p_mean_variance(ConstantOutput(output), x_t, t, clip_denoised=False)
     assert th.allclose(out["pred_xstart"], x_start, atol=1e-4)
     assert th.allclose(out["mean"], posterior_mean, atol=1e-5)
@@ -231,7 +250,9 @@ def test_clip_and_denoised_fn_apply_to_pred_xstart():
     diffusion = make_diffusion(100, mean_type=ModelMeanType.START_X)
     x = th.randn(1, 1, 2, 2)
     output = th.tensor([[[[3.0, -3.0], [0.5, -0.25]]]])
-    out = diffusion.p_mean_variance(ConstantOutput(output), x, timesteps(10), denoised_fn=lambda p: p * 0.5)
+    out = diffusion.p_mean_variance(
+        ConstantOutput(output), x, timesteps(10), denoised_fn=lambda p: p * 0.5
+    )
     assert out["pred_xstart"].flatten().tolist() == [1.0, -1.0, 0.25, -0.125]
 
 
@@ -252,7 +273,9 @@ def test_timesteps_and_shapes_are_validated(tiny_model):
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         diffusion.q_mean_variance(x, timesteps(3))
     with pytest.raises(ValueError, match="learned variance needs"):
-        make_diffusion(100, var_type=ModelVarType.LEARNED_RANGE).p_mean_variance(tiny_model(), x, timesteps(1, 2))
+        make_diffusion(100, var_type=ModelVarType.LEARNED_RANGE).p_mean_variance(
+            tiny_model(), x, timesteps(1, 2)
+        )
     with pytest.raises(ValueError, match="noise shape"):
         diffusion.p_sample_loop(tiny_model(), (2, 3, 2, 2), noise=th.randn(1, 3, 2, 2))
     with pytest.raises(ValueError, match="eta=0"):
@@ -269,8 +292,11 @@ def test_kl_is_zero_when_the_model_returns_the_true_posterior(var_type, mean_typ
     x_start, noise = pixel_images(3), th.randn(3, 3, 4, 4)
     t = timesteps(1, 300, 999)
     x_t = diffusion.q_sample(x_start, t, noise=noise)
-    output = {ModelMeanType.EPSILON: noise, ModelMeanType.START_X: x_start,
-              ModelMeanType.PREVIOUS_X: diffusion.q_posterior_mean_variance(x_start, x_t, t)[0]}[mean_type]
+    output = {
+        ModelMeanType.EPSILON: noise,
+        ModelMeanType.START_X: x_start,
+        ModelMeanType.PREVIOUS_X: diffusion.q_posterior_mean_variance(x_start, x_t, t)[0],
+    }[mean_type]
     if var_type == ModelVarType.LEARNED_RANGE:  # v = -1 selects the posterior variance
         output = th.cat([output, -th.ones_like(output)], dim=1)
     loss = diffusion.training_losses(ConstantOutput(output), x_start, t, noise=noise)["loss"]
@@ -278,7 +304,7 @@ def test_kl_is_zero_when_the_model_returns_the_true_posterior(var_type, mean_typ
 
 
 def _approx_cdf(x):
-    return 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def test_decoder_term_is_the_discretized_gaussian_likelihood():
@@ -306,8 +332,11 @@ def test_mse_targets_per_mean_type(mean_type):
     prediction = th.randn(2, 3, 4, 4)
     terms = diffusion.training_losses(ConstantOutput(prediction), x_start, t, noise=noise)
     x_t = diffusion.q_sample(x_start, t, noise=noise)
-    target = {ModelMeanType.EPSILON: noise, ModelMeanType.START_X: x_start,
-              ModelMeanType.PREVIOUS_X: diffusion.q_posterior_mean_variance(x_start, x_t, t)[0]}[mean_type]
+    target = {
+        ModelMeanType.EPSILON: noise,
+        ModelMeanType.START_X: x_start,
+        ModelMeanType.PREVIOUS_X: diffusion.q_posterior_mean_variance(x_start, x_t, t)[0],
+    }[mean_type]
     assert set(terms) == {"loss", "mse"}
     assert th.allclose(terms["mse"], ((target - prediction) ** 2).mean(dim=(1, 2, 3)))
     assert th.equal(terms["loss"], terms["mse"])
@@ -335,10 +364,14 @@ def test_rescaled_losses_scale_the_variational_terms():
         return diffusion.training_losses(model, x_start, t, noise=noise)
 
     plain, rescaled = losses(LossType.MSE), losses(LossType.RESCALED_MSE)
-    assert th.allclose(rescaled["vb"], plain["vb"] * 0.1) and th.equal(rescaled["mse"], plain["mse"])
+    assert th.allclose(rescaled["vb"], plain["vb"] * 0.1) and th.equal(
+        rescaled["mse"], plain["mse"]
+    )
     kl, rescaled_kl = losses(LossType.KL), losses(LossType.RESCALED_KL)
     assert set(kl) == {"loss"}
-    assert th.allclose(kl["loss"], plain["vb"]) and th.allclose(rescaled_kl["loss"], kl["loss"] * 100)
+    assert th.allclose(kl["loss"], plain["vb"]) and th.allclose(
+        rescaled_kl["loss"], kl["loss"] * 100
+    )
 
 
 def test_training_losses_draws_noise_with_randn_like(tiny_model):
@@ -347,7 +380,9 @@ def test_training_losses_draws_noise_with_randn_like(tiny_model):
     th.manual_seed(7)
     drawn = diffusion.training_losses(tiny_model(), x_start, t)["loss"]
     th.manual_seed(7)
-    given = diffusion.training_losses(tiny_model(), x_start, t, noise=th.randn_like(x_start))["loss"]
+    given = diffusion.training_losses(tiny_model(), x_start, t, noise=th.randn_like(x_start))[
+        "loss"
+    ]
     assert th.equal(drawn, given)
 
 
@@ -362,7 +397,7 @@ def test_calc_bpd_loop_for_a_perfect_x_start_model():
     assert out["vb"][:, :-1].abs().max() < 1e-5 and (out["vb"][:, -1] > 0.1).all()
     assert th.allclose(out["total_bpd"], out["vb"].sum(dim=1) + out["prior_bpd"])
     alpha_bar = diffusion.alphas_cumprod[-1]
-    prior = 0.5 * (-1 - math.log(1 - alpha_bar) + (1 - alpha_bar) + alpha_bar * x_start ** 2)
+    prior = 0.5 * (-1 - math.log(1 - alpha_bar) + (1 - alpha_bar) + alpha_bar * x_start**2)
     assert th.allclose(out["prior_bpd"], prior.mean(dim=(1, 2, 3)) / math.log(2), rtol=1e-4)
 
 
@@ -492,8 +527,12 @@ def test_ddim_reverse_sample_inverts_ddim_sample():
     # A model with fixed eps follows the ODE exactly, so one step back and forth is exact.
     model = ConstantOutput(eps)
     for t in (1, 500, 998):
-        x_t = diffusion.ddim_sample(model, x_next, th.full((2,), t + 1), clip_denoised=False)["sample"]
-        back = diffusion.ddim_reverse_sample(model, x_t, th.full((2,), t), clip_denoised=False)["sample"]
+        x_t = diffusion.ddim_sample(model, x_next, th.full((2,), t + 1), clip_denoised=False)[
+            "sample"
+        ]
+        back = diffusion.ddim_reverse_sample(model, x_t, th.full((2,), t), clip_denoised=False)[
+            "sample"
+        ]
         assert th.allclose(back, x_next, rtol=1e-4, atol=1e-4)
 
 
@@ -510,7 +549,9 @@ def test_ddim_reverse_sample_loop_reconstructs_through_the_sampler(tiny_model):
     latent = diffusion.ddim_reverse_sample_loop(model, x_start, clip_denoised=False)
     assert len(model.calls) == 99 and model.calls[0].tolist() == [0, 0]
     assert model.calls[-1].tolist() == [98, 98]
-    reconstruction = diffusion.ddim_sample_loop(model, x_start.shape, noise=latent, clip_denoised=False)
+    reconstruction = diffusion.ddim_sample_loop(
+        model, x_start.shape, noise=latent, clip_denoised=False
+    )
     assert (reconstruction - x_start).abs().max() < 0.015
     assert (latent - x_start).abs().mean() > 0.2
 
@@ -551,7 +592,9 @@ def test_condition_mean_and_condition_score_closed_forms(tiny_model):
     # eps' = eps - sqrt(1 - ab) g  =>  x_0' = x_0 + (1 - ab) / sqrt(ab) g
     shifted = out["pred_xstart"] + (1 - alpha_bar) / alpha_bar.sqrt() * gradient
     assert th.allclose(new["pred_xstart"], shifted, rtol=1e-4, atol=1e-4)
-    assert th.allclose(new["mean"], diffusion.q_posterior_mean_variance(new["pred_xstart"], x, t)[0])
+    assert th.allclose(
+        new["mean"], diffusion.q_posterior_mean_variance(new["pred_xstart"], x, t)[0]
+    )
     assert new["variance"] is out["variance"]
 
 
@@ -567,8 +610,15 @@ class EpsFromInput(th.nn.Module):
     def __init__(self):
         super().__init__()
         self.unet = UNetModel(
-            image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-            attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, num_classes=3,
+            image_size=8,
+            in_channels=3,
+            model_channels=32,
+            out_channels=6,
+            num_res_blocks=1,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_heads=2,
+            num_classes=3,
             fast_attention=False,
         )
         generator = th.Generator().manual_seed(0)
@@ -600,12 +650,18 @@ GOLDEN_LOSSES = {
     "loss": [3.8731284, 2.6972766e-03],
 }
 GOLDEN_SAMPLES = {
-    "10": (-16.972679138183594, 146.86032104492188,
-           [-0.441864, 0.017187735, -0.42348906, 0.5419375],
-           [0.1250502, -0.46003243, -0.39499667, -0.3739746]),
-    "ddim10": (-7.886524200439453, 134.022216796875,
-               [-0.61010855, -0.6523992, -0.27174553, -0.3685724],
-               [0.07552132, 0.3821564, 0.050175864, 0.02391986]),
+    "10": (
+        -16.972679138183594,
+        146.86032104492188,
+        [-0.441864, 0.017187735, -0.42348906, 0.5419375],
+        [0.1250502, -0.46003243, -0.39499667, -0.3739746],
+    ),
+    "ddim10": (
+        -7.886524200439453,
+        134.022216796875,
+        [-0.61010855, -0.6523992, -0.27174553, -0.3685724],
+        [0.07552132, 0.3821564, 0.050175864, 0.02391986],
+    ),
 }
 
 
@@ -620,11 +676,15 @@ def test_golden_training_losses_of_a_tiny_unet():
         assert terms[key].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-8), key
 
 
-@pytest.mark.parametrize("respacing, loop", [("10", "p_sample_loop"), ("ddim10", "ddim_sample_loop")])
+@pytest.mark.parametrize(
+    "respacing, loop", [("10", "p_sample_loop"), ("ddim10", "ddim_sample_loop")]
+)
 def test_golden_ten_step_samples_of_a_tiny_unet(respacing, loop):
     model = EpsFromInput()
     th.manual_seed(0)
-    sample = getattr(adm_diffusion(respacing), loop)(model, (2, 3, 8, 8), model_kwargs={"y": th.tensor([0, 2])})
+    sample = getattr(adm_diffusion(respacing), loop)(
+        model, (2, 3, 8, 8), model_kwargs={"y": th.tensor([0, 2])}
+    )
     total, absolute, first_row, last_row = GOLDEN_SAMPLES[respacing]
     assert sample.sum().item() == pytest.approx(total, rel=1e-5)
     assert sample.abs().sum().item() == pytest.approx(absolute, rel=1e-5)

@@ -55,7 +55,9 @@ def _bin_probabilities(mean, log_scale):
     return log_probs.exp()
 
 
-@pytest.mark.parametrize("mean, log_scale", [(0.0, math.log(0.1)), (0.9, math.log(0.3)), (-1.2, -5.0)])
+@pytest.mark.parametrize(
+    "mean, log_scale", [(0.0, math.log(0.1)), (0.9, math.log(0.3)), (-1.2, -5.0)]
+)
 def test_discretized_likelihood_is_a_distribution_over_256_values(mean, log_scale):
     probs = _bin_probabilities(mean, log_scale)
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-9)
@@ -69,7 +71,9 @@ def test_discretized_likelihood_inner_and_edge_bins():
     )
 
     def cdf(value):
-        return approx_standard_normal_cdf(th.tensor((value - mean) / scale, dtype=th.float64)).item()
+        return approx_standard_normal_cdf(
+            th.tensor((value - mean) / scale, dtype=th.float64)
+        ).item()
 
     expected = [
         math.log(cdf(-1 + 1 / 255)),  # lowest bin reaches -inf
@@ -81,7 +85,9 @@ def test_discretized_likelihood_inner_and_edge_bins():
 
 def test_discretized_likelihood_floors_empty_bins():
     x = th.tensor([0.0])
-    got = discretized_gaussian_log_likelihood(x, means=th.tensor([0.9]), log_scales=th.tensor([-8.0]))
+    got = discretized_gaussian_log_likelihood(
+        x, means=th.tensor([0.9]), log_scales=th.tensor([-8.0])
+    )
     assert got.item() == pytest.approx(math.log(1e-12), rel=1e-6)
 
 

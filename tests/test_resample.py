@@ -25,7 +25,9 @@ def test_create_named_schedule_sampler():
     sampler = create_named_schedule_sampler("loss-second-moment", diffusion)
     assert isinstance(sampler, LossSecondMomentResampler)
     assert (sampler.history_per_term, sampler.uniform_prob) == (10, 0.001)
-    with pytest.raises(ValueError, match='"importance": expected one of loss-second-moment, uniform'):
+    with pytest.raises(
+        ValueError, match='"importance": expected one of loss-second-moment, uniform'
+    ):
         create_named_schedule_sampler("importance", diffusion)
 
 

@@ -12,7 +12,12 @@ from guided_diffusion.gaussian_diffusion import (
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
 
-def diffusion_kwargs(steps=100, schedule="linear", var_type=ModelVarType.LEARNED_RANGE, **overrides):
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def diffusion_kwargs(
+    steps=100, schedule="linear", var_type=ModelVarType.LEARNED_RANGE, **overrides
+):
     return dict(
         betas=get_named_beta_schedule(schedule, steps),
         model_mean_type=ModelMeanType.EPSILON,
@@ -113,7 +118,9 @@ def test_spacing_with_every_step_equals_the_base_process(tiny_model):
 
 
 def test_model_and_cond_fn_see_original_timesteps(tiny_model):
-    spaced = SpacedDiffusion([0, 40, 80], **diffusion_kwargs(100, var_type=ModelVarType.FIXED_LARGE))
+    spaced = SpacedDiffusion(
+        [0, 40, 80], **diffusion_kwargs(100, var_type=ModelVarType.FIXED_LARGE)
+    )
     model = tiny_model()
     cond_timesteps = []
 
@@ -130,7 +137,8 @@ def test_model_and_cond_fn_see_original_timesteps(tiny_model):
 
 def test_rescaled_timesteps_are_scaled_by_the_original_step_count(tiny_model):
     spaced = SpacedDiffusion(
-        [0, 50, 199], **diffusion_kwargs(200, var_type=ModelVarType.FIXED_SMALL, rescale_timesteps=True)
+        [0, 50, 199],
+        **diffusion_kwargs(200, var_type=ModelVarType.FIXED_SMALL, rescale_timesteps=True),
     )
     model = tiny_model()
     spaced.p_mean_variance(model, th.randn(3, 3, 2, 2), th.tensor([0, 1, 2]))
