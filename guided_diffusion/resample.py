@@ -188,3 +188,31 @@ class LossSecondMomentResampler(LossAwareSampler):
 
     def _warmed_up(self):
         return (self._loss_counts == self.history_per_term).all()
+
+    def state_dict(self):
+        """
+        The loss history, for exact resume of a training run.
+
+        :return: a dict of tensors (loadable with torch.load(weights_only=True)).
+        """
+        return {
+            "loss_history": th.from_numpy(self._loss_history.copy()),
+            "loss_counts": th.from_numpy(self._loss_counts.copy()),
+        }
+
+    def load_state_dict(self, state):
+        """
+        Restore the loss history saved by state_dict().
+
+        :param state: the dict state_dict() returned.
+        """
+        history = np.asarray(state["loss_history"], dtype=np.float64)
+        counts = np.asarray(state["loss_counts"], dtype=np.int64)
+        if history.shape != self._loss_history.shape or counts.shape != self._loss_counts.shape:
+            raise ValueError(
+                f"schedule sampler state of shape {history.shape} does not fit "
+                f"{self.diffusion.num_timesteps} timesteps x {self.history_per_term} losses; "
+                "resume with the same --diffusion_steps and --schedule_sampler"
+            )
+        self._loss_history = history.copy()
+        self._loss_counts = counts.copy()

@@ -107,3 +107,18 @@ def test_local_losses_are_gathered_across_ragged_ranks(tmp_path):
     # Rank 0's losses come first, then rank 1's in order.
     assert history[0][1].tolist() == [0.25, 4.0, 5.0]
     assert history[0][2:6, 0].tolist() == [0.5, 1.0, 2.0, 3.0]
+
+
+def test_loss_second_moment_state_round_trips_through_a_checkpoint(tmp_path):
+    diffusion = SimpleNamespace(num_timesteps=4)
+    sampler = LossSecondMomentResampler(diffusion, history_per_term=2)
+    sampler.update_with_all_losses([0, 1, 2, 3, 0, 1, 2, 3, 3], [1.0, 2.0, 3.0, 4.0] * 2 + [8.0])
+    path = tmp_path / "sampler.pt"
+    th.save(sampler.state_dict(), path)
+    restored = LossSecondMomentResampler(diffusion, history_per_term=2)
+    restored.load_state_dict(th.load(path, weights_only=True))
+    assert (restored.weights() == sampler.weights()).all()
+    assert restored._loss_history[3].tolist() == [4.0, 8.0]
+    too_long = LossSecondMomentResampler(diffusion, history_per_term=3)
+    with pytest.raises(ValueError, match="same --diffusion_steps"):
+        too_long.load_state_dict(sampler.state_dict())
