@@ -14,7 +14,6 @@ With use_bf16 the parameters stay float32 (they are the master weights) and the
 forward pass runs under torch.autocast(dtype=torch.bfloat16); no loss scale is needed.
 """
 
-import contextlib
 import math
 
 import torch as th
@@ -22,6 +21,7 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import logger
+from .acceleration import bf16_autocast
 
 INITIAL_LOG_LOSS_SCALE = 20.0
 
@@ -175,10 +175,9 @@ def zero_grad(model_params):
 
     :param model_params: an iterable of parameters.
     """
-    for param in model_params:
-        if param.grad is not None:
-            param.grad.detach_()
-            param.grad.zero_()
+    grads = [param.grad.detach_() for param in model_params if param.grad is not None]
+    if grads:
+        th._foreach_zero_(grads)
 
 
 def check_overflow(value):
@@ -237,10 +236,8 @@ class MixedPrecisionTrainer:
         :return: a context manager for the forward pass: bfloat16 autocast when use_bf16,
             otherwise one that does nothing.
         """
-        if not self.use_bf16:
-            return contextlib.nullcontext()
         device_type = self.model_params[0].device.type if self.model_params else "cpu"
-        return th.autocast(device_type=device_type, dtype=th.bfloat16)
+        return bf16_autocast(device_type, enabled=self.use_bf16)
 
     def backward(self, loss):
         """
@@ -308,16 +305,18 @@ class MixedPrecisionTrainer:
     def _compute_norms(self, grad_scale=1.0):
         """
         :param grad_scale: divides the gradient norm (the loss scale under fp16).
-        :return: (gradient norm, parameter norm) over all master parameters.
+        :return: (gradient norm, parameter norm) over all master parameters, read from
+            the device at once (not once per parameter).
         """
-        grad_norm = 0.0
-        param_norm = 0.0
-        for param in self.master_params:
-            with th.no_grad():
-                param_norm += th.norm(param, p=2, dtype=th.float32).item() ** 2
-                if param.grad is not None:
-                    grad_norm += th.norm(param.grad, p=2, dtype=th.float32).item() ** 2
-        return math.sqrt(grad_norm) / grad_scale, math.sqrt(param_norm)
+        grads = [param.grad for param in self.master_params if param.grad is not None]
+        tensors = grads + list(self.master_params)
+        if not tensors:
+            return 0.0, 0.0
+        with th.no_grad():
+            squares = th.stack(th._foreach_norm(tensors, 2, dtype=th.float32)).double().square()
+            sums = th.stack([squares[: len(grads)].sum(), squares[len(grads) :].sum()])
+        grad_square, param_square = sums.tolist()
+        return math.sqrt(grad_square) / grad_scale, math.sqrt(param_square)
 
     def master_params_to_state_dict(self, master_params):
         """

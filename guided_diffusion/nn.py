@@ -101,14 +101,19 @@ def scale_module(module, scale):
 def update_ema(target_params, source_params, rate=0.99):
     """
     Move target parameters towards source parameters by an exponential moving
-    average: target = rate * target + (1 - rate) * source.
+    average: target = rate * target + (1 - rate) * source (foreach kernels, the same
+    arithmetic as one mul_ and add_ per tensor).
 
     :param target_params: the target parameter sequence (updated in place).
     :param source_params: the source parameter sequence.
     :param rate: the EMA rate (closer to 1 means slower).
     """
-    for target, source in zip(target_params, source_params):
-        target.detach().mul_(rate).add_(source, alpha=1 - rate)
+    pairs = list(zip(target_params, source_params))
+    if not pairs:
+        return
+    targets = [target.detach() for target, _ in pairs]
+    th._foreach_mul_(targets, rate)
+    th._foreach_add_(targets, [source.detach() for _, source in pairs], alpha=1 - rate)
 
 
 def mean_flat(tensor):

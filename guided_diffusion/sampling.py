@@ -19,6 +19,7 @@ Random draws:
   processes.
 """
 
+import argparse
 import io
 import math
 
@@ -30,10 +31,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
+from .acceleration import accelerate, acceleration_defaults, to_channels_last
 from .checkpoint import load_checkpoint
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import save_image_grid, to_uint8_nhwc
-from .script_util import str2bool
+from .script_util import add_dict_to_argparser, str2bool
 from .training_state import atomic_write
 from .unet import SuperResModel
 
@@ -194,6 +196,8 @@ def sample(
     progress=True,          # tqdm bar (on rank 0)
     num_classes=None,       # real classes (default: the model's or classifier's)
     class_balanced=False,   # exactly num_samples / num_classes labels per class
+    use_bf16=False,         # bfloat16 autocast for the model and classifier (other numbers)
+    compile=False,          # torch.compile them (eager if compilation fails)
 ):
     """
     Sample images in one call, optionally guided; over all processes when a
@@ -229,11 +233,12 @@ def sample(
     if labels is None and uses_labels:
         labels = choose_labels(num_samples, num_classes, class_balanced, seed)
 
-    model_fn = _model_function(model, conditional, cfg_scale, num_classes)
+    speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
+    model_fn = _model_function(model, accelerate(model, **speed_ups), conditional, cfg_scale, num_classes)
     cond_fn = None
     if classifier is not None:
         check_classifier(classifier, shape[-1], num_classes)
-        cond_fn = classifier_cond_fn(classifier, classifier_scale)
+        cond_fn = classifier_cond_fn(accelerate(classifier, **speed_ups), classifier_scale)
 
     world_size, rank = dist_util.get_world_size(), dist_util.get_rank()
     plan = rounds(num_samples, batch_size, world_size)
@@ -352,19 +357,20 @@ def _sample_shape(model, low_res):
     return (1, channels, model.image_size, model.image_size)
 
 
-def _model_function(model, conditional, cfg_scale, num_classes):
+def _model_function(model, run, conditional, cfg_scale, num_classes):
     """
-    The model as the sampling loop calls it: with classifier-free guidance, or
-    dropping the labels (only the classifier uses them) for an unconditional model.
+    The model as the sampling loop calls it (through `run`, the model or its
+    accelerated form): with classifier-free guidance, or dropping the labels (only
+    the classifier uses them) for an unconditional model.
     """
     if cfg_scale is not None:
         null_label = check_classifier_free(model, cfg_scale, num_classes)
-        return classifier_free_model(model, cfg_scale, null_label)
+        return classifier_free_model(run, cfg_scale, null_label)
     if conditional:
-        return model
+        return run
 
     def unconditional_model(x, t, y=None, **kwargs):
-        return model(x, t, **kwargs)
+        return run(x, t, **kwargs)
 
     return unconditional_model
 
@@ -398,10 +404,13 @@ def _sample_batch(
     return out["sample"]
 
 
-def load_for_sampling(model, path, flags, flag_name="--model_path", use_fp16=False, device=None):
+def load_for_sampling(
+    model, path, flags, flag_name="--model_path", use_fp16=False, device=None, channels_last=False
+):
     """
     Load a checkpoint strictly into a model (a mismatch raises checkpoint.load_checkpoint's
-    report), move it to a device, convert it to float16 if asked, and set eval mode.
+    report), move it to a device, convert it to float16 and channels_last if asked, and
+    set eval mode.
 
     :param model: the model built from the flags.
     :param path: the checkpoint file; "" is refused with a hint.
@@ -409,6 +418,7 @@ def load_for_sampling(model, path, flags, flag_name="--model_path", use_fp16=Fal
     :param flag_name: the command-line flag that named the path, for messages.
     :param use_fp16: call model.convert_to_fp16().
     :param device: where to put the model (default: dist_util.dev()).
+    :param channels_last: store its weights in channels_last order.
     :return: the model.
     """
     if not path:
@@ -420,6 +430,8 @@ def load_for_sampling(model, path, flags, flag_name="--model_path", use_fp16=Fal
     model.to(dist_util.dev() if device is None else device)
     if use_fp16:
         model.convert_to_fp16()
+    if channels_last:
+        to_channels_last(model)
     model.eval()
     return model
 
@@ -539,6 +551,8 @@ def evaluate_bpd(
     seed=None,              # per-image seeded noise (None: the global RNG)
     device=None,            # default: the model's device
     progress=True,          # tqdm bar (on rank 0)
+    use_bf16=False,         # bfloat16 autocast for the model (other numbers)
+    compile=False,          # torch.compile the model (eager if compilation fails)
 ):
     """
     The variational bound in bits per dimension of dataset images
@@ -552,6 +566,7 @@ def evaluate_bpd(
         device = next(model.parameters()).device
     if num_samples > len(dataset):
         logger.warn(f"num_samples={num_samples} > {len(dataset)} images: images are repeated")
+    run = accelerate(model, compile=compile, use_bf16=use_bf16, device=device)
     world_size, rank = dist_util.get_world_size(), dist_util.get_rank()
     plan = rounds(num_samples, batch_size, world_size)
     steps = sum(len(work[rank]) > 0 for work in plan) * diffusion.num_timesteps
@@ -566,7 +581,7 @@ def evaluate_bpd(
                 for name in names
             }
             if len(indices):
-                local = _batch_bpd(diffusion, model, dataset, indices, clip_denoised, seed, device)
+                local = _batch_bpd(diffusion, run, dataset, indices, clip_denoised, seed, device)
                 bar.update(diffusion.num_timesteps)
             for name in names:
                 gathered[name].append(gather_in_order(local[name].float(), work, batch_size).cpu())
@@ -593,9 +608,34 @@ def _batch_bpd(diffusion, model, dataset, indices, clip_denoised, seed, device):
     )
 
 
+def sampling_defaults():
+    """
+    :return: the flag defaults image_sample.py, classifier_sample.py and
+        super_res_sample.py share (the original's).
+    """
+    return dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="")
+
+
+def sampling_argparser(doc, defaults, guidance=True, images=True):
+    """
+    The flags of a sampling script: one per entry of `defaults`, then add_sampling_flags.
+
+    :param doc: the script's docstring; its first line describes the script.
+    :param defaults: the script's flag defaults.
+    :param guidance: add --cfg_scale and --class_balanced.
+    :param images: add --save_png.
+    :return: an argparse.ArgumentParser.
+    """
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    add_sampling_flags(parser, guidance=guidance, images=images)
+    return parser
+
+
 def add_sampling_flags(parser, guidance=True, images=True):
     """
-    Add the flags this project adds to the original sampling scripts.
+    Add the flags this project adds to the original sampling scripts: --seed,
+    --log_dir, the speed-ups (acceleration_defaults) and those below.
 
     :param parser: an argparse.ArgumentParser.
     :param guidance: add --cfg_scale and --class_balanced.
@@ -604,6 +644,7 @@ def add_sampling_flags(parser, guidance=True, images=True):
     parser.add_argument("--seed", type=int, default=None,
                         help="same seed, same images whatever the batch size and process count")
     parser.add_argument("--log_dir", default="", help="output folder (default: $OPENAI_LOGDIR)")
+    add_dict_to_argparser(parser, acceleration_defaults())
     if images:
         parser.add_argument("--save_png", type=str2bool, nargs="?", const=True, default=False,
                             help="also write every sample as a PNG")
@@ -612,6 +653,34 @@ def add_sampling_flags(parser, guidance=True, images=True):
                             help="classifier-free guidance weight (needs --class_dropout_prob > 0)")
         parser.add_argument("--class_balanced", type=str2bool, nargs="?", const=True, default=False,
                             help="exactly num_samples / num_classes samples per class")
+
+
+def start_sampling(args):
+    """
+    Check --num_samples, --batch_size and --seed, then set up the processes and the
+    log directory (--log_dir).
+
+    :param args: the parsed flags.
+    """
+    check_counts(num_samples=args.num_samples, batch_size=args.batch_size)
+    check_seed(args.seed)
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
+
+
+def finish_sampling(images, labels, save_png=False):
+    """
+    Save the samples from rank 0 (see save_samples), then wait for every process.
+
+    :param images: uint8 numpy array [N x H x W x 3].
+    :param labels: int numpy array [N], or None.
+    :param save_png: also write one PNG per sample.
+    """
+    if dist_util.get_rank() == 0:
+        path = save_samples(images, labels, logger.get_dir(), save_png=save_png)
+        logger.log(f"saved {len(images)} samples to {path}")
+    dist.barrier()
+    logger.log("sampling complete")
 
 
 def check_seed(seed):

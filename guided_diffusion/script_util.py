@@ -58,6 +58,7 @@ def classifier_defaults():
         classifier_resblock_updown=True,  # False
         classifier_pool="attention",
         num_classes=NUM_CLASSES,
+        fast_attention=True,  # scaled_dot_product_attention (False: the original's einsum)
     )
 
 
@@ -83,6 +84,7 @@ def model_and_diffusion_defaults():
         use_new_attention_order=False,
         class_dropout_prob=0.0,
         num_classes=NUM_CLASSES,
+        fast_attention=True,  # scaled_dot_product_attention (False: the original's einsum)
     )
     res.update(diffusion_defaults())
     return res
@@ -593,6 +595,18 @@ def args_to_dict(args, keys):
     :param keys: attribute names.
     """
     return {name: getattr(args, name) for name in keys}
+
+
+def flags_for(function, args):
+    """
+    Pick the parsed flags named like arguments of a function (or class constructor).
+
+    :param function: the callable whose keyword arguments the flags fill.
+    :param args: an argparse.Namespace.
+    :return: a dict of those flags' names and values.
+    """
+    accepted = inspect.signature(function).parameters
+    return {name: value for name, value in vars(args).items() if name in accepted}
 
 
 def str2bool(v):

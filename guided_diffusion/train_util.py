@@ -11,6 +11,7 @@ global generator), the label dropout if class_dropout_prob > 0, then the noise a
 the model's dropout (torch's global generator).
 """
 
+import argparse
 import contextlib
 import copy
 import inspect
@@ -26,14 +27,16 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger, training_state
+from .acceleration import accelerate, acceleration_defaults, to_channels_last
 # parse_resume_step_from_filename is re-exported: the original had it here.
 from .training_state import find_ema_checkpoint, parse_resume_step_from_filename  # noqa: F401
 from .checkpoint import load_checkpoint, read_state_dict
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
 from .image_grid import save_image_grid, to_uint8_nhwc
 from .nn import update_ema
-from .resample import LossAwareSampler, UniformSampler
+from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 from .respace import SpacedDiffusion, space_timesteps
+from .script_util import add_dict_to_argparser, flags_for
 
 # Sample previews (--sample_interval): how many images, DDIM steps, and the noise seed.
 PREVIEW_SAMPLES = 8
@@ -91,12 +94,76 @@ def training_defaults():
         # Not in the original:
         log_dir="",  # default: $OPENAI_LOGDIR, else a new folder in the temp directory
         max_steps=0,  # stop with a final save at this step (0: never)
-        use_bf16=False,
         sample_interval=0,  # write an EMA sample grid every N steps (0: never)
         class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
         num_workers=1,
         init_checkpoint="",  # start a new run from these weights
     )
+
+
+def training_argparser(doc, defaults):
+    """
+    The flags of a training script: one per entry of `defaults`, the speed-up flags
+    (acceleration_defaults) and --seed.
+
+    :param doc: the script's docstring; its first line describes the script.
+    :param defaults: the script's flag defaults.
+    :return: an argparse.ArgumentParser.
+    """
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    add_dict_to_argparser(parser, {**defaults, **acceleration_defaults()})
+    parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
+    return parser
+
+
+def start_training(args):
+    """
+    Set up the processes, the log directory (--log_dir) and, with --seed, the generators.
+
+    :param args: the parsed flags.
+    """
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
+    if args.seed is not None:
+        set_seed(args.seed)
+
+
+def loop_kwargs(args, diffusion, loop_class):
+    """
+    The keyword arguments of a training loop from parsed flags: every flag named like
+    an argument of the loop (or of TrainLoop, which takes the rest), the schedule
+    sampler --schedule_sampler names, and all flags for the checkpoints.
+
+    :param args: the parsed flags.
+    :param diffusion: the diffusion the schedule sampler draws timesteps for.
+    :param loop_class: TrainLoop or ClassifierTrainLoop.
+    :return: a dict of keyword arguments (model, diffusion and data still to add).
+    """
+    kwargs = {**flags_for(TrainLoop, args), **flags_for(loop_class, args)}
+    kwargs["schedule_sampler"] = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    kwargs["flags"] = vars(args)
+    return kwargs
+
+
+def run_training(args, model, diffusion, data, loop_class=None, **kwargs):
+    """
+    Move the model to this process's device and train it with a loop configured by
+    the flags (see loop_kwargs).
+
+    :param args: the parsed flags.
+    :param model: the network.
+    :param diffusion: its diffusion.
+    :param data: the batch iterator.
+    :param loop_class: TrainLoop (the default) or ClassifierTrainLoop.
+    :param kwargs: further loop arguments, e.g. val_data.
+    """
+    loop_class = loop_class or TrainLoop
+    model.to(dist_util.dev())
+    logger.log("training...")
+    loop = loop_class(
+        model=model, diffusion=diffusion, data=data, **loop_kwargs(args, diffusion, loop_class), **kwargs
+    )
+    loop.run_loop()
 
 
 def set_seed(seed):
@@ -157,6 +224,8 @@ class TrainLoop:
         initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,  # log2 of the first fp16 loss scale
         class_dropout_prob=0.0,     # replace labels by the null label (the model's last
                                     # class row) with this probability, for classifier-free guidance
+        compile=False,              # torch.compile the model (eager if compilation fails)
+        channels_last=False,        # store the model's weights channels_last (in place)
     ):
         """
         See the argument comments. logger.configure must have been called: checkpoints
@@ -211,6 +280,8 @@ class TrainLoop:
             set_seed(seed)
         self.last_saved_step = self.step if plan else None
 
+        if channels_last:
+            to_channels_last(model)
         self.use_ddp = dist_util.get_world_size() > 1
         if self.use_ddp:
             on_gpu = dist_util.dev().type == "cuda"
@@ -224,6 +295,7 @@ class TrainLoop:
             )
         else:
             self.ddp_model = model
+        self.ddp_model = accelerate(self.ddp_model, compile=compile)
 
     # ------------------------------------------------------------------ loading
 
@@ -570,7 +642,7 @@ class ClassifierTrainLoop(TrainLoop):
         save_interval,
         resume_checkpoint,
         **kwargs,                   # use_fp16, use_bf16, schedule_sampler, weight_decay, seed,
-                                    # flags, init_checkpoint, as TrainLoop
+                                    # flags, init_checkpoint, compile, channels_last, as TrainLoop
     ):
         """
         See the argument comments.

@@ -219,20 +219,12 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-def _attention_over_heads(q, k, v, fast):
+def _einsum_attention(q, k, v):
     """
-    Softmax attention for [B*H x C x T] queries, keys and values, returning
-    [B*H x C x T]. The exact path follows the original's arithmetic (q and k each
-    scaled by C**-1/4, softmax in float32); the fast path uses
-    scaled_dot_product_attention, equal within float32 rounding.
+    The original's softmax attention for [B*H x C x T] queries, keys and values:
+    q and k each scaled by C**-1/4, the softmax in float32; returns [B*H x C x T].
     """
-    channels = q.shape[1]
-    if fast:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        )
-        return out.transpose(1, 2)
-    scale = 1 / math.sqrt(math.sqrt(channels))
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = th.einsum("bct,bcs->bts", q * scale, k * scale)
     weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
     return th.einsum("bts,bcs->bct", weight, v)
@@ -244,8 +236,13 @@ class QKVAttention(nn.Module):
     q, k, v first and heads inside each (the "new" order, used by the 64x64 model).
 
     :param n_heads: number of heads.
-    :param fast: use torch's scaled_dot_product_attention kernels.
+    :param fast: use torch's scaled_dot_product_attention kernels (flash or
+                 memory-efficient), equal to the original's arithmetic within
+                 float32 rounding; False runs the original's einsum arithmetic.
     """
+
+    # How the packed channel axis nests: (q/k/v, heads) here, (heads, q/k/v) in legacy.
+    qkv_outermost = True
 
     def __init__(self, n_heads, fast=True):
         super().__init__()
@@ -257,9 +254,10 @@ class QKVAttention(nn.Module):
         :param qkv: an [N x (3 * H * C) x T] tensor of queries, keys and values.
         :return: an [N x (H * C) x T] tensor after attention.
         """
+        if self.fast:
+            return self._fused_attention(qkv)
         q, k, v = self.split_heads(qkv)
-        out = _attention_over_heads(q, k, v, self.fast)
-        return out.reshape(qkv.shape[0], -1, qkv.shape[2])
+        return _einsum_attention(q, k, v).reshape(qkv.shape[0], -1, qkv.shape[2])
 
     def split_heads(self, qkv):
         """
@@ -270,12 +268,27 @@ class QKVAttention(nn.Module):
         q, k, v = qkv.chunk(3, dim=1)
         return tuple(t.reshape(batch * self.n_heads, head_channels, length) for t in (q, k, v))
 
+    def _fused_attention(self, qkv):
+        """
+        scaled_dot_product_attention on [N x H x T x C] views of one token-major
+        copy of qkv (the layout the fused CPU and GPU kernels take); the output
+        comes back as a view, without a copy.
+        """
+        batch, width, length = qkv.shape
+        nesting = (3, self.n_heads) if self.qkv_outermost else (self.n_heads, 3)
+        tokens = qkv.transpose(1, 2).contiguous().view(batch, length, *nesting, -1)
+        q, k, v = (part.transpose(1, 2) for part in tokens.unbind(2 if self.qkv_outermost else 3))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(batch, length, -1).transpose(1, 2)
+
 
 class QKVAttentionLegacy(QKVAttention):
     """
     Multi-head attention on a packed qkv tensor laid out as heads first and q, k, v
     inside each head (the order of every released model except 64x64).
     """
+
+    qkv_outermost = False
 
     def split_heads(self, qkv):
         batch, width, length = qkv.shape

@@ -5,72 +5,38 @@ python scripts/classifier_train.py --data_dir DIR --val_data_dir VAL $CLASSIFIER
 (with mpiexec -n N or torchrun --nproc_per_node N for several processes)
 """
 
-import argparse
-
-from guided_diffusion import dist_util, logger
+from guided_diffusion import logger
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     args_to_dict,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
+    flags_for,
     parse_args_with_config,
 )
-from guided_diffusion.train_util import ClassifierTrainLoop, set_seed
+from guided_diffusion.train_util import (
+    ClassifierTrainLoop,
+    run_training,
+    start_training,
+    training_argparser,
+)
 
 
 def main():
     args = parse_args_with_config(create_argparser(), purpose="train")
-
-    dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
-    if args.seed is not None:
-        set_seed(args.seed)
-
+    start_training(args)
     logger.log("creating model and diffusion...")
     model, diffusion = create_classifier_and_diffusion(
         **args_to_dict(args, classifier_and_diffusion_defaults().keys())
     )
-    model.to(dist_util.dev())
-
     logger.log("creating data loader...")
-    data_flags = dict(
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=True,
-        class_from=args.class_from,
-        num_classes=args.num_classes,
-        seed=args.seed,
-        num_workers=args.num_workers,
-    )
-    data = load_data(data_dir=args.data_dir, random_crop=True, **data_flags)
-    val_data = load_data(data_dir=args.val_data_dir, **data_flags) if args.val_data_dir else None
-
-    logger.log("training classifier model...")
-    ClassifierTrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        val_data=val_data,
-        noised=args.noised,
-        iterations=args.iterations,
-        anneal_lr=args.anneal_lr,
-        eval_interval=args.eval_interval,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
+    data_flags = dict(flags_for(load_data, args), class_cond=True)
+    data = load_data(**data_flags, random_crop=True)
+    val_data = load_data(**dict(data_flags, data_dir=args.val_data_dir)) if args.val_data_dir else None
+    run_training(
+        args, model, diffusion, data, loop_class=ClassifierTrainLoop, val_data=val_data,
         use_fp16=args.classifier_use_fp16,
-        use_bf16=args.use_bf16,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        flags=vars(args),
-        init_checkpoint=args.init_checkpoint,
-    ).run_loop()
+    )
 
 
 def create_argparser():
@@ -91,16 +57,12 @@ def create_argparser():
         save_interval=10000,
         # Not in the original:
         log_dir="",  # default: $OPENAI_LOGDIR, else a new folder in the temp directory
-        use_bf16=False,
         class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
         num_workers=1,
         init_checkpoint="",  # start a new run from these weights
     )
     defaults.update(classifier_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    add_dict_to_argparser(parser, defaults)
-    parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
-    return parser
+    return training_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,22 @@ Single process:  python scripts/image_nll.py --data_dir DIR $MODEL_FLAGS --model
 Several:         mpiexec -n 8 python scripts/image_nll.py ...   (or torchrun)
 """
 
-import argparse
-
 import blobfile as bf
 import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import ImageDataset, class_labels, list_image_files
 from guided_diffusion.sampling import (
-    add_sampling_flags,
-    check_counts,
-    check_seed,
     evaluate_bpd,
     load_for_sampling,
+    sampling_argparser,
+    start_sampling,
     write_npz,
 )
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
+    flags_for,
     model_and_diffusion_defaults,
     parse_args_with_config,
 )
@@ -35,30 +32,21 @@ from guided_diffusion.script_util import (
 
 def main():
     args = parse_args_with_config(create_argparser(), purpose="sample")
-    check_counts(num_samples=args.num_samples, batch_size=args.batch_size)
-    check_seed(args.seed)
     dataset = evaluation_images(
         args.data_dir, args.image_size, args.class_cond, args.class_from, args.num_classes
     )
-
-    dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
+    start_sampling(args)
 
     logger.log("creating model and diffusion...")
     model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     model, diffusion = create_model_and_diffusion(**model_flags)
-    load_for_sampling(model, args.model_path, model_flags, use_fp16=args.use_fp16)
+    load_for_sampling(
+        model, args.model_path, model_flags, use_fp16=args.use_fp16, channels_last=args.channels_last
+    )
 
     logger.log("evaluating...")
     terms = evaluate_bpd(
-        model,
-        diffusion,
-        dataset,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        clip_denoised=args.clip_denoised,
-        seed=args.seed,
-        device=dist_util.dev(),
+        model, diffusion, dataset, device=dist_util.dev(), **flags_for(evaluate_bpd, args)
     )
     if dist_util.get_rank() == 0:
         for name in ("vb", "mse", "xstart_mse"):
@@ -101,10 +89,7 @@ def create_argparser():
         class_from="prefix",
     )
     defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    add_dict_to_argparser(parser, defaults)
-    add_sampling_flags(parser, guidance=False, images=False)
-    return parser
+    return sampling_argparser(__doc__, defaults, guidance=False, images=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""
+Optional speed-ups of a model's execution, each behind a flag: torch.compile with
+a fallback to eager execution, the channels_last memory format, and bfloat16
+autocast.
+
+compile and channels_last keep the numbers within float32 rounding; bfloat16
+changes them (norms and softmax still run in float32). The flash attention
+kernels (the default) are chosen by the networks' `fast_attention` argument, in unet.py.
+"""
+
+import contextlib
+
+import torch as th
+
+from . import logger
+
+
+def acceleration_defaults():
+    """
+    :return: the speed-up flags every training and sampling script takes (besides
+        --fast_attention, which is a model flag).
+    """
+    return dict(
+        use_bf16=False,  # bfloat16 autocast for the model (changes the numbers)
+        compile=False,  # torch.compile the model; eager when compilation fails
+        channels_last=False,  # channels_last memory format (slower on CPU in our benchmark)
+    )
+
+
+def bf16_autocast(device, enabled=True):
+    """
+    :param device: the device (or its type, e.g. "cuda") the model runs on.
+    :param enabled: False gives a context manager that does nothing.
+    :return: a context manager running its block under bfloat16 autocast.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    device_type = device if isinstance(device, str) else th.device(device).type
+    return th.autocast(device_type=device_type, dtype=th.bfloat16)
+
+
+def bf16_model(model, device):
+    """
+    :param model: a callable returning a tensor (a network or a guided model function).
+    :param device: the device it runs on.
+    :return: a callable running model under bfloat16 autocast and returning float32.
+    """
+
+    def run(*args, **kwargs):
+        with bf16_autocast(device):
+            return model(*args, **kwargs).float()
+
+    return run
+
+
+def to_channels_last(model):
+    """
+    Store the model's 4-D weights in channels_last order (in place); the convolutions
+    then produce channels_last activations whatever the input's order.
+
+    :param model: a torch.nn.Module.
+    :return: the model.
+    """
+    return model.to(memory_format=th.channels_last)
+
+
+# What a failed compilation raises, at torch.compile or at a call of its result.
+def _compiler_errors():
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler, OperatorIssue
+
+    return (TorchDynamoException, CppCompileError, InvalidCxxCompiler, OperatorIssue)
+
+
+class CompiledModel:
+    """
+    A model run through torch.compile, falling back to the eager model for good, with
+    one warning, when compilation fails: when torch.compile raises, or when a call of
+    the compiled model raises a compiler error (compilation happens at the first call
+    and at calls with new shapes; the backward graph is compiled with the forward one,
+    so its failures surface there too). Other errors propagate.
+
+    Attributes other than the call are the model's (e.g. num_classes).
+
+    :param model: the module (or DDP wrapper) to compile.
+    :param compile_kwargs: keyword arguments of torch.compile (e.g. mode).
+    """
+
+    def __init__(self, model, **compile_kwargs):
+        self.model = model
+        self.compiled = None
+        try:
+            self.compiled = th.compile(model, **compile_kwargs)
+        except Exception as error:  # noqa: BLE001 (any failure means: run eagerly)
+            self._fall_back(error)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                with _eager_backward_lowering():
+                    return self.compiled(*args, **kwargs)
+            except _compiler_errors() as error:
+                self._fall_back(error)
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name in ("model", "compiled"):  # not set yet (during unpickling)
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def _fall_back(self, error):
+        self.compiled = None
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        logger.warn(
+            f"torch.compile failed ({type(error).__name__}: {first_line}); running the "
+            "model eagerly (drop --compile to skip the attempt)"
+        )
+
+
+def _eager_backward_lowering():
+    """
+    :return: a context in which torch.compile lowers the backward graph together with
+        the forward one (instead of at the first backward), where torch has the switch.
+    """
+    config = getattr(getattr(th, "_functorch", None), "config", None)
+    if config is None or not hasattr(config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)
+
+
+def accelerate(model, compile=False, use_bf16=False, device=None):
+    """
+    Wrap a model (or a model function) in the chosen speed-ups.
+
+    :param model: a callable returning a tensor.
+    :param compile: run it through torch.compile (see CompiledModel).
+    :param use_bf16: run it under bfloat16 autocast and return float32.
+    :param device: where it runs (needed with use_bf16).
+    :return: the callable to use; the model itself when no speed-up is chosen.
+    """
+    if compile:
+        model = CompiledModel(model)
+    if use_bf16:
+        model = bf16_model(model, device)
+    return model
