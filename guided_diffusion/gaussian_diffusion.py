@@ -201,6 +201,15 @@ class GaussianDiffusion:
         # of t = 1 gives a better decoder likelihood.
         self._large_variance = np.append(self.posterior_variance[1], betas[1:])
         self._large_log_variance = np.log(self._large_variance)
+        # Derived schedules the steps gather from, computed once.
+        self._one_minus_alphas_cumprod = one_minus_alphas_cumprod
+        self._log_betas = np.log(betas)
+        self._recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self._posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
+        # Schedules copied to each device once (False: converted at every gather, as the
+        # original did; the numbers are the same).
+        self.cache_schedules = True
+        self._device_schedules = {}
 
     # ------------------------------------------------------------------ forward process
 
@@ -213,9 +222,9 @@ class GaussianDiffusion:
         :return: (mean, variance, log_variance), each of x_start's shape.
         """
         self._check_timesteps(t, x_start)
-        mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        variance = self._extract(self._one_minus_alphas_cumprod, t, x_start.shape)
+        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -233,8 +242,8 @@ class GaussianDiffusion:
             noise = th.randn_like(x_start)
         _check_same_shape(noise=noise, x_start=x_start)
         return (
-            _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
@@ -249,11 +258,11 @@ class GaussianDiffusion:
         _check_same_shape(x_start=x_start, x_t=x_t)
         self._check_timesteps(t, x_t)
         mean = (
-            _extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+            + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
         )
-        variance = _extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        log_variance = _extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        variance = self._extract(self.posterior_variance, t, x_t.shape)
+        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t.shape)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ reverse process
@@ -291,8 +300,8 @@ class GaussianDiffusion:
             else:
                 variance = self.posterior_variance
                 log_variance = self.posterior_log_variance_clipped
-            model_variance = _extract_into_tensor(variance, t, x.shape)
-            model_log_variance = _extract_into_tensor(log_variance, t, x.shape)
+            model_variance = self._extract(variance, t, x.shape)
+            model_log_variance = self._extract(log_variance, t, x.shape)
 
         def process_xstart(pred):
             if denoised_fn is not None:
@@ -327,8 +336,8 @@ class GaussianDiffusion:
         if self.model_var_type == ModelVarType.LEARNED:
             log_variance = model_var_values
         else:
-            min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, shape)
-            max_log = _extract_into_tensor(np.log(self.betas), t, shape)
+            min_log = self._extract(self.posterior_log_variance_clipped, t, shape)
+            max_log = self._extract(self._log_betas, t, shape)
             frac = (model_var_values + 1) / 2  # [-1, 1] -> [0, 1]
             log_variance = frac * max_log + (1 - frac) * min_log
         return th.exp(log_variance), log_variance
@@ -336,25 +345,35 @@ class GaussianDiffusion:
     def _predict_xstart_from_eps(self, x_t, t, eps):
         _check_same_shape(x_t=x_t, eps=eps)
         return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
         )
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
         # Solve mean = coef1 * x_0 + coef2 * x_t for x_0.
         _check_same_shape(x_t=x_t, xprev=xprev)
         return (
-            _extract_into_tensor(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
-            - _extract_into_tensor(
-                self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape
-            )
+            self._extract(self._recip_posterior_mean_coef1, t, x_t.shape) * xprev
+            - self._extract(self._posterior_mean_coef2_over_coef1, t, x_t.shape)
             * x_t
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
-        ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
+        ) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+
+    def _extract(self, arr, timesteps, broadcast_shape):
+        """
+        _extract_into_tensor with arr (one of this diffusion's schedules) copied to
+        timesteps' device once, not at every call (see cache_schedules).
+        """
+        if not self.cache_schedules:
+            return _extract_into_tensor(arr, timesteps, broadcast_shape)
+        key = (id(arr), timesteps.device)
+        if key not in self._device_schedules:  # the array is kept: its id stays its own
+            self._device_schedules[key] = (arr, th.from_numpy(arr).to(timesteps.device))
+        return _gather(self._device_schedules[key][1], timesteps, broadcast_shape)
 
     def _scale_timesteps(self, t):
         if self.rescale_timesteps:
@@ -408,7 +427,7 @@ class GaussianDiffusion:
         :param model_kwargs: extra keyword arguments for cond_fn.
         :return: a copy of p_mean_var with 'pred_xstart' and 'mean' replaced.
         """
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
         eps = eps - (1 - alpha_bar).sqrt() * gradient
@@ -517,8 +536,8 @@ class GaussianDiffusion:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Re-derive eps from x_0, whatever the model predicts.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape)
         sigma = (
             eta
             * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
@@ -551,7 +570,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
         )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
+        alpha_bar_next = self._extract(self.alphas_cumprod_next, t, x.shape)
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
@@ -716,7 +735,7 @@ class GaussianDiffusion:
         KL(q(x_T | x_0) || N(0, I)) in bits per dimension, an [N] tensor. It does
         not depend on the model and is close to zero for a good schedule.
         """
-        t = th.tensor([self.num_timesteps - 1] * x_start.shape[0], device=x_start.device)
+        t = th.full((x_start.shape[0],), self.num_timesteps - 1, dtype=th.long, device=x_start.device)
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / np.log(2.0)
@@ -743,7 +762,7 @@ class GaussianDiffusion:
         batch_size = x_start.shape[0]
         vb, xstart_mse, mse = [], [], []
         for step in _maybe_tqdm(self._descending(), progress):
-            t = th.tensor([step] * batch_size, device=x_start.device)
+            t = th.full((batch_size,), step, dtype=th.long, device=x_start.device)
             noise = (noise_fn or th.randn_like)(x_start)
             x_t = self.q_sample(x_start=x_start, t=t, noise=noise)
             with th.no_grad():
@@ -771,7 +790,14 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
     :param broadcast_shape: a shape [N x ...].
     :return: a float32 tensor of broadcast_shape.
     """
-    res = th.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    return _gather(th.from_numpy(arr).to(device=timesteps.device), timesteps, broadcast_shape)
+
+
+def _gather(schedule, timesteps, broadcast_shape):
+    """
+    schedule[timesteps] as float32, broadcast to broadcast_shape.
+    """
+    res = schedule[timesteps].float()
     res = res.reshape(*res.shape, *([1] * (len(broadcast_shape) - res.dim())))
     return res.expand(broadcast_shape)
 
@@ -800,7 +826,7 @@ def _loop(step, img, indices, progress):
     without gradients, yielding each step's output dict.
     """
     for i in _maybe_tqdm(indices, progress):
-        t = th.tensor([i] * img.shape[0], device=img.device)
+        t = th.full((img.shape[0],), i, dtype=th.long, device=img.device)  # no host copy
         with th.no_grad():
             out = step(img, t)
         yield out

@@ -117,6 +117,7 @@ class SpacedDiffusion(GaussianDiffusion):
         previous = np.append(1.0, kept_alphas_cumprod[:-1])
         kwargs["betas"] = np.array(1 - kept_alphas_cumprod / previous)
         super().__init__(**kwargs)
+        self._map_tensors = {}  # the timestep map on each device (see _WrappedModel)
 
     def p_mean_variance(self, model, *args, **kwargs):
         """
@@ -146,7 +147,8 @@ class SpacedDiffusion(GaussianDiffusion):
         if isinstance(model, _WrappedModel):
             return model
         return _WrappedModel(
-            model, self.timestep_map, self.rescale_timesteps, self.original_num_steps
+            model, self.timestep_map, self.rescale_timesteps, self.original_num_steps,
+            map_tensors=self._map_tensors if self.cache_schedules else None,
         )
 
     def _scale_timesteps(self, t):
@@ -158,17 +160,24 @@ class _WrappedModel:
     """
     Calls a model (or cond_fn) with spaced timesteps mapped to base timesteps,
     scaled to [0, 1000) when rescale_timesteps is set.
+
+    :param map_tensors: a dict the timestep map's tensor per (device, dtype) is kept
+                        in (the diffusion's, so that it is copied to a device once);
+                        None makes it at every call.
     """
 
-    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps, map_tensors=None):
         self.model = model
         self.timestep_map = timestep_map
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps
+        self.map_tensors = {} if map_tensors is None else map_tensors
 
     def __call__(self, x, ts, **kwargs):
-        map_tensor = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        new_ts = map_tensor[ts]
+        key = (ts.device, ts.dtype)
+        if key not in self.map_tensors:
+            self.map_tensors[key] = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        new_ts = self.map_tensors[key][ts]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)

@@ -690,3 +690,32 @@ def test_golden_ten_step_samples_of_a_tiny_unet(respacing, loop):
     assert sample.abs().sum().item() == pytest.approx(absolute, rel=1e-5)
     assert sample[0, 0, 0, :4].tolist() == pytest.approx(first_row, rel=1e-5, abs=1e-6)
     assert sample[1, 2, 7, 4:].tolist() == pytest.approx(last_row, rel=1e-5, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- schedule caching
+
+
+def test_schedules_are_copied_to_the_device_once_with_the_same_numbers(tiny_model):
+    cached = SpacedDiffusion(
+        use_timesteps=space_timesteps(100, "10"), betas=get_named_beta_schedule("linear", 100),
+        model_mean_type=ModelMeanType.EPSILON, model_var_type=ModelVarType.LEARNED_RANGE,
+        loss_type=LossType.MSE,
+    )
+    uncached = SpacedDiffusion(
+        use_timesteps=space_timesteps(100, "10"), betas=get_named_beta_schedule("linear", 100),
+        model_mean_type=ModelMeanType.EPSILON, model_var_type=ModelVarType.LEARNED_RANGE,
+        loss_type=LossType.MSE,
+    )
+    uncached.cache_schedules = False
+    model = tiny_model(out_channels=6)
+    x, t = pixel_images(2), timesteps(9, 0)
+    outputs = []
+    for diffusion in (cached, uncached):
+        th.manual_seed(0)
+        outputs.append((diffusion.p_sample(model, x, t)["sample"],
+                        diffusion.training_losses(model, x, t)["loss"]))
+    assert all(th.equal(a, b) for a, b in zip(*outputs))
+    count = len(cached._device_schedules)
+    assert count > 0 and len(cached._map_tensors) == 1 and uncached._device_schedules == {}
+    cached.p_sample(model, x, t)
+    assert len(cached._device_schedules) == count  # nothing copied again
