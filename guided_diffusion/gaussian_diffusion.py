@@ -205,7 +205,9 @@ class GaussianDiffusion:
         self._one_minus_alphas_cumprod = one_minus_alphas_cumprod
         self._log_betas = np.log(betas)
         self._recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
-        self._posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
+        self._posterior_mean_coef2_over_coef1 = (
+            self.posterior_mean_coef2 / self.posterior_mean_coef1
+        )
         # Schedules copied to each device once (False: converted at every gather, as the
         # original did; the numbers are the same).
         self.cache_schedules = True
@@ -735,7 +737,9 @@ class GaussianDiffusion:
         KL(q(x_T | x_0) || N(0, I)) in bits per dimension, an [N] tensor. It does
         not depend on the model and is close to zero for a good schedule.
         """
-        t = th.full((x_start.shape[0],), self.num_timesteps - 1, dtype=th.long, device=x_start.device)
+        t = th.full(
+            (x_start.shape[0],), self.num_timesteps - 1, dtype=th.long, device=x_start.device
+        )
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / np.log(2.0)

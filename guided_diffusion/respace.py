@@ -166,7 +166,9 @@ class _WrappedModel:
                         None makes it at every call.
     """
 
-    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps, map_tensors=None):
+    def __init__(
+        self, model, timestep_map, rescale_timesteps, original_num_steps, map_tensors=None
+    ):
         self.model = model
         self.timestep_map = timestep_map
         self.rescale_timesteps = rescale_timesteps
