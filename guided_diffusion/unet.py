@@ -415,6 +415,8 @@ class _EncoderMixin:
                 setattr(self, name, value)
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
+        if self.num_heads_upsample == -1:
+            self.num_heads_upsample = self.num_heads
         self.dtype = th.float16 if self.use_fp16 else th.float32
         self.time_embed_dim = self.model_channels * 4
         factor = 2 ** (len(self.channel_mult) - 1)
@@ -592,8 +594,6 @@ class UNetModel(_EncoderMixin, nn.Module):
         fast_attention=True,
     ):
         super().__init__()
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
         self._store_config(locals())
         self._build_time_embed()
         if num_classes is not None:
@@ -607,7 +607,7 @@ class UNetModel(_EncoderMixin, nn.Module):
                 layers = [self._res_block(ch + input_block_chans.pop(), out_ch)]
                 ch = out_ch
                 if ds in self.attention_resolutions:
-                    layers.append(self._attention_block(ch, num_heads_upsample))
+                    layers.append(self._attention_block(ch, self.num_heads_upsample))
                 if level and i == num_res_blocks:
                     if resblock_updown:
                         layers.append(self._res_block(ch, ch, up=True))
