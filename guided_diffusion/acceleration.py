@@ -110,9 +110,10 @@ class CompiledModel:
 
     def _fall_back(self, error):
         self.compiled = None
-        first_line = (str(error).strip().splitlines() or [""])[0]
+        cause = getattr(error, "inner_exception", None) or error  # a backend's own error
+        first_line = (str(cause).strip().splitlines() or [""])[0]
         logger.warn(
-            f"torch.compile failed ({type(error).__name__}: {first_line}); running the "
+            f"torch.compile failed ({type(cause).__name__}: {first_line}); running the "
             "model eagerly (drop --compile to skip the attempt)"
         )
 

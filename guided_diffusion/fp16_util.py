@@ -32,10 +32,7 @@ def convert_module_to_f16(module):
 
     :param module: a module, typically visited by model.apply.
     """
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        module.weight.data = module.weight.data.half()
-        if module.bias is not None:
-            module.bias.data = module.bias.data.half()
+    _cast_convolution(module, th.float16)
 
 
 def convert_module_to_f32(module):
@@ -44,10 +41,14 @@ def convert_module_to_f32(module):
 
     :param module: a module, typically visited by model.apply.
     """
+    _cast_convolution(module, th.float32)
+
+
+def _cast_convolution(module, dtype):
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        module.weight.data = module.weight.data.float()
-        if module.bias is not None:
-            module.bias.data = module.bias.data.float()
+        for param in (module.weight, module.bias):
+            if param is not None:
+                param.data = param.data.to(dtype)
 
 
 def get_param_groups_and_shapes(named_model_params):

@@ -35,7 +35,7 @@ from .acceleration import accelerate, acceleration_defaults, to_channels_last
 from .checkpoint import load_checkpoint
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import save_image_grid, to_uint8_nhwc
-from .script_util import add_dict_to_argparser, str2bool
+from .script_util import add_dict_to_argparser, args_to_dict, str2bool
 from .training_state import atomic_write
 from .unet import SuperResModel
 
@@ -234,7 +234,8 @@ def sample(
         labels = choose_labels(num_samples, num_classes, class_balanced, seed)
 
     speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
-    model_fn = _model_function(model, accelerate(model, **speed_ups), conditional, cfg_scale, num_classes)
+    run = accelerate(model, **speed_ups)
+    model_fn = _model_function(model, run, conditional, cfg_scale, num_classes)
     cond_fn = None
     if classifier is not None:
         check_classifier(classifier, shape[-1], num_classes)
@@ -434,6 +435,24 @@ def load_for_sampling(
         to_channels_last(model)
     model.eval()
     return model
+
+
+def load_model_and_diffusion(args, factory, defaults):
+    """
+    Build a model and its diffusion from flags, then load --model_path into it
+    (load_for_sampling, with --use_fp16 and --channels_last).
+
+    :param args: the parsed flags.
+    :param factory: e.g. script_util.create_model_and_diffusion.
+    :param defaults: the factory's flag defaults; the flags of these names build the model.
+    :return: (model, diffusion).
+    """
+    flags = args_to_dict(args, defaults.keys())
+    model, diffusion = factory(**flags)
+    load_for_sampling(
+        model, args.model_path, flags, use_fp16=args.use_fp16, channels_last=args.channels_last
+    )
+    return model, diffusion
 
 
 def read_base_samples(path, small_size, class_cond):

@@ -160,10 +160,8 @@ def run_training(args, model, diffusion, data, loop_class=None, **kwargs):
     loop_class = loop_class or TrainLoop
     model.to(dist_util.dev())
     logger.log("training...")
-    loop = loop_class(
-        model=model, diffusion=diffusion, data=data, **loop_kwargs(args, diffusion, loop_class), **kwargs
-    )
-    loop.run_loop()
+    kwargs = {**loop_kwargs(args, diffusion, loop_class), **kwargs}
+    loop_class(model=model, diffusion=diffusion, data=data, **kwargs).run_loop()
 
 
 def set_seed(seed):

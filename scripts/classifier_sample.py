@@ -8,66 +8,44 @@ Single process:  python scripts/classifier_sample.py $MODEL_FLAGS --classifier_s
 Several:         mpiexec -n 8 python scripts/classifier_sample.py ...   (or torchrun)
 """
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.sampling import (
-    finish_sampling,
-    load_for_sampling,
-    sample,
-    sampling_argparser,
-    sampling_defaults,
-    start_sampling,
-)
-from guided_diffusion.script_util import (
-    args_to_dict,
-    classifier_defaults,
-    create_classifier,
-    create_model_and_diffusion,
-    flags_for,
-    model_and_diffusion_defaults,
-    parse_args_with_config,
-)
+from guided_diffusion import dist_util, logger, sampling, script_util
 
 
 def main():
-    args = parse_args_with_config(create_argparser(), purpose="sample")
+    args = script_util.parse_args_with_config(create_argparser(), purpose="sample")
     if not args.classifier_path:
         raise ValueError(
             "--classifier_path is empty: classifier guidance needs the noised-image classifier "
             "(e.g. models/256x256_classifier.pt); to sample without it use image_sample.py"
         )
-    start_sampling(args)
-
+    sampling.start_sampling(args)
     logger.log("creating model and diffusion...")
-    model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    model, diffusion = create_model_and_diffusion(**model_flags)
-    load_for_sampling(
-        model, args.model_path, model_flags, use_fp16=args.use_fp16, channels_last=args.channels_last
+    model, diffusion = sampling.load_model_and_diffusion(
+        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
     )
-
     logger.log("loading classifier...")
-    classifier_flags = args_to_dict(args, classifier_defaults().keys())
-    classifier = create_classifier(**classifier_flags)
-    load_for_sampling(
-        classifier,
+    classifier_flags = script_util.args_to_dict(args, script_util.classifier_defaults().keys())
+    classifier = sampling.load_for_sampling(
+        script_util.create_classifier(**classifier_flags),
         args.classifier_path,
         classifier_flags,
         flag_name="--classifier_path",
         use_fp16=args.classifier_use_fp16,
         channels_last=args.channels_last,
     )
-
     logger.log("sampling...")
-    images, labels = sample(
-        model, diffusion, classifier=classifier, device=dist_util.dev(), **flags_for(sample, args)
+    images, labels = sampling.sample(
+        model, diffusion, classifier=classifier, device=dist_util.dev(),
+        **script_util.flags_for(sampling.sample, args),
     )
-    finish_sampling(images, labels, args.save_png)
+    sampling.finish_sampling(images, labels, args.save_png)
 
 
 def create_argparser():
-    defaults = dict(sampling_defaults(), classifier_path="", classifier_scale=1.0)
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(classifier_defaults())
-    return sampling_argparser(__doc__, defaults)
+    defaults = dict(sampling.sampling_defaults(), classifier_path="", classifier_scale=1.0)
+    defaults.update(script_util.model_and_diffusion_defaults())
+    defaults.update(script_util.classifier_defaults())
+    return sampling.sampling_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":

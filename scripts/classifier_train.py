@@ -5,36 +5,25 @@ python scripts/classifier_train.py --data_dir DIR --val_data_dir VAL $CLASSIFIER
 (with mpiexec -n N or torchrun --nproc_per_node N for several processes)
 """
 
-from guided_diffusion import logger
+from guided_diffusion import logger, script_util, train_util
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.script_util import (
-    args_to_dict,
-    classifier_and_diffusion_defaults,
-    create_classifier_and_diffusion,
-    flags_for,
-    parse_args_with_config,
-)
-from guided_diffusion.train_util import (
-    ClassifierTrainLoop,
-    run_training,
-    start_training,
-    training_argparser,
-)
 
 
 def main():
-    args = parse_args_with_config(create_argparser(), purpose="train")
-    start_training(args)
+    args = script_util.parse_args_with_config(create_argparser(), purpose="train")
+    train_util.start_training(args)
     logger.log("creating model and diffusion...")
-    model, diffusion = create_classifier_and_diffusion(
-        **args_to_dict(args, classifier_and_diffusion_defaults().keys())
+    model, diffusion = script_util.create_classifier_and_diffusion(
+        **script_util.args_to_dict(args, script_util.classifier_and_diffusion_defaults().keys())
     )
     logger.log("creating data loader...")
-    data_flags = dict(flags_for(load_data, args), class_cond=True)
+    data_flags = dict(script_util.flags_for(load_data, args), class_cond=True)
     data = load_data(**data_flags, random_crop=True)
-    val_data = load_data(**dict(data_flags, data_dir=args.val_data_dir)) if args.val_data_dir else None
-    run_training(
-        args, model, diffusion, data, loop_class=ClassifierTrainLoop, val_data=val_data,
+    val_data = None
+    if args.val_data_dir:
+        val_data = load_data(**dict(data_flags, data_dir=args.val_data_dir))
+    train_util.run_training(
+        args, model, diffusion, data, loop_class=train_util.ClassifierTrainLoop, val_data=val_data,
         use_fp16=args.classifier_use_fp16,
     )
 
@@ -61,8 +50,8 @@ def create_argparser():
         num_workers=1,
         init_checkpoint="",  # start a new run from these weights
     )
-    defaults.update(classifier_and_diffusion_defaults())
-    return training_argparser(__doc__, defaults)
+    defaults.update(script_util.classifier_and_diffusion_defaults())
+    return train_util.training_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":

@@ -12,47 +12,30 @@ Several:         mpiexec -n 8 python scripts/image_nll.py ...   (or torchrun)
 import blobfile as bf
 import torch.distributed as dist
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, logger, sampling, script_util
 from guided_diffusion.image_datasets import ImageDataset, class_labels, list_image_files
-from guided_diffusion.sampling import (
-    evaluate_bpd,
-    load_for_sampling,
-    sampling_argparser,
-    start_sampling,
-    write_npz,
-)
-from guided_diffusion.script_util import (
-    args_to_dict,
-    create_model_and_diffusion,
-    flags_for,
-    model_and_diffusion_defaults,
-    parse_args_with_config,
-)
 
 
 def main():
-    args = parse_args_with_config(create_argparser(), purpose="sample")
+    args = script_util.parse_args_with_config(create_argparser(), purpose="sample")
     dataset = evaluation_images(
         args.data_dir, args.image_size, args.class_cond, args.class_from, args.num_classes
     )
-    start_sampling(args)
-
+    sampling.start_sampling(args)
     logger.log("creating model and diffusion...")
-    model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    model, diffusion = create_model_and_diffusion(**model_flags)
-    load_for_sampling(
-        model, args.model_path, model_flags, use_fp16=args.use_fp16, channels_last=args.channels_last
+    model, diffusion = sampling.load_model_and_diffusion(
+        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
     )
-
     logger.log("evaluating...")
-    terms = evaluate_bpd(
-        model, diffusion, dataset, device=dist_util.dev(), **flags_for(evaluate_bpd, args)
+    terms = sampling.evaluate_bpd(
+        model, diffusion, dataset, device=dist_util.dev(),
+        **script_util.flags_for(sampling.evaluate_bpd, args),
     )
     if dist_util.get_rank() == 0:
         for name in ("vb", "mse", "xstart_mse"):
             path = bf.join(logger.get_dir(), f"{name}_terms.npz")
             logger.log(f"saving {name} terms to {path}")
-            write_npz(path, terms[name].mean(axis=0))
+            sampling.write_npz(path, terms[name].mean(axis=0))
     logger.logkv("bpd", float(terms["total_bpd"].mean()))
     logger.logkv("prior_bpd", float(terms["prior_bpd"].mean()))
     logger.logkv("samples", len(terms["total_bpd"]))
@@ -88,8 +71,8 @@ def create_argparser():
         model_path="",
         class_from="prefix",
     )
-    defaults.update(model_and_diffusion_defaults())
-    return sampling_argparser(__doc__, defaults, guidance=False, images=False)
+    defaults.update(script_util.model_and_diffusion_defaults())
+    return sampling.sampling_argparser(__doc__, defaults, guidance=False, images=False)
 
 
 if __name__ == "__main__":

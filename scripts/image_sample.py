@@ -6,42 +6,26 @@ Single process:  python scripts/image_sample.py $MODEL_FLAGS --model_path MODEL.
 Several:         mpiexec -n 8 python scripts/image_sample.py ...   (or torchrun --nproc_per_node 8)
 """
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.sampling import (
-    finish_sampling,
-    load_for_sampling,
-    sample,
-    sampling_argparser,
-    sampling_defaults,
-    start_sampling,
-)
-from guided_diffusion.script_util import (
-    args_to_dict,
-    create_model_and_diffusion,
-    flags_for,
-    model_and_diffusion_defaults,
-    parse_args_with_config,
-)
+from guided_diffusion import dist_util, logger, sampling, script_util
 
 
 def main():
-    args = parse_args_with_config(create_argparser(), purpose="sample")
-    start_sampling(args)
-
+    args = script_util.parse_args_with_config(create_argparser(), purpose="sample")
+    sampling.start_sampling(args)
     logger.log("creating model and diffusion...")
-    model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    model, diffusion = create_model_and_diffusion(**model_flags)
-    load_for_sampling(
-        model, args.model_path, model_flags, use_fp16=args.use_fp16, channels_last=args.channels_last
+    model, diffusion = sampling.load_model_and_diffusion(
+        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
     )
-
     logger.log("sampling...")
-    images, labels = sample(model, diffusion, device=dist_util.dev(), **flags_for(sample, args))
-    finish_sampling(images, labels, args.save_png)
+    images, labels = sampling.sample(
+        model, diffusion, device=dist_util.dev(), **script_util.flags_for(sampling.sample, args)
+    )
+    sampling.finish_sampling(images, labels, args.save_png)
 
 
 def create_argparser():
-    return sampling_argparser(__doc__, {**sampling_defaults(), **model_and_diffusion_defaults()})
+    defaults = dict(sampling.sampling_defaults(), **script_util.model_and_diffusion_defaults())
+    return sampling.sampling_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":

@@ -6,32 +6,25 @@ Several:     mpiexec -n 8 python scripts/image_train.py ...
              torchrun --nproc_per_node 8 scripts/image_train.py ...
 """
 
-from guided_diffusion import logger
+from guided_diffusion import logger, script_util, train_util
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.script_util import (
-    args_to_dict,
-    create_model_and_diffusion,
-    flags_for,
-    model_and_diffusion_defaults,
-    parse_args_with_config,
-)
-from guided_diffusion.train_util import run_training, start_training, training_argparser, training_defaults
 
 
 def main():
-    args = parse_args_with_config(create_argparser(), purpose="train")
-    start_training(args)
+    args = script_util.parse_args_with_config(create_argparser(), purpose="train")
+    train_util.start_training(args)
     logger.log("creating model and diffusion...")
-    model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys())
+    model, diffusion = script_util.create_model_and_diffusion(
+        **script_util.args_to_dict(args, script_util.model_and_diffusion_defaults().keys())
     )
     logger.log("creating data loader...")
-    data = load_data(**flags_for(load_data, args))
-    run_training(args, model, diffusion, data)
+    data = load_data(**script_util.flags_for(load_data, args))
+    train_util.run_training(args, model, diffusion, data)
 
 
 def create_argparser():
-    return training_argparser(__doc__, {**training_defaults(), **model_and_diffusion_defaults()})
+    defaults = dict(train_util.training_defaults(), **script_util.model_and_diffusion_defaults())
+    return train_util.training_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":

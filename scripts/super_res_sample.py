@@ -11,54 +11,38 @@ Several:         mpiexec -n 8 python scripts/super_res_sample.py ...   (or torch
 
 import numpy as np
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.sampling import (
-    finish_sampling,
-    load_for_sampling,
-    read_base_samples,
-    sample,
-    sampling_argparser,
-    sampling_defaults,
-    start_sampling,
-)
-from guided_diffusion.script_util import (
-    args_to_dict,
-    flags_for,
-    parse_args_with_config,
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
-)
+from guided_diffusion import dist_util, logger, sampling, script_util
 
 
 def main():
-    args = parse_args_with_config(create_argparser(), purpose="sample")
-    base_images, base_labels = read_base_samples(args.base_samples, args.small_size, args.class_cond)
-    start_sampling(args)
-
-    logger.log("creating model...")
-    model_flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
-    model, diffusion = sr_create_model_and_diffusion(**model_flags)
-    load_for_sampling(
-        model, args.model_path, model_flags, use_fp16=args.use_fp16, channels_last=args.channels_last
+    args = script_util.parse_args_with_config(create_argparser(), purpose="sample")
+    base_images, base_labels = sampling.read_base_samples(
+        args.base_samples, args.small_size, args.class_cond
     )
-
+    sampling.start_sampling(args)
+    logger.log("creating model...")
+    model, diffusion = sampling.load_model_and_diffusion(
+        args,
+        script_util.sr_create_model_and_diffusion,
+        script_util.sr_model_and_diffusion_defaults(),
+    )
     logger.log(f"upsampling {len(base_images)} base samples...")
     order = np.arange(args.num_samples) % len(base_images)
-    images, labels = sample(
+    images, labels = sampling.sample(
         model,
         diffusion,
         low_res=base_images[order],
         labels=None if base_labels is None else base_labels[order],
         device=dist_util.dev(),
-        **flags_for(sample, args),
+        **script_util.flags_for(sampling.sample, args),
     )
-    finish_sampling(images, labels, args.save_png)
+    sampling.finish_sampling(images, labels, args.save_png)
 
 
 def create_argparser():
-    defaults = dict(sampling_defaults(), base_samples="")
-    defaults.update(sr_model_and_diffusion_defaults())
-    return sampling_argparser(__doc__, defaults, guidance=False)
+    defaults = dict(sampling.sampling_defaults(), base_samples="")
+    defaults.update(script_util.sr_model_and_diffusion_defaults())
+    return sampling.sampling_argparser(__doc__, defaults, guidance=False)
 
 
 if __name__ == "__main__":

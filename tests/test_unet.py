@@ -115,6 +115,30 @@ def test_fast_attention_equals_exact_attention(cls):
     assert th.allclose(cls(4, fast=True)(qkv), cls(4, fast=False)(qkv), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [QKVAttention, QKVAttentionLegacy])
+def test_fast_attention_gradients_equal_exact_gradients(cls):
+    qkv = th.randn(2, 3 * 2 * 16, 24, requires_grad=True)
+    weights = th.randn(2, 2 * 16, 24)
+    grads = [th.autograd.grad((cls(2, fast=fast)(qkv) * weights).sum(), qkv)[0]
+             for fast in (True, False)]
+    assert th.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_attention_reaches_the_fused_kernel_and_bf16_stays_close():
+    qkv = th.randn(2, 3 * 4 * 16, 64)
+    with th.profiler.profile() as prof:
+        QKVAttentionLegacy(4, fast=True)(qkv)
+    names = {event.key for event in prof.key_averages()}
+    # The [N x H x T x C] layout with contiguous channels selects the flash kernel, not
+    # the unfused fallback that 3-D inputs get.
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    with th.autocast("cpu", dtype=th.bfloat16):
+        low = QKVAttentionLegacy(4, fast=True)(qkv)
+    assert low.dtype == th.bfloat16
+    exact = QKVAttentionLegacy(4, fast=False)(qkv)
+    assert th.allclose(low.float(), exact, atol=0.05)
+
+
 def test_qkv_attention_matches_naive_softmax_attention():
     heads, head_channels, length = 2, 8, 5
     qkv = th.randn(1, 3 * heads * head_channels, length)

@@ -1,0 +1,80 @@
+"""
+scripts/benchmark.py on a tiny setting: the JSON line's keys, the paths' numbers
+agree, and the exact path really is the original's execution.
+"""
+
+import contextlib
+import io
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
+    "--attention_resolutions", "4", "--num_head_channels", "16", "--num_classes", "3",
+    "--classifier_width", "32", "--classifier_depth", "1", "--classifier_attention_resolutions", "4",
+    "--batch_size", "2", "--repeats", "1", "--sample_steps", "2", "--eval_images", "2",
+    "--eval_batch_size", "2", "--use_bf16", "True", "--device", "cpu",
+]
+PATH_KEYS = {
+    "switches", "warmup_s", "train_step_s", "train_images_per_s", "sample_s_per_step",
+    "guided_s_per_step", "peak_train_mb", "peak_sample_mb", "compiled", "train_tflops",
+    "sample_tflops", "guided_tflops", "train_mfu", "sample_mfu", "guided_mfu",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """One benchmark run (in this process), its JSON line checked against its result."""
+    from guided_diffusion import logger
+
+    main = runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="benchmark")["main"]
+    previous, printed = logger.Logger.CURRENT, io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            result = main(TINY)
+    finally:
+        if logger.Logger.CURRENT is not previous:
+            logger.Logger.CURRENT.close()
+        logger.Logger.CURRENT = previous
+    lines = printed.getvalue().strip().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0]) == json.loads(json.dumps(result))
+    return result
+
+
+def test_json_line_has_every_measurement(tiny_run):
+    assert set(tiny_run["paths"]) == {"exact", "fast", "fast_bf16"}
+    for result in tiny_run["paths"].values():
+        assert set(result) == PATH_KEYS
+        assert result["train_images_per_s"] > 0 and result["sample_s_per_step"] > 0
+        assert result["guided_s_per_step"] > 0 and result["peak_train_mb"] > 0
+        assert result["train_mfu"] is None  # no known peak for a CPU
+    assert set(tiny_run["speedup"]) == {"fast", "fast_bf16"}
+    assert set(tiny_run["speedup"]["fast"]) == {
+        "train", "sample", "guided", "peak_train_memory", "peak_sample_memory"
+    }
+    for key in ("device", "device_name", "threads", "torch", "load_average_start", "precision",
+                "evaluator_images_per_s", "flops", "peak_memory_method", "model_flags"):
+        assert key in tiny_run
+    assert tiny_run["evaluator_images_per_s"] > 0
+    assert tiny_run["flops"]["model_forward_backward"] > 2 * tiny_run["flops"]["model_forward"] > 0
+
+
+def test_fast_and_exact_paths_agree(tiny_run):
+    fast = tiny_run["agreement"]["fast"]
+    assert fast["train_loss_rel"] < 1e-5 and fast["train_grad_rel"] < 1e-4
+    assert fast["sample_rel"] < 1e-4 and fast["guided_rel"] < 1e-4
+    # bfloat16 changes the numbers, but not by much.
+    bf16 = tiny_run["agreement"]["fast_bf16"]
+    assert 0 < bf16["train_loss_rel"] < 0.05 and 0 < bf16["sample_rel"] < 1.0
+
+
+def test_the_exact_path_is_the_originals_execution(tiny_run):
+    exact, fast = tiny_run["paths"]["exact"]["switches"], tiny_run["paths"]["fast"]["switches"]
+    assert exact == dict(fast_attention=False, checkpoint_attention=True, cache_schedules=False)
+    assert fast["fast_attention"] and fast["cache_schedules"] and not fast["checkpoint_attention"]
+    assert tiny_run["precision"] == "float32"
