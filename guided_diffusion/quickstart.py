@@ -1,34 +1,28 @@
 """
 The quickstart job: ADM end to end on a CPU in minutes. A small class-conditional
-diffusion model and a small noised-image classifier are trained on real images,
-sampled with classifier guidance at several scales, and judged by a classifier that
-has nothing to do with the guidance, to show the fidelity-diversity trade-off of
-"Diffusion Models Beat GANs" (Dhariwal & Nichol 2021, section 4) at small scale.
+diffusion model and a small noised-image classifier are trained on real images, sampled
+with classifier guidance at several scales and judged by a classifier unrelated to the
+guidance: the fidelity-diversity trade-off of "Diffusion Models Beat GANs" (Dhariwal &
+Nichol 2021, section 4) at small scale.
 
 The default data are the 1,797 8x8 handwritten digits that ship inside scikit-learn
-(nothing is downloaded). They are written as a labelled image folder and follow the
-library's real path: load_data -> TrainLoop / ClassifierTrainLoop -> checkpoints ->
-sampling.sample -> the evaluator's precision and recall (evaluations.manifold).
+(nothing is downloaded), written as a labelled image folder that follows the library's
+real path: load_data -> TrainLoop / ClassifierTrainLoop -> checkpoints -> sampling.sample
+-> the evaluator's precision and recall (evaluations.manifold).
 
-Outputs, all under out_dir:
-  data/train, data/heldout   the digits as PNGs named CLASS_INDEX.png (without data_dir)
-  diffusion/, classifier/    training logs (log.txt, progress.csv) and checkpoints
-  samples/scale_S.npz        arr_0: uint8 NHWC samples, arr_1: their requested labels
-  samples/scale_S.png        the samples of one scale, one row per class
-  results.md, results.csv    per scale: the fraction recognised as the requested class,
-                             precision and recall
-  tradeoff.png               the same as a plot
-  quickstart.png             the grids and the plot in one picture
+Outputs under out_dir: data/train and data/heldout (the digits as CLASS_INDEX.png);
+diffusion/ and classifier/ (logs, progress.csv, checkpoints); samples/scale_S.npz (arr_0
+uint8 NHWC samples, arr_1 requested labels) and samples/scale_S.png (one row per class);
+results.md and results.csv; tradeoff.png (the plot); quickstart.png (grids and plot).
 
-The judge is an MLP (scikit-learn) fitted on the real training images area-downsampled
-to judge_size x judge_size; samples are downsampled the same way. Precision and recall
-(k = 3, Kynkaanniemi et al. 2019) compare the samples of each scale with the held-out
-real images in the judge's hidden-layer features, as the evaluator does with Inception
-features.
+The judge is a scikit-learn MLP fitted on the real training images area-downsampled to
+judge_size x judge_size; samples are downsampled the same way. Precision and recall
+(k = 3, Kynkaanniemi et al. 2019) compare each scale's samples with the held-out real
+images in the judge's hidden-layer features, as the evaluator does with Inception's.
 
-Randomness: every stage draws from generators seeded by `seed`: the split of the
-digits, each network's initialisation and training (set_seed, load_data's seed), the
-samples (sample(seed=...): sample i gets the same x_T at every scale) and the judge.
+Randomness: every stage draws from generators seeded by `seed`: the digits' split, each
+network's initialisation and training (set_seed, load_data's seed), the samples
+(sample(seed=...): sample i starts from the same x_T at every scale) and the judge.
 """
 
 import contextlib
@@ -68,7 +62,14 @@ DIGITS_MAX_VALUE = 16
 LOG_INTERVAL = 50
 # Nearest neighbours of the precision/recall manifolds (the evaluator's k).
 NEIGHBOURS = 3
-# The plotted metrics: result key, legend, colour.
+# The result columns: key and title.
+TABLE_COLUMNS = (
+    ("classifier_scale", "classifier scale"),
+    ("recognised", "recognised as the requested class"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+)
+# The plotted metrics: key, legend and colour.
 SERIES = (
     ("recognised", "recognised", (31, 119, 180)),
     ("precision", "precision", (255, 127, 14)),
@@ -87,13 +88,13 @@ def quickstart_defaults():
                                         # data_dir, the training images themselves)
         class_from="prefix",            # labels from the file-name prefix or the sub-folder
         heldout_per_class=30,           # digits of each class held out (the digits only)
-        image_size=16,                  # side of the training images and samples
+        image_size=8,                   # side of the training images and samples
         num_channels=32,                # UNet base width
         num_res_blocks=1,               # UNet residual blocks per resolution
         attention_resolutions="",       # feature-map sides with self-attention ("": none)
         diffusion_steps=1000,           # T of the training diffusion
         noise_schedule="cosine",        # "linear" or "cosine"
-        train_steps=1200,               # diffusion training steps
+        train_steps=3000,               # diffusion training steps
         batch_size=64,                  # training images per step (both networks)
         lr=5e-4,                        # diffusion learning rate, decayed linearly to 0
         ema_rate=0.995,                 # EMA of the diffusion weights that is sampled
@@ -122,10 +123,8 @@ def parse_scales(text):
     except ValueError:
         scales = []
     if not scales or any(scale < 0 or not math.isfinite(scale) for scale in scales):
-        raise ValueError(
-            f'--classifier_scales "{text}": expected comma-separated non-negative numbers, '
-            'e.g. "0,1,3,10"'
-        )
+        raise ValueError(f'--classifier_scales "{text}": expected comma-separated non-negative '
+                         'numbers, e.g. "0,1,3,10"')
     if len(set(scales)) != len(scales):
         raise ValueError(f'--classifier_scales "{text}": a scale is repeated')
     return scales
@@ -136,7 +135,7 @@ def parse_scales(text):
 
 def load_digits_arrays():
     """
-    :return: (uint8 images [1797 x 8 x 8], int64 labels [1797]) of scikit-learn's digits,
+    :return: (uint8 images [1797 x 8 x 8], int64 labels [1797]): scikit-learn's digits,
         dark ink on white.
     """
     try:
@@ -153,8 +152,6 @@ def split_per_class(labels, heldout_per_class, seed):
     Hold out the same number of random images of every class.
 
     :param labels: int labels [N].
-    :param heldout_per_class: images held out per class.
-    :param seed: seed of the choice.
     :return: (training indices, held-out indices), each sorted.
     """
     rng = np.random.default_rng(seed)
@@ -162,10 +159,8 @@ def split_per_class(labels, heldout_per_class, seed):
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         if not 0 < heldout_per_class < len(members):
-            raise ValueError(
-                f"--heldout_per_class {heldout_per_class}: class {label} has {len(members)} "
-                f"images; expected a number between 1 and {len(members) - 1}"
-            )
+            raise ValueError(f"--heldout_per_class {heldout_per_class}: class {label} has "
+                             f"{len(members)} images; expected 1 to {len(members) - 1}")
         heldout.extend(rng.permutation(members)[:heldout_per_class])
     heldout = np.sort(np.asarray(heldout))
     return np.setdiff1d(np.arange(len(labels)), heldout), heldout
@@ -173,23 +168,15 @@ def split_per_class(labels, heldout_per_class, seed):
 
 def write_labelled_folder(images, labels, indices, folder):
     """
-    Write images as folder/LABEL_INDEX.png (load_data's file-name-prefix labels), after
-    removing the PNGs a previous run left there.
-
-    :param images: uint8 images [N x H x W] or [N x H x W x 3].
-    :param labels: int labels [N].
-    :param indices: which images to write.
-    :param folder: the folder (created if missing).
+    Write images[i] as folder/LABEL_INDEX.png (load_data's file-name-prefix labels) for i
+    in indices, after removing the PNGs a previous run left there.
     """
     bf.makedirs(folder)
     for name in bf.listdir(folder):
         if name.endswith(".png"):
             bf.remove(bf.join(folder, name))
     for index in indices:
-        buffer = io.BytesIO()
-        Image.fromarray(images[index]).save(buffer, format="PNG")
-        path = bf.join(folder, f"{labels[index]}_{index:04d}.png")
-        atomic_write(path, lambda f: f.write(buffer.getvalue()))
+        _write(bf.join(folder, f"{labels[index]}_{index:04d}.png"), _png(Image.fromarray(images[index])))
 
 
 def write_digit_folders(train_dir, heldout_dir, heldout_per_class, seed):
@@ -209,8 +196,6 @@ def read_labelled_images(data_dir, image_size, class_from, class_names=None):
     """
     Read a labelled image folder, each image cut as load_data's center crop cuts it.
 
-    :param data_dir: the folder.
-    :param image_size: the side of the crops.
     :param class_from: "prefix" or "folder", as load_data.
     :param class_names: the training classes the labels must index (None: this folder's).
     :return: (uint8 images [N x S x S x 3], int64 labels [N], class names).
@@ -220,11 +205,8 @@ def read_labelled_images(data_dir, image_size, class_from, class_names=None):
     if class_names is not None:
         unknown = sorted(set(names) - set(class_names))
         if unknown:
-            raise ValueError(
-                f"{data_dir} has classes {unknown[:5]} that the training images do not have"
-            )
-        labels = [class_names.index(names[label]) for label in labels]
-        names = list(class_names)
+            raise ValueError(f"{data_dir} has classes {unknown[:5]} that the training images do not have")
+        labels, names = [class_names.index(names[label]) for label in labels], list(class_names)
     images = np.stack([center_crop_arr(read_image(path), image_size) for path, _ in entries])
     return images, np.asarray(labels, dtype=np.int64), names
 
@@ -275,11 +257,18 @@ def _loader(data_dir, batch_size, image_size, class_from, num_classes, seed):
     )
 
 
+def _run_with_progress(loop, steps, name, progress):
+    """Run a training loop of `steps` steps under a tqdm bar."""
+    with tqdm(total=steps, desc=name, unit="step", disable=not progress) as bar:
+        loop.progress_bar = bar
+        loop.run_loop()
+
+
 def train_diffusion(model_flags, data_dir, steps, batch_size, lr, ema_rate, class_from, seed,
                     progress=True):
     """
-    Train a class-conditional diffusion model with TrainLoop; the learning rate decays
-    linearly to 0 at the last step, where the checkpoints are written to logger.get_dir().
+    Train a class-conditional diffusion model with TrainLoop, the learning rate decaying
+    linearly to 0; the last step's checkpoints go to logger.get_dir().
 
     :param model_flags: create_model_and_diffusion's flags.
     :return: the path of the EMA checkpoint.
@@ -294,9 +283,7 @@ def train_diffusion(model_flags, data_dir, steps, batch_size, lr, ema_rate, clas
         ema_rate=ema_rate, log_interval=LOG_INTERVAL, save_interval=steps, resume_checkpoint="",
         lr_anneal_steps=steps, max_steps=steps, seed=seed, flags=model_flags,
     )
-    with tqdm(total=steps, desc="diffusion", unit="step", disable=not progress) as bar:
-        loop.progress_bar = bar
-        loop.run_loop()
+    _run_with_progress(loop, steps, "diffusion", progress)
     return bf.join(logger.get_dir(), ema_filename(ema_rate, steps))
 
 
@@ -304,8 +291,8 @@ def train_classifier(classifier_flags, data_dir, heldout_dir, steps, batch_size,
                      seed, progress=True):
     """
     Train a noised-image classifier with ClassifierTrainLoop (validated on held-out
-    images); the learning rate decays linearly to 0 at the last step, where the
-    checkpoint is written to logger.get_dir().
+    images), the learning rate decaying linearly to 0; the last step's checkpoint goes
+    to logger.get_dir().
 
     :param classifier_flags: create_classifier_and_diffusion's flags.
     :return: the path of the checkpoint.
@@ -323,9 +310,7 @@ def train_classifier(classifier_flags, data_dir, heldout_dir, steps, batch_size,
         microbatch=-1, lr=lr, log_interval=LOG_INTERVAL, save_interval=steps, resume_checkpoint="",
         seed=seed, flags=classifier_flags,
     )
-    with tqdm(total=steps, desc="classifier", unit="step", disable=not progress) as bar:
-        loop.progress_bar = bar
-        loop.run_loop()
+    _run_with_progress(loop, steps, "classifier", progress)
     return bf.join(logger.get_dir(), model_filename(steps))
 
 
@@ -335,7 +320,7 @@ def train_classifier(classifier_flags, data_dir, heldout_dir, steps, batch_size,
 def sample_scales(model, diffusion, classifier, scales, labels, batch_size, seed, progress=True):
     """
     DDIM samples guided by the classifier at each scale; sample i starts from the same
-    x_T at every scale. Scale 0 runs without the classifier (a zero gradient changes nothing).
+    x_T at every scale. Scale 0 runs without the classifier (its gradient would be zeroed).
 
     :param labels: the requested class of each sample.
     :return: a dict from scale to uint8 images [N x H x W x 3].
@@ -344,10 +329,8 @@ def sample_scales(model, diffusion, classifier, scales, labels, batch_size, seed
     for scale in scales:
         logger.log(f"sampling {len(labels)} images at classifier scale {scale:g}...")
         guidance = dict(classifier=classifier, classifier_scale=scale) if scale else {}
-        samples[scale], _ = sample(
-            model, diffusion, labels=labels, batch_size=batch_size, use_ddim=True, seed=seed,
-            progress=progress, **guidance,
-        )
+        samples[scale], _ = sample(model, diffusion, labels=labels, batch_size=batch_size,
+                                   use_ddim=True, seed=seed, progress=progress, **guidance)
     return samples
 
 
@@ -367,8 +350,8 @@ def class_grid(images, labels, num_classes, columns):
 def judge_inputs(images, judge_size):
     """
     :param images: uint8 images [N x H x W x C].
-    :param judge_size: the side to area-downsample to.
-    :return: float32 [N x judge_size * judge_size * C] pixel vectors in [0, 1].
+    :return: float32 [N x judge_size * judge_size * C]: the images area-downsampled to
+        judge_size x judge_size, in [0, 1].
     """
     pixels = th.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
     return F.adaptive_avg_pool2d(pixels, judge_size).flatten(1).numpy()
@@ -393,8 +376,7 @@ class Judge:
 
     def fit(self, images, labels):
         """
-        :param images: uint8 real images [N x H x W x C].
-        :param labels: their classes.
+        :param images: uint8 real images [N x H x W x C] of the given classes.
         :return: self.
         """
         from sklearn.exceptions import ConvergenceWarning
@@ -405,15 +387,11 @@ class Judge:
         return self
 
     def predict(self, images):
-        """
-        :return: the judged class of each image.
-        """
+        """:return: the judged class of each image."""
         return self.mlp.predict(judge_inputs(images, self.judge_size))
 
     def features(self, images):
-        """
-        :return: float [N x hidden] hidden-layer activations (ReLU) of the images.
-        """
+        """:return: float [N x hidden]: the images' hidden-layer activations (ReLU)."""
         hidden = judge_inputs(images, self.judge_size) @ self.mlp.coefs_[0] + self.mlp.intercepts_[0]
         return np.maximum(hidden, 0)
 
@@ -438,18 +416,11 @@ def score_images(judge, real_features, images, labels):
         and 'recall' against the real features.
     """
     precision, recall = precision_recall(real_features, judge.features(images))
-    return dict(recognised=float(np.mean(judge.predict(images) == labels)),
-                precision=precision, recall=recall)
+    recognised = float(np.mean(judge.predict(images) == labels))
+    return dict(recognised=recognised, precision=precision, recall=recall)
 
 
 # ---------------------------------------------------------------------- report
-
-TABLE_COLUMNS = (
-    ("classifier_scale", "classifier scale"),
-    ("recognised", "recognised as the requested class"),
-    ("precision", "precision"),
-    ("recall", "recall"),
-)
 
 
 def results_table(rows):
@@ -457,10 +428,8 @@ def results_table(rows):
     :param rows: dicts with the TABLE_COLUMNS keys.
     :return: a markdown table, one line per row.
     """
-    lines = [
-        "| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |",
-        "|" + " ---: |" * len(TABLE_COLUMNS),
-    ]
+    lines = ["| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |",
+             "|" + " ---: |" * len(TABLE_COLUMNS)]
     for row in rows:
         cells = [f"{row['classifier_scale']:g}"] + [f"{row[key]:.3f}" for key, _ in TABLE_COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -469,29 +438,24 @@ def results_table(rows):
 
 def write_results_csv(rows, path):
     """
-    Write the rows as CSV with the TABLE_COLUMNS keys as header, atomically.
+    Write the rows as CSV, the TABLE_COLUMNS keys as header, atomically.
     """
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=[key for key, _ in TABLE_COLUMNS], lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({key: row[key] for key, _ in TABLE_COLUMNS})
-    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
+    writer.writerows({key: row[key] for key, _ in TABLE_COLUMNS} for row in rows)
+    _write(path, text.getvalue().encode("utf-8"))
 
 
 def _trend(values):
-    """
-    :return: how a sequence moves, in words: "rises at every step", "falls overall", ...
-    """
+    """:return: how a sequence moves, in words ("rises at every step", ...)."""
     steps = np.diff(values)
     if np.all(steps > 0):
         return "rises at every step"
     if np.all(steps < 0):
         return "falls at every step"
-    if values[-1] > values[0]:
-        return "rises overall, not at every step"
-    if values[-1] < values[0]:
-        return "falls overall, not at every step"
+    if values[-1] != values[0]:
+        return ("rises" if values[-1] > values[0] else "falls") + " overall, not at every step"
     return "ends where it starts"
 
 
@@ -503,23 +467,20 @@ def describe_trends(rows):
     :param rows: result dicts sorted by classifier scale.
     :return: markdown text.
     """
-    first, last = rows[0]["classifier_scale"], rows[-1]["classifier_scale"]
-    lines = [f"From classifier scale {first:g} to {last:g}:"]
+    first, last = rows[0], rows[-1]
+    lines = [f"From classifier scale {first['classifier_scale']:g} to {last['classifier_scale']:g}:"]
     for key, label, _ in SERIES:
         values = [row[key] for row in rows]
         lines.append(f"- {label} {_trend(values)} ({values[0]:.3f} -> {values[-1]:.3f})")
     if len(rows) < 2:
         verdict = "One scale only: there is no trend to compare."
+    elif (last["recognised"] > first["recognised"] and last["precision"] > first["precision"]
+          and last["recall"] < first["recall"]):
+        verdict = ("The fidelity-diversity trade-off shows: recognition and precision rise with "
+                   "the scale while recall falls.")
     else:
-        expected = (rows[-1]["recognised"] > rows[0]["recognised"],
-                    rows[-1]["precision"] > rows[0]["precision"],
-                    rows[-1]["recall"] < rows[0]["recall"])
-        verdict = (
-            "The fidelity-diversity trade-off shows: recognition and precision rise with the "
-            "scale while recall falls." if all(expected) else
-            "The expected trade-off (recognition and precision rising, recall falling) does "
-            "not fully show in these numbers."
-        )
+        verdict = ("The expected trade-off (recognition and precision rising, recall falling) "
+                   "does not fully show in these numbers.")
     return "\n".join(lines) + "\n\n" + verdict
 
 
@@ -572,87 +533,75 @@ def draw_tradeoff_plot(rows, width=460, height=300):
     return image
 
 
-def overview_picture(grids, plot, zoom=2):
+def overview_picture(grids, plot, zoom=2, gap=12, caption_height=24):
     """
-    :param grids: (caption, uint8 grid image) pairs, one per scale.
+    :param grids: (caption, uint8 grid image [H x W x C]) pairs, one per scale.
     :param plot: the trade-off plot (a PIL image).
     :param zoom: pixel repetition of the grids.
     :return: an RGB PIL image: the captioned grids in a near-square block, the plot to its right.
     """
     font = _font(14)
-    caption_height = 24
     tiles = []
     for caption, grid in grids:
-        picture = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).convert("RGB")
+        picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
         picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
         tile = Image.new("RGB", (picture.width, picture.height + caption_height), "white")
         tile.paste(picture, (0, caption_height))
         _text(ImageDraw.Draw(tile), (tile.width / 2, caption_height / 2), caption, font, "center")
         tiles.append(tile)
     per_row = math.ceil(math.sqrt(len(tiles)))
-    gap = 12
-    tile_width = max(tile.width for tile in tiles)
-    tile_height = max(tile.height for tile in tiles)
-    rows = math.ceil(len(tiles) / per_row)
-    block_width = per_row * tile_width + (per_row - 1) * gap
-    block_height = rows * tile_height + (rows - 1) * gap
-    canvas = Image.new(
-        "RGB", (block_width + gap + plot.width + 2 * gap, max(block_height, plot.height) + 2 * gap),
-        "white",
-    )
+    tile_width, tile_height = max(t.width for t in tiles), max(t.height for t in tiles)
+    block_width = per_row * (tile_width + gap) - gap
+    block_height = math.ceil(len(tiles) / per_row) * (tile_height + gap) - gap
+    height = max(block_height, plot.height)
+    canvas = Image.new("RGB", (block_width + plot.width + 3 * gap, height + 2 * gap), "white")
     for index, tile in enumerate(tiles):
         row, column = divmod(index, per_row)
         canvas.paste(tile, (gap + column * (tile_width + gap), gap + row * (tile_height + gap)))
-    canvas.paste(plot, (2 * gap + block_width, gap + (block_height - plot.height) // 2 if
-                        block_height > plot.height else gap))
+    canvas.paste(plot, (block_width + 2 * gap, gap + (height - plot.height) // 2))
     return canvas
 
 
-def _save_png(image, path):
-    """Write a PIL image as PNG, atomically."""
+def _png(image):
+    """:return: a PIL image as PNG bytes."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return buffer.getvalue()
 
 
-def _write_text(text, path):
-    """Write UTF-8 text, atomically."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+def _write(path, data):
+    """Write bytes to a path, atomically."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_pictures(out_dir, rows, samples, labels, num_classes, columns, zoom):
+    """
+    Write samples/scale_S.npz and samples/scale_S.png per scale, tradeoff.png and
+    quickstart.png (reduced to 256 colours, small enough to commit).
+
+    :param samples: a dict from scale to uint8 images, labelled by `labels`.
+    """
+    samples_dir = bf.join(out_dir, "samples")
+    bf.makedirs(samples_dir)
+    grids = []
+    for row in rows:
+        scale = row["classifier_scale"]
+        write_npz(bf.join(samples_dir, f"scale_{scale:g}.npz"), samples[scale], labels)
+        grid = class_grid(samples[scale], labels, num_classes, columns)
+        _write(bf.join(samples_dir, f"scale_{scale:g}.png"), _png(Image.fromarray(grid)))
+        grids.append((f"scale {scale:g}: {100 * row['recognised']:.0f}% recognised", grid))
+    plot = draw_tradeoff_plot(rows)
+    _write(bf.join(out_dir, "tradeoff.png"), _png(plot))
+    overview = overview_picture(grids, plot, zoom).quantize(256, dither=Image.Dither.NONE)
+    _write(bf.join(out_dir, "quickstart.png"), _png(overview))
 
 
 # ---------------------------------------------------------------------- the job
 
 
-def _parameter_count(module):
-    """:return: the number of parameters of a module."""
-    return sum(parameter.numel() for parameter in module.parameters())
-
-
-class _StageTimer:
-    """Wall time per stage, in the order the stages ran."""
-
-    def __init__(self):
-        self.seconds = {}
-        self.start = time.perf_counter()
-
-    @contextlib.contextmanager
-    def stage(self, name):
-        """Add the duration of the with-block to stage `name`."""
-        begin = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
-
-    def summary(self):
-        """:return: "data 3 s, diffusion 250 s, ..., total 300 s"."""
-        parts = [f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items()]
-        return ", ".join(parts + [f"total {time.perf_counter() - self.start:.0f} s"])
-
-
 def _check_options(options):
     """
-    :return: the defaults updated with options; unknown names raise ValueError.
+    :return: the defaults updated with options, checked.
     """
     merged = quickstart_defaults()
     unknown = sorted(set(options) - set(merged))
@@ -668,39 +617,88 @@ def _check_options(options):
     return merged
 
 
-def _model_flags(options, num_classes):
-    """:return: create_model_and_diffusion's flags for the job's diffusion model."""
-    flags = model_and_diffusion_defaults()
-    flags.update(
-        {name: options[name] for name in ("image_size", "num_channels", "num_res_blocks",
-                                          "attention_resolutions", "diffusion_steps", "noise_schedule")},
-        class_cond=True, num_classes=num_classes,
-    )
-    return flags
-
-
-def _classifier_flags(options, num_classes):
-    """:return: create_classifier_and_diffusion's flags for the job's noised classifier."""
-    flags = classifier_and_diffusion_defaults()
-    flags.update(
-        {name: options[name] for name in ("image_size", "classifier_width", "classifier_depth",
-                                          "diffusion_steps", "noise_schedule")},
-        classifier_attention_resolutions="", num_classes=num_classes,
-    )
-    return flags
+def _network_flags(options, num_classes):
+    """
+    :return: (create_model_and_diffusion's flags, create_classifier_and_diffusion's flags)
+        of the job's two networks.
+    """
+    shared = dict(image_size=options["image_size"], num_classes=num_classes,
+                  diffusion_steps=options["diffusion_steps"], noise_schedule=options["noise_schedule"])
+    model_flags = dict(model_and_diffusion_defaults(), class_cond=True, **shared)
+    model_flags.update({name: options[name] for name in
+                        ("num_channels", "num_res_blocks", "attention_resolutions")})
+    classifier_flags = dict(classifier_and_diffusion_defaults(), classifier_attention_resolutions="",
+                            classifier_width=options["classifier_width"],
+                            classifier_depth=options["classifier_depth"], **shared)
+    return model_flags, classifier_flags
 
 
 @contextlib.contextmanager
 def _logging_to(stage_dir, out_dir):
     """
-    Inside the block, log to stage_dir (log.txt, progress.csv: the training loops' records
-    and checkpoints go there); afterwards to stdout and out_dir/log.txt again.
+    Log to stage_dir inside the block (log.txt, progress.csv: the training loops' records;
+    their checkpoints go there too), then to stdout and out_dir/log.txt again.
     """
     logger.configure(dir=stage_dir, format_strs=["log", "csv"])
     try:
         yield
     finally:
         logger.configure(dir=out_dir, format_strs=["stdout", "log"])
+
+
+@contextlib.contextmanager
+def _timed(seconds, name):
+    """Record the wall time of the with-block as seconds[name]."""
+    begin = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - begin
+
+
+def _prepare_data(options):
+    """
+    :return: (training folder, held-out folder): the digits written under out_dir/data,
+        or the user's folders (the training one doubling as held-out if none is given).
+    """
+    out_dir, train_dir, heldout_dir = options["out_dir"], options["data_dir"], options["heldout_dir"]
+    if not train_dir:
+        train_dir, heldout_dir = bf.join(out_dir, "data", "train"), bf.join(out_dir, "data", "heldout")
+        counts = write_digit_folders(train_dir, heldout_dir, options["heldout_per_class"], options["seed"])
+        logger.log(f"wrote scikit-learn's digits: {counts[0]} training and {counts[1]} held-out "
+                   f"images under {bf.join(out_dir, 'data')}")
+    elif not heldout_dir:
+        logger.warn("no --heldout_dir: precision and recall compare the samples with the training "
+                    "images themselves")
+        heldout_dir = train_dir
+    return train_dir, heldout_dir
+
+
+def _load_sampling_models(model_flags, model_path, classifier_flags, classifier_path, sample_steps):
+    """
+    :return: (model, its DDIM diffusion of sample_steps steps, classifier) from the checkpoints.
+    """
+    sampling_flags = dict(model_flags, timestep_respacing=f"ddim{sample_steps}")
+    model, diffusion = create_model_and_diffusion(**sampling_flags)
+    load_for_sampling(model, model_path, sampling_flags)
+    classifier_only = {name: classifier_flags[name] for name in classifier_defaults()}
+    classifier = load_for_sampling(create_classifier(**classifier_only), classifier_path,
+                                   classifier_only, flag_name="classifier checkpoint")
+    return model, diffusion, classifier
+
+
+def _report(options, counts, num_classes, model, classifier, judge_line, rows, times):
+    """:return: the text of results.md."""
+    size, parameters = options["image_size"], [sum(p.numel() for p in net.parameters()) / 1e6
+                                               for net in (model, classifier)]
+    setup = (
+        f"{counts[0]} training and {counts[1]} held-out images of {num_classes} classes at "
+        f"{size}x{size}; diffusion model {parameters[0]:.2f}M parameters, {options['train_steps']} "
+        f"steps of {options['batch_size']} images; noised classifier {parameters[1]:.2f}M "
+        f"parameters, {options['classifier_steps']} steps; {options['sample_steps']} DDIM steps, "
+        f"{num_classes * options['samples_per_class']} samples per scale; seed {options['seed']}; "
+        f"torch threads: {th.get_num_threads()}."
+    )
+    return "\n\n".join(["# Quickstart results", setup, results_table(rows), judge_line,
+                        describe_trends(rows), f"Wall time: {times}."]) + "\n"
 
 
 def run_quickstart(progress=True, **options):
@@ -715,102 +713,60 @@ def run_quickstart(progress=True, **options):
     """
     options = _check_options(options)
     scales = sorted(parse_scales(options["classifier_scales"]))
-    out_dir, seed, image_size = options["out_dir"], options["seed"], options["image_size"]
-    timer = _StageTimer()
+    out_dir, seed, class_from = options["out_dir"], options["seed"], options["class_from"]
+    start, seconds = time.perf_counter(), {}
     logger.configure(dir=out_dir, format_strs=["stdout", "log"])
 
-    with timer.stage("data"):
-        train_dir, heldout_dir = options["data_dir"], options["heldout_dir"]
-        if not train_dir:
-            train_dir, heldout_dir = bf.join(out_dir, "data", "train"), bf.join(out_dir, "data", "heldout")
-            counts = write_digit_folders(train_dir, heldout_dir, options["heldout_per_class"], seed)
-            logger.log(f"wrote scikit-learn's digits: {counts[0]} training and {counts[1]} "
-                       f"held-out images under {bf.join(out_dir, 'data')}")
-        elif not heldout_dir:
-            logger.warn("no --heldout_dir: precision and recall compare the samples with the "
-                        "training images themselves")
-            heldout_dir = train_dir
-        train_images, train_labels, class_names = read_labelled_images(
-            train_dir, image_size, options["class_from"])
+    with _timed(seconds, "data"):
+        train_dir, heldout_dir = _prepare_data(options)
+        train_images, train_labels, names = read_labelled_images(train_dir, options["image_size"], class_from)
         heldout_images, heldout_labels, _ = read_labelled_images(
-            heldout_dir, image_size, options["class_from"], class_names)
-        num_classes = len(class_names)
-
-    model_flags = _model_flags(options, num_classes)
-    classifier_flags = _classifier_flags(options, num_classes)
-    with timer.stage("diffusion training"):
+            heldout_dir, options["image_size"], class_from, names)
+    model_flags, classifier_flags = _network_flags(options, len(names))
+    with _timed(seconds, "diffusion training"):
         logger.log(f"training the diffusion model for {options['train_steps']} steps...")
         with _logging_to(bf.join(out_dir, "diffusion"), out_dir):
             model_path = train_diffusion(
-                model_flags, train_dir, options["train_steps"], options["batch_size"],
-                options["lr"], options["ema_rate"], options["class_from"], seed, progress)
-    with timer.stage("classifier training"):
+                model_flags, train_dir, options["train_steps"], options["batch_size"], options["lr"],
+                options["ema_rate"], class_from, seed, progress)
+    with _timed(seconds, "classifier training"):
         logger.log(f"training the noised classifier for {options['classifier_steps']} steps...")
         with _logging_to(bf.join(out_dir, "classifier"), out_dir):
             classifier_path = train_classifier(
                 classifier_flags, train_dir, heldout_dir, options["classifier_steps"],
-                options["batch_size"], options["classifier_lr"], options["class_from"], seed,
-                progress)
-
-    with timer.stage("sampling"):
-        sampling_flags = dict(model_flags, timestep_respacing=f"ddim{options['sample_steps']}")
-        model, diffusion = create_model_and_diffusion(**sampling_flags)
-        load_for_sampling(model, model_path, sampling_flags)
-        classifier_only = {name: classifier_flags[name] for name in classifier_defaults()}
-        classifier = load_for_sampling(
-            create_classifier(**classifier_only), classifier_path, classifier_only,
-            flag_name="classifier checkpoint")
-        labels = np.repeat(np.arange(num_classes), options["samples_per_class"])
+                options["batch_size"], options["classifier_lr"], class_from, seed, progress)
+    with _timed(seconds, "sampling"):
+        model, diffusion, classifier = _load_sampling_models(
+            model_flags, model_path, classifier_flags, classifier_path, options["sample_steps"])
+        labels = np.repeat(np.arange(len(names)), options["samples_per_class"])
         samples = sample_scales(model, diffusion, classifier, scales, labels,
                                 options["sample_batch_size"], seed, progress)
 
-    with timer.stage("evaluation"):
+    with _timed(seconds, "evaluation"):
         judge = Judge(options["judge_size"], options["judge_hidden"], seed).fit(train_images, train_labels)
         real_features = judge.features(heldout_images)
         rows = [dict(classifier_scale=scale, **score_images(judge, real_features, samples[scale], labels))
                 for scale in scales]
-        judge_accuracy = float(np.mean(judge.predict(heldout_images) == heldout_labels))
         reference = balanced_subset(train_labels, options["samples_per_class"], seed)
-        reference_scores = score_images(judge, real_features, train_images[reference],
-                                        train_labels[reference])
-
-    with timer.stage("report"):
+        real = score_images(judge, real_features, train_images[reference], train_labels[reference])
+        judge_line = (
+            f"Judge: an MLP ({options['judge_hidden']} hidden units) on {options['judge_size']}x"
+            f"{options['judge_size']} downsampled images, fitted on the training images; "
+            f"{np.mean(judge.predict(heldout_images) == heldout_labels):.3f} accuracy on the held-out "
+            f"images. Real training images (the same number per class as the samples) against the "
+            f"held-out ones: precision {real['precision']:.3f}, recall {real['recall']:.3f}."
+        )
+    with _timed(seconds, "report"):
         columns = min(options["grid_columns"], options["samples_per_class"])
-        samples_dir = bf.join(out_dir, "samples")
-        bf.makedirs(samples_dir)
-        grids = []
-        for row in rows:
-            scale = row["classifier_scale"]
-            write_npz(bf.join(samples_dir, f"scale_{scale:g}.npz"), samples[scale], labels)
-            grid = class_grid(samples[scale], labels, num_classes, columns)
-            _save_png(Image.fromarray(grid), bf.join(samples_dir, f"scale_{scale:g}.png"))
-            grids.append((f"scale {scale:g}: {100 * row['recognised']:.0f}% recognised", grid))
-        plot = draw_tradeoff_plot(rows)
-        _save_png(plot, bf.join(out_dir, "tradeoff.png"))
-        _save_png(overview_picture(grids, plot), bf.join(out_dir, "quickstart.png"))
+        write_pictures(out_dir, rows, samples, labels, len(names), columns,
+                       zoom=max(1, 32 // options["image_size"]))
         write_results_csv(rows, bf.join(out_dir, "results.csv"))
 
-    setup = (
-        f"{len(train_images)} training and {len(heldout_images)} held-out images of "
-        f"{num_classes} classes at {image_size}x{image_size}; diffusion model "
-        f"{_parameter_count(model) / 1e6:.2f}M parameters, {options['train_steps']} steps of "
-        f"{options['batch_size']}; noised classifier {_parameter_count(classifier) / 1e6:.2f}M "
-        f"parameters, {options['classifier_steps']} steps; {options['sample_steps']} DDIM steps, "
-        f"{len(labels)} samples per scale; seed {seed}; {th.get_num_threads()} torch threads."
-    )
-    judge_line = (
-        f"Judge: an MLP ({options['judge_hidden']} hidden units) on {options['judge_size']}x"
-        f"{options['judge_size']} downsampled images, fitted on the training images; "
-        f"{judge_accuracy:.3f} accuracy on the held-out images. Real training images (the same "
-        f"number per class as the samples) against the held-out ones: precision "
-        f"{reference_scores['precision']:.3f}, recall {reference_scores['recall']:.3f}."
-    )
-    report = "\n\n".join([
-        "# Quickstart results", setup, results_table(rows), judge_line, describe_trends(rows),
-        f"Wall time: {timer.summary()}.",
-    ]) + "\n"
-    _write_text(report, bf.join(out_dir, "results.md"))
-    logger.log(results_table(rows))
-    logger.log(describe_trends(rows))
-    logger.log(f"wall time: {timer.summary()}; outputs in {out_dir} (results.md, quickstart.png)")
+    times = ", ".join([f"{name} {value:.0f} s" for name, value in seconds.items()]
+                      + [f"total {time.perf_counter() - start:.0f} s"])
+    report = _report(options, (len(train_images), len(heldout_images)), len(names), model,
+                     classifier, judge_line, rows, times)
+    _write(bf.join(out_dir, "results.md"), report.encode("utf-8"))
+    logger.log(results_table(rows) + "\n" + describe_trends(rows))
+    logger.log(f"wall time: {times}; outputs in {out_dir} (results.md, quickstart.png)")
     return rows

@@ -239,7 +239,10 @@ def test_the_job_writes_grids_table_plot_and_checkpoints_that_parse(script_run):
         grid = Image.open(out / "samples" / f"scale_{scale}.png")
         assert grid.size == (3 * 10 + 2, 3 * 10 + 2)  # 3 columns, one row per class
     assert Image.open(out / "tradeoff.png").size == (460, 300)
-    assert Image.open(out / "quickstart.png").mode == "RGB"
+    overview = Image.open(out / "quickstart.png")
+    # A palette picture: the two grids zoomed 32 // 8 = 4 times and captioned, side by side,
+    # then the plot.
+    assert overview.mode == "P" and overview.size == (2 * (4 * 32 + 12) - 12 + 460 + 3 * 12, 300 + 24)
     assert "sampling 12 images at classifier scale 2" in (out / "log.txt").read_text()
     assert (out / "diffusion" / "progress.csv").exists() and (out / "classifier" / "progress.csv").exists()
 
