@@ -676,13 +676,15 @@ def add_sampling_flags(parser, guidance=True, images=True):
 
 def start_sampling(args):
     """
-    Check --num_samples, --batch_size and --seed, then set up the processes and the
-    log directory (--log_dir).
+    Check --num_samples, --batch_size, --seed and the precision flags, then set up the
+    processes and the log directory (--log_dir).
 
     :param args: the parsed flags.
     """
     check_counts(num_samples=args.num_samples, batch_size=args.batch_size)
     check_seed(args.seed)
+    if args.use_fp16 and args.use_bf16:
+        raise ValueError("--use_fp16 and --use_bf16 are exclusive: choose one precision")
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
 

@@ -204,3 +204,17 @@ def test_convert_module_to_f16_and_back_touches_only_convolutions():
     assert net.head.weight.dtype == th.float32
     net.apply(convert_module_to_f32)
     assert net.conv.weight.dtype == th.float32
+
+
+def test_norms_are_the_root_sum_of_squared_parameter_norms():
+    model = SmallNet()
+    trainer = MixedPrecisionTrainer(model=model)
+    for index, param in enumerate(model.parameters()):
+        param.grad = th.full_like(param, float(index + 1))
+    grad_norm, param_norm = trainer._compute_norms(grad_scale=2.0)
+    expected_grad = sum((index + 1) ** 2 * p.numel() for index, p in enumerate(model.parameters()))
+    expected_param = sum(float(p.detach().double().square().sum()) for p in model.parameters())
+    assert grad_norm == pytest.approx(expected_grad**0.5 / 2.0, rel=1e-6)
+    assert param_norm == pytest.approx(expected_param**0.5, rel=1e-6)
+    next(model.parameters()).grad[0] = float("inf")
+    assert trainer._compute_norms()[0] == float("inf")

@@ -66,6 +66,16 @@ def test_update_ema_closed_form():
     assert th.allclose(target[0], th.full((3,), 1.5))
 
 
+def test_update_ema_is_bitwise_one_mul_and_add_per_tensor():
+    generator = th.Generator().manual_seed(0)
+    targets = [th.randn(shape, generator=generator) for shape in ((5,), (3, 4), (2, 2, 3))]
+    sources = [th.randn(t.shape, generator=generator) for t in targets]
+    expected = [t.clone().mul_(0.9999).add_(s, alpha=1 - 0.9999) for t, s in zip(targets, sources)]
+    update_ema(targets, sources, rate=0.9999)
+    assert all(th.equal(t, e) for t, e in zip(targets, expected))
+    update_ema([], [])  # nothing to update
+
+
 def test_checkpoint_gives_same_values_and_gradients():
     th.manual_seed(0)
     layer = th.nn.Linear(4, 4)

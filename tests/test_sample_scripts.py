@@ -199,6 +199,7 @@ def run_main(script, args, monkeypatch):
 @pytest.mark.parametrize("script, args, error, message", [
     ("image_sample.py", ["--num_samples", 0], ValueError, "--num_samples 0: expected a positive integer"),
     ("image_sample.py", ["--batch_size", -2], ValueError, "--batch_size -2"),
+    ("image_sample.py", ["--use_fp16", "True", "--use_bf16", "True"], ValueError, "exclusive"),
     ("classifier_sample.py", ["--classifier_scale", 3.0], ValueError, "--classifier_path is empty"),
     ("super_res_sample.py", ["--base_samples", "BASE", "--small_size", 8], ValueError,
      r"expected uint8 \[N x 8 x 8 x 3\]"),

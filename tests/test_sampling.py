@@ -463,3 +463,45 @@ def test_seeded_bpd_is_independent_of_the_batch_size_and_repeats_images(conditio
     assert one["total_bpd"].shape == (3,)
     assert one["prior_bpd"][2] == pytest.approx(one["prior_bpd"][0])  # image 0 again, same prior
     assert one["total_bpd"][2] != pytest.approx(one["total_bpd"][0], rel=1e-6)  # other noise
+
+
+# ----------------------------------------------------------------------------- speed-ups
+
+
+def eager_compile(monkeypatch):
+    """Make the acceleration module's torch.compile use the cheap "eager" backend."""
+    from guided_diffusion import acceleration
+
+    real_compile = th.compile
+    monkeypatch.setattr(acceleration.th, "compile",
+                        lambda model, **kwargs: real_compile(model, backend="eager", **kwargs))
+
+
+def test_compiled_sampling_gives_the_same_images(conditional, monkeypatch):
+    model, diffusion = conditional
+    plain = sample(model, diffusion, num_samples=2, batch_size=2, seed=3, progress=False)
+    eager_compile(monkeypatch)
+    compiled = sample(model, diffusion, num_samples=2, batch_size=2, seed=3, progress=False,
+                      compile=True)
+    assert np.array_equal(plain[0], compiled[0]) and np.array_equal(plain[1], compiled[1])
+
+
+def test_bf16_sampling_runs_the_model_and_classifier_under_autocast(conditional):
+    model, diffusion = conditional
+    classifier = create_classifier(**tiny_classifier_flags()).eval()
+    seen = []
+    hooks = [net.register_forward_pre_hook(lambda module, args: seen.append(
+        (type(module).__name__, th.is_autocast_enabled("cpu")))) for net in (model, classifier)]
+    try:
+        low, labels = sample(model, diffusion, classifier=classifier, num_samples=2, batch_size=2,
+                             seed=3, progress=False, use_bf16=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    full, _ = sample(model, diffusion, classifier=classifier, num_samples=2, batch_size=2, seed=3,
+                     progress=False)
+    assert {name for name, _ in seen} == {"UNetModel", "EncoderUNetModel"}
+    assert all(autocast for _, autocast in seen)
+    assert low.dtype == np.uint8 and labels.shape == (2,)
+    # bfloat16 changes the numbers a little, not the images' content.
+    assert np.abs(low.astype(int) - full.astype(int)).mean() < 20

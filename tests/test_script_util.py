@@ -133,3 +133,22 @@ def test_num_classes_and_class_dropout_shape_the_label_embedding():
         su.num_label_embeddings(False, 0.2)
     with pytest.raises(ValueError, match="num_classes 0"):
         su.num_label_embeddings(True, 0.0, 0)
+
+
+def test_fast_attention_is_a_flag_of_every_factory():
+    for defaults in (su.model_and_diffusion_defaults(), su.classifier_defaults(),
+                     su.sr_model_and_diffusion_defaults()):
+        assert defaults["fast_attention"] is True
+    flags = dict(su.model_and_diffusion_defaults(), image_size=8, num_channels=32,
+                 num_res_blocks=1, attention_resolutions="4", fast_attention=False)
+    model, _ = su.create_model_and_diffusion(**flags)
+    attentions = [m for m in model.modules() if hasattr(m, "fast")]
+    assert attentions and not any(m.fast for m in attentions)
+
+
+def test_flags_for_picks_the_flags_a_function_takes():
+    def target(lr, batch_size=1, **kwargs):
+        return lr, batch_size
+
+    args = argparse.Namespace(lr=0.1, batch_size=4, data_dir="x", kwargs=None)
+    assert su.flags_for(target, args) == {"lr": 0.1, "batch_size": 4, "kwargs": None}

@@ -350,3 +350,42 @@ def test_training_needs_a_configured_log_directory(tiny_model):
             model=tiny_model(), diffusion=_SquaredError(), data=None, batch_size=1, microbatch=-1,
             lr=0.1, ema_rate="", log_interval=1, save_interval=1, resume_checkpoint="",
         )
+
+
+def test_compile_and_channels_last_keep_the_training_gradients(tmp_path, monkeypatch):
+    from guided_diffusion import acceleration
+
+    logger.configure(str(tmp_path), ["log"])
+    real_compile = th.compile
+    monkeypatch.setattr(acceleration.th, "compile",
+                        lambda model, **kwargs: real_compile(model, backend="eager", **kwargs))
+    batch = th.randn(4, 3, 8, 8)
+    grads = []
+    for switches in ({}, dict(compile=True, channels_last=True)):
+        model, diffusion = _build(dict(FLAGS, dropout=0.0))
+        loop = TrainLoop(
+            model=model, diffusion=diffusion, data=None, batch_size=4, microbatch=-1, lr=0.1,
+            ema_rate="", log_interval=1, save_interval=10, resume_checkpoint="", **switches,
+        )
+        th.manual_seed(5)
+        np.random.seed(5)  # the timesteps
+        loop.forward_backward(batch, {})
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert isinstance(loop.ddp_model, acceleration.CompiledModel)
+    assert loop.ddp_model.compiled is not None
+    assert model.input_blocks[0][0].weight.is_contiguous(memory_format=th.channels_last)
+    assert all(th.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_loop_kwargs_take_the_flags_named_like_loop_arguments():
+    args = train_util.training_argparser("Train.", dict(
+        train_util.training_defaults(), **model_and_diffusion_defaults()
+    )).parse_args(["--lr", "0.5", "--schedule_sampler", "loss-second-moment", "--compile", "True"])
+    _, diffusion = _build()
+    kwargs = train_util.loop_kwargs(args, diffusion, TrainLoop)
+    assert kwargs["lr"] == 0.5 and kwargs["compile"] is True and kwargs["channels_last"] is False
+    assert type(kwargs["schedule_sampler"]).__name__ == "LossSecondMomentResampler"
+    assert kwargs["flags"]["lr"] == 0.5 and kwargs["class_dropout_prob"] == 0.0
+    assert "data_dir" not in kwargs and "image_size" not in kwargs
+    classifier = train_util.loop_kwargs(args, diffusion, ClassifierTrainLoop)
+    assert classifier["lr"] == 0.5  # TrainLoop's arguments pass through ClassifierTrainLoop
