@@ -19,6 +19,7 @@ from PIL import Image
 
 from test_sampling import NUM_CLASSES, tiny_classifier_flags, tiny_flags, tiny_model, tiny_sr_flags
 from guided_diffusion.script_util import create_classifier
+from launchers import find_mpiexec
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 180
@@ -51,7 +52,7 @@ def run_script(script, args, processes=1, launcher="mpiexec", check=True):
     if processes == 1:
         prefix = [sys.executable]
     elif launcher == "mpiexec":
-        prefix = ["mpiexec", "-n", str(processes), sys.executable]
+        prefix = [find_mpiexec() or "mpiexec", "-n", str(processes), sys.executable]
     else:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   f"--nproc_per_node={processes}"]

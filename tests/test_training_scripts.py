@@ -6,7 +6,6 @@ Every subprocess has a timeout so a deadlock fails the test instead of hanging C
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from guided_diffusion.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
+from launchers import find_mpiexec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, "tests", "dist_train_driver.py")
@@ -57,11 +57,12 @@ def _identical(first, second):
 @pytest.fixture(scope="module")
 def mpiexec_run(tmp_path_factory, tiny_image_dir):
     """OUT_DIR of `mpiexec -n 2 dist_train_driver.py ... interrupted`."""
-    if shutil.which("mpiexec") is None:
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
         pytest.skip("mpiexec is not installed (pip install mpich mpi4py)")
     pytest.importorskip("mpi4py")
     out_dir = tmp_path_factory.mktemp("mpiexec")
-    _run(["mpiexec", "-n", "2", sys.executable, DRIVER, tiny_image_dir, str(out_dir), "interrupted"])
+    _run([mpiexec, "-n", "2", sys.executable, DRIVER, tiny_image_dir, str(out_dir), "interrupted"])
     return out_dir
 
 
