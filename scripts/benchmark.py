@@ -216,12 +216,14 @@ class Benchmark:
         """How far each path's numbers are from the exact path's, from the same state."""
         results = {
             name: dict(zip(("loss", "grads"), self._loss_and_gradient(name)),
-                       sample=self.sample_steps(name, False), guided=self.sample_steps(name, True))
+                       output=self._output(name), sample=self.sample_steps(name, False),
+                       guided=self.sample_steps(name, True))
             for name in self.paths
         }
         exact = results.pop("exact")
         return {
             name: dict(
+                model_output_rel=_max_relative(got["output"], exact["output"]),
                 train_loss_rel=abs(got["loss"] - exact["loss"]) / abs(exact["loss"]),
                 train_grad_rel=float((got["grads"] - exact["grads"]).norm() / exact["grads"].norm()),
                 sample_rel=_max_relative(got["sample"], exact["sample"]),
@@ -229,6 +231,14 @@ class Benchmark:
             )
             for name, got in results.items()
         }
+
+    def _output(self, name):
+        """The sampling model's output on the batch at timesteps spread over the process."""
+        group, (_, model_fn, _) = self.use(name)
+        group["model"].eval()
+        t = th.linspace(0, self.diffusion.num_timesteps - 1, self.args.batch_size, device=self.device)
+        with th.no_grad():
+            return model_fn(self.batch, t.long(), **self.cond).float()
 
     def _loss_and_gradient(self, name):
         """The hybrid loss of the batch at seeded timesteps and noise, and its gradient."""

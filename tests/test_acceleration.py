@@ -13,6 +13,8 @@ from guided_diffusion.acceleration import (
 )
 from guided_diffusion.script_util import create_model
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def small_net():
     th.manual_seed(0)
