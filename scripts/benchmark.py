@@ -1,25 +1,27 @@
 """
 Benchmark this library's fast path against the original implementation's execution
-(the "exact" path), in one process, interleaved, and print one JSON line.
+(the "exact" path) in one process, the paths interleaved, and print one JSON line.
 
-Measured per path: training images/s (forward, hybrid loss, backward, optimizer step,
-EMA: TrainLoop.run_step), sampling seconds per step (ancestral step of the model),
-classifier-guided seconds per step, peak memory of a training step and of a sampling
-step, and, with FLOPs counted analytically, TFLOP/s and model FLOP utilisation; plus
-the evaluator's Inception images/s, the fast/exact ratios, and how far the paths'
-numbers are apart (same weights, batch, timesteps and noise).
+Per path: training images/s (TrainLoop.run_step: forward, hybrid loss, backward,
+optimizer step, EMA), sampling seconds per ancestral step, classifier-guided seconds
+per step (medians of --repeats), the peak memory of a training and of a sampling step,
+TFLOP/s and model FLOP utilisation (FLOPs counted analytically), and the time of its
+first calls (compilation included). Also: the evaluator's Inception images/s, the
+ratios to the exact path, and how far each path's numbers are from the exact path's
+(same weights, batch, timesteps and noise).
 
 The exact path reproduces the original's costs: einsum attention, attention blocks
-recomputed in backward (the original's AttentionBlock checkpointed always), float32
-(or the original fp16 path with --use_fp16 on CUDA), no compile, contiguous weights.
-The fast path takes every speed-up that keeps the numbers: fused attention, attention
-activations kept, plus --compile and --channels_last when asked. --use_bf16 adds a
-third path, fast + bfloat16 autocast, which changes the numbers.
+recomputed in backward (the original's AttentionBlock always checkpointed), schedules
+converted at every step, float32 (or the original fp16 path with --use_fp16 on CUDA),
+no compile, contiguous weights. The fast path takes the speed-ups that keep the numbers:
+fused attention, attention activations kept (unless --use_checkpoint), schedules on
+the device, plus --compile and --channels_last when asked. --use_bf16 adds a third
+path, fast + bfloat16 autocast, which changes the numbers.
 
     python scripts/benchmark.py                                      # default config (CPU)
-    python scripts/benchmark.py --config 256x256_diffusion --batch_size 1 --repeats 3
+    python scripts/benchmark.py --config 256x256_diffusion --batch_size 1 --repeats 1
     python scripts/benchmark.py --device cuda --config 256x256_diffusion --batch_size 16 \\
-        --use_fp16 True --use_bf16 True --compile True
+        --use_bf16 True --compile True        # the preset's use_fp16 is the exact path's
 """
 
 import argparse
@@ -69,7 +71,9 @@ DEFAULT_MODEL = dict(
     class_cond=True, classifier_width=64, classifier_attention_resolutions="16,8",
 )
 # Dense 16-bit tensor-core peaks (TFLOP/s) for model FLOP utilisation, by device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+PEAK_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0,
+}
 PEAK_MEMORY_METHOD = {
     "cpu": "torch CPU allocations above those live at the step's start (profiler memory events)",
     "cuda": "torch.cuda.max_memory_allocated above memory_allocated at the step's start",
@@ -120,7 +124,9 @@ class Benchmark:
         self.args, self.device = args, device
         th.manual_seed(args.seed)
         model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-        model, self.diffusion = create_model_and_diffusion(**dict(model_flags, timestep_respacing=""))
+        model, self.diffusion = create_model_and_diffusion(
+            **dict(model_flags, timestep_respacing="")
+        )
         _, self.sample_diffusion = create_model_and_diffusion(
             **dict(model_flags, timestep_respacing=str(args.sample_steps))
         )
@@ -128,8 +134,8 @@ class Benchmark:
         for network in (model, classifier):
             _randomize(network)  # no zero output layers: outputs and gradients to compare
         self.flops = count_flops(model_flags, args)
-        fast = dict(fast_attention=True, checkpoint_attention=args.use_checkpoint, cache_schedules=True,
-                    compile=args.compile, channels_last=args.channels_last)
+        fast = dict(fast_attention=True, checkpoint_attention=args.use_checkpoint,
+                    cache_schedules=True, compile=args.compile, channels_last=args.channels_last)
         exact = dict(fast_attention=False, checkpoint_attention=True, cache_schedules=False)
         self.paths = {"exact": exact, "fast": fast}
         if args.use_bf16:
@@ -139,6 +145,7 @@ class Benchmark:
                     for index, key in enumerate(keys)}  # copied before any fp16 conversion
         self.groups = {key: self._group(key, *networks[key]) for key in keys}
         self.runners = {}
+        self.first_calls_s = {}  # the agreement's calls, the first of each path (compilation)
         self.batch = th.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
         self.labels = th.randint(0, args.num_classes, (args.batch_size,), device=device)
         self.cond = {"y": self.labels} if args.class_cond else {}
@@ -182,7 +189,8 @@ class Benchmark:
         if name not in self.runners:
             compiled = [accelerate(group[key], compile=switches.get("compile", False))
                         for key in ("model", "classifier")]
-            sampled = [accelerate(runner, use_bf16=switches.get("use_bf16", False), device=self.device)
+            use_bf16 = switches.get("use_bf16", False)
+            sampled = [accelerate(runner, use_bf16=use_bf16, device=self.device)
                        for runner in compiled]
             self.runners[name] = (compiled[0], *sampled)
         group["loop"].ddp_model = self.runners[name][0]
@@ -214,18 +222,20 @@ class Benchmark:
 
     def agreement(self):
         """How far each path's numbers are from the exact path's, from the same state."""
-        results = {
-            name: dict(zip(("loss", "grads"), self._loss_and_gradient(name)),
-                       output=self._output(name), sample=self.sample_steps(name, False),
-                       guided=self.sample_steps(name, True))
-            for name in self.paths
-        }
+        results = {}
+        for name in self.paths:
+            start = time.perf_counter()
+            results[name] = dict(zip(("loss", "grads"), self._loss_and_gradient(name)),
+                                 output=self._output(name), sample=self.sample_steps(name, False),
+                                 guided=self.sample_steps(name, True))
+            self.first_calls_s[name] = round(time.perf_counter() - start, 3)
         exact = results.pop("exact")
         return {
             name: dict(
                 model_output_rel=_max_relative(got["output"], exact["output"]),
                 train_loss_rel=abs(got["loss"] - exact["loss"]) / abs(exact["loss"]),
-                train_grad_rel=float((got["grads"] - exact["grads"]).norm() / exact["grads"].norm()),
+                train_grad_rel=float((got["grads"] - exact["grads"]).norm()
+                                     / exact["grads"].norm()),
                 sample_rel=_max_relative(got["sample"], exact["sample"]),
                 guided_rel=_max_relative(got["guided"], exact["guided"]),
             )
@@ -236,9 +246,10 @@ class Benchmark:
         """The sampling model's output on the batch at timesteps spread over the process."""
         group, (_, model_fn, _) = self.use(name)
         group["model"].eval()
-        t = th.linspace(0, self.diffusion.num_timesteps - 1, self.args.batch_size, device=self.device)
+        steps = self.diffusion.num_timesteps
+        t = th.linspace(0, steps - 1, self.args.batch_size, device=self.device).long()
         with th.no_grad():
-            return model_fn(self.batch, t.long(), **self.cond).float()
+            return model_fn(self.batch, t, **self.cond).float()
 
     def _loss_and_gradient(self, name):
         """The hybrid loss of the batch at seeded timesteps and noise, and its gradient."""
@@ -249,7 +260,9 @@ class Benchmark:
         th.manual_seed(self.args.seed)
         t = th.randint(0, self.diffusion.num_timesteps, (self.args.batch_size,), device=self.device)
         with trainer.autocast():
-            losses = self.diffusion.training_losses(group["loop"].ddp_model, self.batch, t, self.cond)
+            losses = self.diffusion.training_losses(
+                group["loop"].ddp_model, self.batch, t, self.cond
+            )
         loss = losses["loss"].mean()
         trainer.backward(loss)
         scale = 2.0**trainer.lg_loss_scale if trainer.use_fp16 else 1.0
@@ -267,9 +280,11 @@ class Benchmark:
             "sample_s_per_step": (lambda name: self.sample_steps(name, False), args.sample_steps),
             "guided_s_per_step": (lambda name: self.sample_steps(name, True), args.sample_steps),
         }
-        paths = {name: {"switches": switches} for name, switches in self.paths.items()}
+        paths = {name: {"switches": switches, "first_calls_s": self.first_calls_s.get(name)}
+                 for name, switches in self.paths.items()}
         for name in self.paths:  # warm-up: compilation, allocator, caches
-            paths[name]["warmup_s"] = round(sum(self._timed(run, name) for run, _ in steps.values()), 3)
+            warmup = sum(self._timed(run, name) for run, _ in steps.values())
+            paths[name]["warmup_s"] = round(warmup, 3)
         times = {(name, key): [] for name in self.paths for key in steps}
         for _ in range(args.repeats):
             for key, (run, count) in steps.items():
@@ -281,8 +296,10 @@ class Benchmark:
             result["train_images_per_s"] = round(args.batch_size / result["train_step_s"], 3)
             result["peak_train_mb"] = self._peak_mb(lambda: self.train_step(name), name)
             result["peak_sample_mb"] = self._peak_mb(lambda: self.sample_steps(name, False), name)
-            result["compiled"] = any(isinstance(runner, CompiledModel) and runner.compiled is not None
-                                     for runner in self.runners[name])
+            result["compiled"] = any(
+                isinstance(runner, CompiledModel) and runner.compiled is not None
+                for runner in self.runners[name]
+            )
             result.update(utilisation(self.flops, result, args, self.device))
         return paths
 
@@ -327,13 +344,16 @@ def peak_mb(step, device):
         step()
         th.cuda.synchronize(device)
         return round((th.cuda.max_memory_allocated(device) - base) / 2**20, 2)
-    with th.profiler.profile(activities=[th.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    activities = [th.profiler.ProfilerActivity.CPU]
+    with th.profiler.profile(activities=activities, profile_memory=True) as prof:
         step()
     try:
         events = prof.profiler.kineto_results.events()
     except AttributeError:
         return None
-    changes = sorted((event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]")
+    changes = sorted(
+        (event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]"
+    )
     running = peak = 0
     for _, change in changes:
         running += change
@@ -443,9 +463,9 @@ def machine(device):
         name = th.cuda.get_device_name(device)
     else:
         name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            name = models[0] if models else name
     return dict(device=device.type, device_name=name, cpu_count=os.cpu_count(),
                 threads=th.get_num_threads(), torch=th.__version__)
 

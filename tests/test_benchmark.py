@@ -21,7 +21,7 @@ TINY = [
     "--eval_batch_size", "2", "--use_bf16", "True", "--device", "cpu", "--threads", "1",
 ]
 PATH_KEYS = {
-    "switches", "warmup_s", "train_step_s", "train_images_per_s", "sample_s_per_step",
+    "switches", "first_calls_s", "warmup_s", "train_step_s", "train_images_per_s", "sample_s_per_step",
     "guided_s_per_step", "peak_train_mb", "peak_sample_mb", "compiled", "train_tflops",
     "sample_tflops", "guided_tflops", "train_mfu", "sample_mfu", "guided_mfu",
 }
