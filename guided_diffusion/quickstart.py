@@ -592,7 +592,8 @@ def write_pictures(out_dir, rows, samples, labels, num_classes, columns, zoom):
         grids.append((f"scale {scale:g}: {100 * row['recognised']:.0f}% recognised", grid))
     plot = draw_tradeoff_plot(rows)
     _write(bf.join(out_dir, "tradeoff.png"), _png(plot))
-    overview = overview_picture(grids, plot, zoom).quantize(256, dither=Image.Dither.NONE)
+    overview = overview_picture(grids, plot, zoom).quantize(  # octree keeps the plot's colours
+        256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     _write(bf.join(out_dir, "quickstart.png"), _png(overview))
 
 

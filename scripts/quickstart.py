@@ -10,17 +10,28 @@ python scripts/quickstart.py --data_dir DIR --heldout_dir HELDOUT --image_size 3
 
 import argparse
 
+import torch as th
+
 from guided_diffusion.quickstart import quickstart_defaults, run_quickstart
 from guided_diffusion.script_util import add_dict_to_argparser
 
 
 def main(argv=None):
-    run_quickstart(**vars(create_argparser().parse_args(argv)))
+    options = vars(create_argparser().parse_args(argv))
+    threads = options.pop("threads")
+    if threads > 0:
+        th.set_num_threads(threads)
+    run_quickstart(**options)
 
 
 def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     add_dict_to_argparser(parser, quickstart_defaults())
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (0: one per core). One thread is slower on an idle machine but "
+        "does not stall when other programs use the cores.",
+    )
     return parser
 
 
