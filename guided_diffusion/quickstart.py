@@ -380,8 +380,10 @@ class Judge:
         :return: self.
         """
         from sklearn.exceptions import ConvergenceWarning
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-        with warnings.catch_warnings():
+        # One BLAS thread: the problem is tiny, and several threads stall on a busy machine.
+        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
             warnings.simplefilter("ignore", ConvergenceWarning)
             self.mlp.fit(judge_inputs(images, self.judge_size), labels)
         return self
