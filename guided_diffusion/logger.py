@@ -586,6 +586,8 @@ def scoped_configure(dir=None, format_strs=None, comm=None):
     :param comm: as in configure.
     """
     previous = get_current()
+    # configure() closes the current logger; detach it first so it stays open.
+    Logger.CURRENT = Logger.DEFAULT
     configure(dir=dir, format_strs=format_strs, comm=comm)
     try:
         yield

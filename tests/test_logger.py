@@ -122,7 +122,12 @@ def test_scoped_configure_restores_the_previous_logger(tmp_path):
     logger.configure(str(tmp_path / "outer"), ["log"])
     with logger.scoped_configure(str(tmp_path / "inner"), ["log"]):
         assert logger.get_dir() == str(tmp_path / "inner")
+        logger.log("inside")
     assert logger.get_dir() == str(tmp_path / "outer")
+    # The outer logger was kept open, so it still writes.
+    logger.log("after the block")
+    assert "after the block" in (tmp_path / "outer" / "log.txt").read_text()
+    assert "inside" in (tmp_path / "inner" / "log.txt").read_text()
 
 
 def test_levels_filter_log_lines(tmp_path):
