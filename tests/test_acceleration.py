@@ -29,8 +29,8 @@ def warnings_logged(monkeypatch):
     return messages
 
 
-def test_defaults_are_off():
-    assert acceleration_defaults() == dict(use_bf16=False, compile=False, channels_last=False)
+def test_defaults_keep_the_numbers():
+    assert acceleration_defaults() == dict(use_bf16=False, compile=False, channels_last=True)
 
 
 def test_accelerate_without_options_returns_the_model_itself():

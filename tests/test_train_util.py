@@ -383,7 +383,7 @@ def test_loop_kwargs_take_the_flags_named_like_loop_arguments():
     )).parse_args(["--lr", "0.5", "--schedule_sampler", "loss-second-moment", "--compile", "True"])
     _, diffusion = _build()
     kwargs = train_util.loop_kwargs(args, diffusion, TrainLoop)
-    assert kwargs["lr"] == 0.5 and kwargs["compile"] is True and kwargs["channels_last"] is False
+    assert kwargs["lr"] == 0.5 and kwargs["compile"] is True and kwargs["channels_last"] is True
     assert type(kwargs["schedule_sampler"]).__name__ == "LossSecondMomentResampler"
     assert kwargs["flags"]["lr"] == 0.5 and kwargs["class_dropout_prob"] == 0.0
     assert "data_dir" not in kwargs and "image_size" not in kwargs
