@@ -82,6 +82,12 @@ PEAK_MEMORY_METHOD = {
 
 def main(argv=None):
     args = parse_args_with_config(create_argparser(), purpose="sample", argv=argv)
+    for name in ("repeats", "train_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)}: expected a positive integer")
+    if args.sample_steps < 2:
+        raise ValueError(f"--sample_steps {args.sample_steps}: expected at least 2 (a respaced "
+                         "diffusion needs two steps)")
     if args.threads > 0:
         th.set_num_threads(args.threads)
     device = th.device(args.device or ("cuda" if th.cuda.is_available() else "cpu"))
@@ -480,7 +486,7 @@ def create_argparser():
         threads=0,  # torch threads (0: torch's default, one per core)
         repeats=5,  # timed repetitions per measurement; medians are reported
         train_steps=1,  # training steps per timed repetition
-        sample_steps=3,  # sampling steps per timed repetition
+        sample_steps=3,  # sampling steps per timed repetition (at least 2)
         classifier_scale=1.0,
         eval_images=32,  # images for the evaluator's images/s (0: skip)
         eval_batch_size=16,

@@ -80,3 +80,9 @@ def test_the_exact_path_is_the_originals_execution(tiny_run):
     assert exact == dict(fast_attention=False, checkpoint_attention=True, cache_schedules=False)
     assert fast["fast_attention"] and fast["cache_schedules"] and not fast["checkpoint_attention"]
     assert tiny_run["precision"] == "float32"
+
+
+def test_too_few_sampling_steps_are_refused():
+    main = runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="benchmark")["main"]
+    with pytest.raises(ValueError, match="--sample_steps 1: expected at least 2"):
+        main(["--sample_steps", "1"])
