@@ -118,6 +118,9 @@ class AttentionBlock(nn.Module):
     :param use_new_attention_order: q/k/v split before heads (QKVAttention) rather
                                     than heads before q/k/v (QKVAttentionLegacy).
     :param fast_attention: use torch's scaled_dot_product_attention kernels.
+    :param recompute: recompute activations in the backward pass even without
+                      use_checkpoint, as the original always did (its memory use);
+                      False keeps them: faster training, more memory.
     """
 
     def __init__(
@@ -128,11 +131,13 @@ class AttentionBlock(nn.Module):
         use_checkpoint=False,
         use_new_attention_order=False,
         fast_attention=True,
+        recompute=True,
     ):
         super().__init__()
         self.channels = channels
         self.num_heads = _heads_for(channels, num_heads, num_head_channels)
         self.use_checkpoint = use_checkpoint
+        self.recompute = recompute
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         attention_class = QKVAttention if use_new_attention_order else QKVAttentionLegacy
@@ -144,7 +149,8 @@ class AttentionBlock(nn.Module):
         :param x: an [N x C x ...] tensor.
         :return: an [N x C x ...] tensor.
         """
-        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
+        flag = self.use_checkpoint or self.recompute
+        return checkpoint(self._forward, (x,), self.parameters(), flag)
 
     def _forward(self, x):
         batch, channels, *spatial = x.shape

@@ -31,7 +31,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .acceleration import accelerate, acceleration_defaults, to_channels_last
+from .acceleration import (
+    accelerate,
+    acceleration_defaults,
+    set_attention_recompute,
+    to_channels_last,
+)
 from .checkpoint import load_checkpoint
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import save_image_grid, to_uint8_nhwc
@@ -411,7 +416,8 @@ def load_for_sampling(
     """
     Load a checkpoint strictly into a model (a mismatch raises checkpoint.load_checkpoint's
     report), move it to a device, convert it to float16 and channels_last if asked, and
-    set eval mode.
+    set eval mode. Its attention blocks keep their activations instead of recomputing
+    them (a classifier's gradient is faster; sampling stores no activations for long).
 
     :param model: the model built from the flags.
     :param path: the checkpoint file; "" is refused with a hint.
@@ -433,6 +439,7 @@ def load_for_sampling(
         model.convert_to_fp16()
     if channels_last:
         to_channels_last(model)
+    set_attention_recompute(model, False)
     model.eval()
     return model
 

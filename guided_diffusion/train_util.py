@@ -27,7 +27,12 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger, training_state
-from .acceleration import accelerate, acceleration_defaults, to_channels_last
+from .acceleration import (
+    accelerate,
+    set_attention_recompute,
+    to_channels_last,
+    training_acceleration_defaults,
+)
 # parse_resume_step_from_filename is re-exported: the original had it here.
 from .training_state import find_ema_checkpoint, parse_resume_step_from_filename  # noqa: F401
 from .checkpoint import load_checkpoint, read_state_dict
@@ -104,14 +109,14 @@ def training_defaults():
 def training_argparser(doc, defaults):
     """
     The flags of a training script: one per entry of `defaults`, the speed-up flags
-    (acceleration_defaults) and --seed.
+    (training_acceleration_defaults) and --seed.
 
     :param doc: the script's docstring; its first line describes the script.
     :param defaults: the script's flag defaults.
     :return: an argparse.ArgumentParser.
     """
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    add_dict_to_argparser(parser, {**defaults, **acceleration_defaults()})
+    add_dict_to_argparser(parser, {**defaults, **training_acceleration_defaults()})
     parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
     return parser
 
@@ -224,6 +229,8 @@ class TrainLoop:
                                     # class row) with this probability, for classifier-free guidance
         compile=False,              # torch.compile the model (eager if compilation fails)
         channels_last=False,        # store the model's weights channels_last (in place)
+        recompute_attention=True,   # attention blocks recompute activations in backward
+                                    # (the original's memory use; False: faster, more memory)
     ):
         """
         See the argument comments. logger.configure must have been called: checkpoints
@@ -280,6 +287,7 @@ class TrainLoop:
 
         if channels_last:
             to_channels_last(model)
+        set_attention_recompute(model, recompute_attention)
         self.use_ddp = dist_util.get_world_size() > 1
         if self.use_ddp:
             on_gpu = dist_util.dev().type == "cuda"
@@ -640,7 +648,8 @@ class ClassifierTrainLoop(TrainLoop):
         save_interval,
         resume_checkpoint,
         **kwargs,                   # use_fp16, use_bf16, schedule_sampler, weight_decay, seed,
-                                    # flags, init_checkpoint, compile, channels_last, as TrainLoop
+                                    # flags, init_checkpoint, compile, channels_last,
+                                    # recompute_attention, as TrainLoop
     ):
         """
         See the argument comments.

@@ -11,12 +11,14 @@ ratios to the exact path, and how far each path's numbers are from the exact pat
 (same weights, batch, timesteps and noise).
 
 The exact path reproduces the original's costs: einsum attention, attention blocks
-recomputed in backward (the original's AttentionBlock always checkpointed), schedules
-converted at every step, float32 (or the original fp16 path with --use_fp16 on CUDA),
-no compile, contiguous weights. The fast path takes the speed-ups that keep the numbers:
-fused attention, attention activations kept (unless --use_checkpoint), schedules on
-the device, plus --compile and --channels_last when asked. --use_bf16 adds a third
-path, fast + bfloat16 autocast, which changes the numbers.
+recomputed in every backward (the original's AttentionBlock always checkpointed, the
+classifier's gradient in guided sampling included), schedules converted at every step,
+float32 (or the original fp16 path with --use_fp16 on CUDA), no compile, contiguous
+weights. The fast path is what the scripts run with the same flags: fused attention,
+attention recomputed in training unless --recompute_attention False, attention
+activations kept in guided sampling (the sampling scripts' choice), schedules on the
+device, channels_last (unless --channels_last False), --compile when asked.
+--use_bf16 adds a third path, fast + bfloat16 autocast, which changes the numbers.
 
     python scripts/benchmark.py                                      # default config (CPU)
     python scripts/benchmark.py --config 256x256_diffusion --batch_size 1 --repeats 1
@@ -43,7 +45,12 @@ import torch as th
 from torch.utils.flop_counter import FlopCounterMode
 
 from guided_diffusion import logger
-from guided_diffusion.acceleration import CompiledModel, accelerate, acceleration_defaults
+from guided_diffusion.acceleration import (
+    CompiledModel,
+    accelerate,
+    set_attention_recompute,
+    training_acceleration_defaults,
+)
 from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -55,7 +62,7 @@ from guided_diffusion.script_util import (
     parse_args_with_config,
 )
 from guided_diffusion.train_util import TrainLoop
-from guided_diffusion.unet import AttentionBlock, QKVAttention
+from guided_diffusion.unet import QKVAttention
 
 # The architecture flags the result records.
 MODEL_KEYS = (
@@ -140,9 +147,11 @@ class Benchmark:
         for network in (model, classifier):
             _randomize(network)  # no zero output layers: outputs and gradients to compare
         self.flops = count_flops(model_flags, args)
-        fast = dict(fast_attention=True, checkpoint_attention=args.use_checkpoint,
-                    cache_schedules=True, compile=args.compile, channels_last=args.channels_last)
-        exact = dict(fast_attention=False, checkpoint_attention=True, cache_schedules=False)
+        fast = dict(fast_attention=True, train_recompute=args.recompute_attention,
+                    sample_recompute=False, cache_schedules=True, compile=args.compile,
+                    channels_last=args.channels_last)
+        exact = dict(fast_attention=False, train_recompute=True, sample_recompute=True,
+                     cache_schedules=False)
         self.paths = {"exact": exact, "fast": fast}
         if args.use_bf16:
             self.paths["fast_bf16"] = dict(fast, use_bf16=True)
@@ -173,9 +182,9 @@ class Benchmark:
 
     # ------------------------------------------------------------------ switches
 
-    def use(self, name):
+    def use(self, name, training=True):
         """
-        Set the switches of a path on its networks.
+        Set the switches of a path on its networks, for training or for sampling.
 
         :return: (its group, its runners: the training model callable and the sampling
             model and classifier callables).
@@ -185,13 +194,13 @@ class Benchmark:
         for diffusion in (self.diffusion, self.sample_diffusion):
             diffusion.cache_schedules = switches["cache_schedules"]
         memory_format = th.channels_last if switches.get("channels_last") else th.contiguous_format
+        recompute = switches["train_recompute" if training else "sample_recompute"]
         for network in (group["model"], group["classifier"]):
             network.to(memory_format=memory_format)
+            set_attention_recompute(network, recompute)
             for module in network.modules():
                 if isinstance(module, QKVAttention):
                     module.fast = switches["fast_attention"]
-                if isinstance(module, AttentionBlock):
-                    module.use_checkpoint = switches["checkpoint_attention"]
         if name not in self.runners:
             compiled = [accelerate(group[key], compile=switches.get("compile", False))
                         for key in ("model", "classifier")]
@@ -212,7 +221,7 @@ class Benchmark:
 
     def sample_steps(self, name, guided, seed=0):
         """Run args.sample_steps ancestral steps from seeded noise; return the last sample."""
-        group, (_, model_fn, classifier_fn) = self.use(name)
+        group, (_, model_fn, classifier_fn) = self.use(name, training=False)
         group["model"].eval()
         if not self.args.class_cond:
             conditional_only = model_fn
@@ -250,7 +259,7 @@ class Benchmark:
 
     def _output(self, name):
         """The sampling model's output on the batch at timesteps spread over the process."""
-        group, (_, model_fn, _) = self.use(name)
+        group, (_, model_fn, _) = self.use(name, training=False)
         group["model"].eval()
         steps = self.diffusion.num_timesteps
         t = th.linspace(0, steps - 1, self.args.batch_size, device=self.device).long()
@@ -479,7 +488,7 @@ def machine(device):
 def create_argparser():
     defaults = dict(model_and_diffusion_defaults(), **classifier_defaults())
     defaults.update(DEFAULT_MODEL)
-    defaults.update(acceleration_defaults())
+    defaults.update(training_acceleration_defaults())
     defaults.update(
         batch_size=16,
         device="",  # "" picks cuda when available, else cpu

@@ -9,8 +9,11 @@ from guided_diffusion.acceleration import (
     acceleration_defaults,
     bf16_autocast,
     bf16_model,
+    set_attention_recompute,
     to_channels_last,
+    training_acceleration_defaults,
 )
+from guided_diffusion.attention import AttentionBlock
 from guided_diffusion.script_util import create_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -31,6 +34,45 @@ def warnings_logged(monkeypatch):
 
 def test_defaults_keep_the_numbers():
     assert acceleration_defaults() == dict(use_bf16=False, compile=False, channels_last=True)
+
+
+def test_training_recomputes_attention_by_default_like_the_original():
+    assert training_acceleration_defaults() == dict(acceleration_defaults(),
+                                                    recompute_attention=True)
+    assert AttentionBlock(32, num_head_channels=8).recompute
+
+
+def saved_bytes(block, x):
+    """Bytes the autograd graph of block(x) keeps for the backward pass, and the gradients."""
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with th.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = block(x)
+    out.square().sum().backward()
+    grads = [x.grad.clone()] + [param.grad.clone() for param in block.parameters()]
+    x.grad = None
+    block.zero_grad()
+    return sum(sizes), out.detach(), grads
+
+
+def test_attention_recompute_keeps_the_numbers_and_saves_memory():
+    th.manual_seed(0)
+    block = AttentionBlock(32, num_head_channels=8)
+    th.nn.init.normal_(block.proj_out.weight)  # zero-initialised: no gradient to compare
+    x = th.randn(2, 32, 64, requires_grad=True)
+    recomputed = saved_bytes(block, x)
+    assert set_attention_recompute(block, False) is block and not block.recompute
+    kept = saved_bytes(block, x)
+    assert recomputed[0] < kept[0] / 4  # only the input is kept
+    assert th.equal(recomputed[1], kept[1])
+    for a, b in zip(recomputed[2], kept[2]):
+        assert th.allclose(a, b, rtol=1e-6, atol=1e-7)
+    block.use_checkpoint = True  # --use_checkpoint asks for recomputation whatever the switch
+    assert saved_bytes(block, x)[0] == recomputed[0]
 
 
 def test_accelerate_without_options_returns_the_model_itself():

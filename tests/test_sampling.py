@@ -14,6 +14,7 @@ import torch as th
 import torch.nn.functional as F
 from PIL import Image
 
+from guided_diffusion.attention import AttentionBlock
 from guided_diffusion.image_grid import to_uint8_nhwc
 from guided_diffusion.sampling import (
     PerSampleNoise,
@@ -415,6 +416,8 @@ def test_load_for_sampling(tmp_path):
     fresh, _ = create_model_and_diffusion(**tiny_flags(class_cond=True))
     load_for_sampling(fresh, path, tiny_flags(class_cond=True), device="cpu")
     assert not fresh.training
+    blocks = [module for module in fresh.modules() if isinstance(module, AttentionBlock)]
+    assert blocks and not any(block.recompute for block in blocks)  # guidance gradients: faster
     assert all(th.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     with pytest.raises(ValueError, match="--model_path is empty"):
         load_for_sampling(fresh, "", {}, device="cpu")

@@ -10,6 +10,7 @@ import torch as th
 from PIL import Image
 
 from guided_diffusion import logger, train_util
+from guided_diffusion.attention import AttentionBlock
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
@@ -352,7 +353,8 @@ def test_training_needs_a_configured_log_directory(tiny_model):
         )
 
 
-def test_compile_and_channels_last_keep_the_training_gradients(tmp_path, monkeypatch):
+def test_compile_channels_last_and_kept_attention_keep_the_training_gradients(tmp_path,
+                                                                              monkeypatch):
     from guided_diffusion import acceleration
 
     logger.configure(str(tmp_path), ["log"])
@@ -361,7 +363,7 @@ def test_compile_and_channels_last_keep_the_training_gradients(tmp_path, monkeyp
                         lambda model, **kwargs: real_compile(model, backend="eager", **kwargs))
     batch = th.randn(4, 3, 8, 8)
     grads = []
-    for switches in ({}, dict(compile=True, channels_last=True)):
+    for switches in ({}, dict(compile=True, channels_last=True, recompute_attention=False)):
         model, diffusion = _build(dict(FLAGS, dropout=0.0))
         loop = TrainLoop(
             model=model, diffusion=diffusion, data=None, batch_size=4, microbatch=-1, lr=0.1,
@@ -374,6 +376,8 @@ def test_compile_and_channels_last_keep_the_training_gradients(tmp_path, monkeyp
     assert isinstance(loop.ddp_model, acceleration.CompiledModel)
     assert loop.ddp_model.compiled is not None
     assert model.input_blocks[0][0].weight.is_contiguous(memory_format=th.channels_last)
+    blocks = [module for module in model.modules() if isinstance(module, AttentionBlock)]
+    assert blocks and not any(block.recompute for block in blocks)
     assert all(th.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
 
 
@@ -384,6 +388,7 @@ def test_loop_kwargs_take_the_flags_named_like_loop_arguments():
     _, diffusion = _build()
     kwargs = train_util.loop_kwargs(args, diffusion, TrainLoop)
     assert kwargs["lr"] == 0.5 and kwargs["compile"] is True and kwargs["channels_last"] is True
+    assert kwargs["recompute_attention"] is True  # the original's memory use
     assert type(kwargs["schedule_sampler"]).__name__ == "LossSecondMomentResampler"
     assert kwargs["flags"]["lr"] == 0.5 and kwargs["class_dropout_prob"] == 0.0
     assert "data_dir" not in kwargs and "image_size" not in kwargs
