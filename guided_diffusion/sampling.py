@@ -44,10 +44,10 @@ from .script_util import add_dict_to_argparser, args_to_dict, str2bool
 from .training_state import atomic_write
 from .unet import SuperResModel
 
-# Streams of derived seeds: one per purpose, so no two purposes share draws.
+# Streams of derived seeds: one per purpose, so no two purposes share draws
+# (bpd.py's evaluation uses stream 2).
 _NOISE_STREAM = 0
 _LABEL_STREAM = 1
-_BPD_STREAM = 2
 # Samples shown in the PNG grid next to the .npz.
 GRID_SAMPLES = 64
 
@@ -72,7 +72,8 @@ class PerSampleNoise:
 
     :param seed: the run's seed, a non-negative integer.
     :param indices: the global sample indices of the batch, in batch order.
-    :param stream: which family of generators to use (sampling or bpd).
+    :param stream: which family of generators to use (sampling, or another
+                   purpose such as bpd.py's).
     """
 
     def __init__(self, seed, indices, stream=_NOISE_STREAM):
@@ -565,73 +566,6 @@ def _write_png(image, path):
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
-def evaluate_bpd(
-    model,
-    diffusion,
-    dataset,                # indexable: dataset[i] -> (CHW float32 image in [-1, 1], kwargs dict)
-    num_samples,            # evaluate dataset[i % len(dataset)] for i < num_samples
-    batch_size,             # images per forward pass on each process
-    clip_denoised=True,     # clamp x_0 predictions to [-1, 1]
-    seed=None,              # per-image seeded noise (None: the global RNG)
-    device=None,            # default: the model's device
-    progress=True,          # tqdm bar (on rank 0)
-    use_bf16=False,         # bfloat16 autocast for the model (other numbers)
-    compile=False,          # torch.compile the model (eager if compilation fails)
-):
-    """
-    The variational bound in bits per dimension of dataset images
-    (diffusion.calc_bpd_loop), over all processes, gathered in image order.
-
-    :return: a dict of numpy arrays: 'total_bpd' and 'prior_bpd' [N], and 'vb',
-             'mse', 'xstart_mse' [N x T] (column j is timestep T-1-j).
-    """
-    check_counts(num_samples=num_samples, batch_size=batch_size)
-    if device is None:
-        device = next(model.parameters()).device
-    if num_samples > len(dataset):
-        logger.warn(f"num_samples={num_samples} > {len(dataset)} images: images are repeated")
-    run = accelerate(model, compile=compile, use_bf16=use_bf16, device=device)
-    world_size, rank = dist_util.get_world_size(), dist_util.get_rank()
-    plan = rounds(num_samples, batch_size, world_size)
-    steps = sum(len(work[rank]) > 0 for work in plan) * diffusion.num_timesteps
-    names = ("total_bpd", "prior_bpd", "vb", "mse", "xstart_mse")
-    gathered = {name: [] for name in names}
-    with tqdm(total=steps, unit="step", desc="bpd", disable=not progress or rank > 0) as bar:
-        for work in plan:
-            indices = work[rank]
-            per_step = (0, diffusion.num_timesteps)
-            local = {
-                name: th.zeros((0,) if name.endswith("bpd") else per_step, device=device)
-                for name in names
-            }
-            if len(indices):
-                local = _batch_bpd(diffusion, run, dataset, indices, clip_denoised, seed, device)
-                bar.update(diffusion.num_timesteps)
-            for name in names:
-                gathered[name].append(gather_in_order(local[name].float(), work, batch_size).cpu())
-            done = sum(len(part) for part in gathered["total_bpd"])
-            logger.log(f"done {done} samples: bpd={th.cat(gathered['total_bpd']).mean().item()}")
-    return {name: th.cat(parts).numpy() for name, parts in gathered.items()}
-
-
-def _batch_bpd(diffusion, model, dataset, indices, clip_denoised, seed, device):
-    """
-    calc_bpd_loop on the images dataset[i % len(dataset)] for i in indices.
-    """
-    items = [dataset[index % len(dataset)] for index in indices]
-    images = th.from_numpy(np.stack([image for image, _ in items])).to(device)
-    model_kwargs = {
-        name: th.from_numpy(np.stack([kwargs[name] for _, kwargs in items])).to(device)
-        for name in items[0][1]
-    }
-    options = {}
-    if seed is not None:
-        options["noise_fn"] = PerSampleNoise(seed, indices, stream=_BPD_STREAM)
-    return diffusion.calc_bpd_loop(
-        model, images, clip_denoised=clip_denoised, model_kwargs=model_kwargs, **options
-    )
 
 
 def sampling_defaults():

@@ -12,7 +12,7 @@ Several:         mpiexec -n 8 python scripts/image_nll.py ...   (or torchrun)
 import blobfile as bf
 import torch.distributed as dist
 
-from guided_diffusion import dist_util, logger, sampling, script_util
+from guided_diffusion import bpd, dist_util, logger, sampling, script_util
 from guided_diffusion.image_datasets import ImageDataset, class_labels, list_image_files
 
 
@@ -27,9 +27,9 @@ def main():
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
     )
     logger.log("evaluating...")
-    terms = sampling.evaluate_bpd(
+    terms = bpd.evaluate_bpd(
         model, diffusion, dataset, device=dist_util.dev(),
-        **script_util.flags_for(sampling.evaluate_bpd, args),
+        **script_util.flags_for(bpd.evaluate_bpd, args),
     )
     if dist_util.get_rank() == 0:
         for name in ("vb", "mse", "xstart_mse"):
