@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from evaluations.manifold import ManifoldEstimator
 
 from . import dist_util, logger
+from .classifier_train_util import ClassifierTrainLoop
 from .image_datasets import center_crop_arr, class_labels, list_image_files, load_data, read_image
 from .image_grid import make_image_grid
 from .sampling import load_for_sampling, sample, write_npz
@@ -53,7 +54,7 @@ from .script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from .train_util import ClassifierTrainLoop, TrainLoop, set_seed
+from .train_util import TrainLoop, set_seed
 from .training_state import atomic_write, ema_filename, model_filename
 
 # Pixel values of scikit-learn's digits run from 0 to this.

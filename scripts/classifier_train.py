@@ -6,6 +6,7 @@ python scripts/classifier_train.py --data_dir DIR --val_data_dir VAL $CLASSIFIER
 """
 
 from guided_diffusion import logger, script_util, train_util
+from guided_diffusion.classifier_train_util import ClassifierTrainLoop
 from guided_diffusion.image_datasets import load_data
 
 
@@ -23,7 +24,7 @@ def main():
     if args.val_data_dir:
         val_data = load_data(**dict(data_flags, data_dir=args.val_data_dir))
     train_util.run_training(
-        args, model, diffusion, data, loop_class=train_util.ClassifierTrainLoop, val_data=val_data,
+        args, model, diffusion, data, loop_class=ClassifierTrainLoop, val_data=val_data,
         use_fp16=args.classifier_use_fp16,
     )
 
