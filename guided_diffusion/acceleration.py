@@ -54,16 +54,18 @@ def set_attention_recompute(model, enabled):
     return model
 
 
-def bf16_autocast(device, enabled=True):
+def bf16_autocast(device, enabled=True, cache_weights=True):
     """
     :param device: the device (or its type, e.g. "cuda") the model runs on.
     :param enabled: False gives a context manager that does nothing.
+    :param cache_weights: keep the bfloat16 copies of the weights until the block ends
+        (autocast's cache); without it each copy is freed after its use.
     :return: a context manager running its block under bfloat16 autocast.
     """
     if not enabled:
         return contextlib.nullcontext()
     device_type = device if isinstance(device, str) else th.device(device).type
-    return th.autocast(device_type=device_type, dtype=th.bfloat16)
+    return th.autocast(device_type=device_type, dtype=th.bfloat16, cache_enabled=cache_weights)
 
 
 def bf16_model(model, device):
@@ -71,10 +73,12 @@ def bf16_model(model, device):
     :param model: a callable returning a tensor (a network or a guided model function).
     :param device: the device it runs on.
     :return: a callable running model under bfloat16 autocast and returning float32.
+        Autocast's weight cache is off: every weight is used once per call, and the cache
+        would hold a bfloat16 copy of all of them at once (half the model's size again).
     """
 
     def run(*args, **kwargs):
-        with bf16_autocast(device):
+        with bf16_autocast(device, cache_weights=False):
             return model(*args, **kwargs).float()
 
     return run

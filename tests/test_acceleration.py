@@ -153,14 +153,15 @@ class AutocastProbe(th.nn.Module):
         self.seen = []
 
     def forward(self, x):
-        self.seen.append((th.is_autocast_enabled("cpu"), th.get_autocast_dtype("cpu")))
+        self.seen.append((th.is_autocast_enabled("cpu"), th.get_autocast_dtype("cpu"),
+                          th.is_autocast_cache_enabled()))
         return self.linear(x)
 
 
 def test_bf16_model_runs_under_autocast_and_returns_float32():
     probe, x = AutocastProbe(), th.randn(3, 4)
     out = bf16_model(probe, "cpu")(x)
-    assert probe.seen == [(True, th.bfloat16)]
+    assert probe.seen == [(True, th.bfloat16, False)]  # no cache of bfloat16 weight copies
     assert out.dtype == th.float32
     assert th.allclose(out, probe(x), rtol=0.02, atol=0.02)
     with bf16_autocast(th.device("cpu"), enabled=False):
