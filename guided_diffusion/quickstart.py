@@ -14,6 +14,7 @@ Outputs under out_dir: data/train and data/heldout (the digits as CLASS_INDEX.pn
 diffusion/ and classifier/ (logs, progress.csv, checkpoints); samples/scale_S.npz (arr_0
 uint8 NHWC samples, arr_1 requested labels) and samples/scale_S.png (one row per class);
 results.md and results.csv; tradeoff.png (the plot); quickstart.png (grids and plot).
+quickstart_report writes everything from samples/ on.
 
 The judge is a scikit-learn MLP fitted on the real training images area-downsampled to
 judge_size x judge_size; samples are downsampled the same way. Precision and recall
@@ -26,8 +27,6 @@ network's initialisation and training (set_seed, load_data's seed), the samples
 """
 
 import contextlib
-import csv
-import io
 import math
 import time
 import warnings
@@ -36,7 +35,7 @@ import blobfile as bf
 import numpy as np
 import torch as th
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm.auto import tqdm
 
 from evaluations.manifold import ManifoldEstimator
@@ -44,8 +43,16 @@ from evaluations.manifold import ManifoldEstimator
 from . import dist_util, logger
 from .classifier_train_util import ClassifierTrainLoop
 from .image_datasets import center_crop_arr, class_labels, list_image_files, load_data, read_image
-from .image_grid import make_image_grid
-from .sampling import load_for_sampling, sample, write_npz
+from .quickstart_report import (
+    describe_trends,
+    png_bytes,
+    results_markdown,
+    results_table,
+    write_bytes,
+    write_pictures,
+    write_results_csv,
+)
+from .sampling import load_for_sampling, sample
 from .script_util import (
     classifier_and_diffusion_defaults,
     classifier_defaults,
@@ -55,7 +62,7 @@ from .script_util import (
     model_and_diffusion_defaults,
 )
 from .train_util import TrainLoop, set_seed
-from .training_state import atomic_write, ema_filename, model_filename
+from .training_state import ema_filename, model_filename
 
 # Pixel values of scikit-learn's digits run from 0 to this.
 DIGITS_MAX_VALUE = 16
@@ -63,19 +70,6 @@ DIGITS_MAX_VALUE = 16
 LOG_INTERVAL = 50
 # Nearest neighbours of the precision/recall manifolds (the evaluator's k).
 NEIGHBOURS = 3
-# The result columns: key and title.
-TABLE_COLUMNS = (
-    ("classifier_scale", "classifier scale"),
-    ("recognised", "recognised as the requested class"),
-    ("precision", "precision"),
-    ("recall", "recall"),
-)
-# The plotted metrics: key, legend and colour.
-SERIES = (
-    ("recognised", "recognised", (31, 119, 180)),
-    ("precision", "precision", (255, 127, 14)),
-    ("recall", "recall", (44, 160, 44)),
-)
 
 
 def quickstart_defaults():
@@ -177,7 +171,8 @@ def write_labelled_folder(images, labels, indices, folder):
         if name.endswith(".png"):
             bf.remove(bf.join(folder, name))
     for index in indices:
-        _write(bf.join(folder, f"{labels[index]}_{index:04d}.png"), _png(Image.fromarray(images[index])))
+        path = bf.join(folder, f"{labels[index]}_{index:04d}.png")
+        write_bytes(path, png_bytes(Image.fromarray(images[index])))
 
 
 def write_digit_folders(train_dir, heldout_dir, heldout_per_class, seed):
@@ -335,16 +330,6 @@ def sample_scales(model, diffusion, classifier, scales, labels, batch_size, seed
     return samples
 
 
-def class_grid(images, labels, num_classes, columns):
-    """
-    :param images: uint8 images [N x H x W x C].
-    :param labels: their classes; every class has at least `columns` images.
-    :return: a uint8 grid image, row c holding the first `columns` images of class c.
-    """
-    rows = [images[labels == label][:columns] for label in range(num_classes)]
-    return make_image_grid(np.concatenate(rows), nrow=columns)
-
-
 # ---------------------------------------------------------------------- evaluation
 
 
@@ -421,183 +406,6 @@ def score_images(judge, real_features, images, labels):
     precision, recall = precision_recall(real_features, judge.features(images))
     recognised = float(np.mean(judge.predict(images) == labels))
     return dict(recognised=recognised, precision=precision, recall=recall)
-
-
-# ---------------------------------------------------------------------- report
-
-
-def results_table(rows):
-    """
-    :param rows: dicts with the TABLE_COLUMNS keys.
-    :return: a markdown table, one line per row.
-    """
-    lines = ["| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |",
-             "|" + " ---: |" * len(TABLE_COLUMNS)]
-    for row in rows:
-        cells = [f"{row['classifier_scale']:g}"] + [f"{row[key]:.3f}" for key, _ in TABLE_COLUMNS[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_results_csv(rows, path):
-    """
-    Write the rows as CSV, the TABLE_COLUMNS keys as header, atomically.
-    """
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=[key for key, _ in TABLE_COLUMNS], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: row[key] for key, _ in TABLE_COLUMNS} for row in rows)
-    _write(path, text.getvalue().encode("utf-8"))
-
-
-def _trend(values):
-    """:return: how a sequence moves, in words ("rises at every step", ...)."""
-    steps = np.diff(values)
-    if np.all(steps > 0):
-        return "rises at every step"
-    if np.all(steps < 0):
-        return "falls at every step"
-    if values[-1] != values[0]:
-        return ("rises" if values[-1] > values[0] else "falls") + " overall, not at every step"
-    return "ends where it starts"
-
-
-def describe_trends(rows):
-    """
-    Say how each metric moves from the smallest to the largest scale, and whether the
-    paper's trade-off (recognition and precision up, recall down) shows.
-
-    :param rows: result dicts sorted by classifier scale.
-    :return: markdown text.
-    """
-    first, last = rows[0], rows[-1]
-    lines = [f"From classifier scale {first['classifier_scale']:g} to {last['classifier_scale']:g}:"]
-    for key, label, _ in SERIES:
-        values = [row[key] for row in rows]
-        lines.append(f"- {label} {_trend(values)} ({values[0]:.3f} -> {values[-1]:.3f})")
-    if len(rows) < 2:
-        verdict = "One scale only: there is no trend to compare."
-    elif (last["recognised"] > first["recognised"] and last["precision"] > first["precision"]
-          and last["recall"] < first["recall"]):
-        verdict = ("The fidelity-diversity trade-off shows: recognition and precision rise with "
-                   "the scale while recall falls.")
-    else:
-        verdict = ("The expected trade-off (recognition and precision rising, recall falling) "
-                   "does not fully show in these numbers.")
-    return "\n".join(lines) + "\n\n" + verdict
-
-
-def _font(size):
-    """A scalable default font, or Pillow's bitmap one where it has no sizes (Pillow < 10.1)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def _text(draw, xy, text, font, align="left"):
-    """Draw text vertically centred on xy, starting, centred or ending at its x."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    shift = {"left": 0, "center": (right - left) / 2, "right": right - left}[align]
-    draw.text((xy[0] - shift - left, xy[1] - (top + bottom) / 2), text, fill="black", font=font)
-
-
-def draw_tradeoff_plot(rows, width=460, height=300):
-    """
-    :param rows: result dicts sorted by classifier scale.
-    :return: an RGB PIL image: recognition, precision and recall (0 to 1) against the
-        classifier scale (evenly spaced).
-    """
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = _font(13)
-    left, right, top, bottom = 44, width - 110, 24, height - 48
-
-    def y_of(value):
-        return bottom - value * (bottom - top)
-
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        draw.line([(left, y_of(tick)), (right, y_of(tick))], fill=(225, 225, 225))
-        _text(draw, (left - 6, y_of(tick)), f"{tick:g}", font, align="right")
-    draw.rectangle([left, top, right, bottom], outline="black")
-    xs = [left + (right - left) * (index + 0.5) / len(rows) for index in range(len(rows))]
-    for x, row in zip(xs, rows):
-        _text(draw, (x, bottom + 12), f"{row['classifier_scale']:g}", font, align="center")
-    _text(draw, ((left + right) / 2, height - 14), "classifier scale", font, align="center")
-    for index, (key, label, colour) in enumerate(SERIES):
-        points = [(x, y_of(row[key])) for x, row in zip(xs, rows)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], fill=colour)
-        legend_y = top + 12 + 22 * index
-        draw.line([(right + 10, legend_y), (right + 30, legend_y)], fill=colour, width=2)
-        _text(draw, (right + 36, legend_y), label, font)
-    return image
-
-
-def overview_picture(grids, plot, zoom=2, gap=12, caption_height=24):
-    """
-    :param grids: (caption, uint8 grid image [H x W x C]) pairs, one per scale.
-    :param plot: the trade-off plot (a PIL image).
-    :param zoom: pixel repetition of the grids.
-    :return: an RGB PIL image: the captioned grids in a near-square block, the plot to its right.
-    """
-    font = _font(14)
-    tiles = []
-    for caption, grid in grids:
-        picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
-        picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
-        tile = Image.new("RGB", (picture.width, picture.height + caption_height), "white")
-        tile.paste(picture, (0, caption_height))
-        _text(ImageDraw.Draw(tile), (tile.width / 2, caption_height / 2), caption, font, "center")
-        tiles.append(tile)
-    per_row = math.ceil(math.sqrt(len(tiles)))
-    tile_width, tile_height = max(t.width for t in tiles), max(t.height for t in tiles)
-    block_width = per_row * (tile_width + gap) - gap
-    block_height = math.ceil(len(tiles) / per_row) * (tile_height + gap) - gap
-    height = max(block_height, plot.height)
-    canvas = Image.new("RGB", (block_width + plot.width + 3 * gap, height + 2 * gap), "white")
-    for index, tile in enumerate(tiles):
-        row, column = divmod(index, per_row)
-        canvas.paste(tile, (gap + column * (tile_width + gap), gap + row * (tile_height + gap)))
-    canvas.paste(plot, (block_width + 2 * gap, gap + (height - plot.height) // 2))
-    return canvas
-
-
-def _png(image):
-    """:return: a PIL image as PNG bytes."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
-
-
-def _write(path, data):
-    """Write bytes to a path, atomically."""
-    atomic_write(path, lambda f: f.write(data))
-
-
-def write_pictures(out_dir, rows, samples, labels, num_classes, columns, zoom):
-    """
-    Write samples/scale_S.npz and samples/scale_S.png per scale, tradeoff.png and
-    quickstart.png (reduced to 256 colours, small enough to commit).
-
-    :param samples: a dict from scale to uint8 images, labelled by `labels`.
-    """
-    samples_dir = bf.join(out_dir, "samples")
-    bf.makedirs(samples_dir)
-    grids = []
-    for row in rows:
-        scale = row["classifier_scale"]
-        write_npz(bf.join(samples_dir, f"scale_{scale:g}.npz"), samples[scale], labels)
-        grid = class_grid(samples[scale], labels, num_classes, columns)
-        _write(bf.join(samples_dir, f"scale_{scale:g}.png"), _png(Image.fromarray(grid)))
-        grids.append((f"scale {scale:g}: {100 * row['recognised']:.0f}% recognised", grid))
-    plot = draw_tradeoff_plot(rows)
-    _write(bf.join(out_dir, "tradeoff.png"), _png(plot))
-    overview = overview_picture(grids, plot, zoom).quantize(  # octree keeps the plot's colours
-        256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
-    _write(bf.join(out_dir, "quickstart.png"), _png(overview))
 
 
 # ---------------------------------------------------------------------- the job
@@ -689,22 +497,6 @@ def _load_sampling_models(model_flags, model_path, classifier_flags, classifier_
     return model, diffusion, classifier
 
 
-def _report(options, counts, num_classes, model, classifier, judge_line, rows, times):
-    """:return: the text of results.md."""
-    size, parameters = options["image_size"], [sum(p.numel() for p in net.parameters()) / 1e6
-                                               for net in (model, classifier)]
-    setup = (
-        f"{counts[0]} training and {counts[1]} held-out images of {num_classes} classes at "
-        f"{size}x{size}; diffusion model {parameters[0]:.2f}M parameters, {options['train_steps']} "
-        f"steps of {options['batch_size']} images; noised classifier {parameters[1]:.2f}M "
-        f"parameters, {options['classifier_steps']} steps; {options['sample_steps']} DDIM steps, "
-        f"{num_classes * options['samples_per_class']} samples per scale; seed {options['seed']}; "
-        f"torch threads: {th.get_num_threads()}."
-    )
-    return "\n\n".join(["# Quickstart results", setup, results_table(rows), judge_line,
-                        describe_trends(rows), f"Wall time: {times}."]) + "\n"
-
-
 def run_quickstart(progress=True, **options):
     """
     Run the whole job (see the module docstring). It configures `logger`: stdout and
@@ -768,9 +560,9 @@ def run_quickstart(progress=True, **options):
 
     times = ", ".join([f"{name} {value:.0f} s" for name, value in seconds.items()]
                       + [f"total {time.perf_counter() - start:.0f} s"])
-    report = _report(options, (len(train_images), len(heldout_images)), len(names), model,
+    report = results_markdown(options, (len(train_images), len(heldout_images)), len(names), model,
                      classifier, judge_line, rows, times)
-    _write(bf.join(out_dir, "results.md"), report.encode("utf-8"))
+    write_bytes(bf.join(out_dir, "results.md"), report.encode("utf-8"))
     logger.log(results_table(rows) + "\n" + describe_trends(rows))
     logger.log(f"wall time: {times}; outputs in {out_dir} (results.md, quickstart.png)")
     return rows

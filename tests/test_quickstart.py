@@ -1,6 +1,6 @@
 """
-The quickstart job: its data preparation, judge, precision/recall, grids and report on
-small inputs with known answers, and the whole job (scripts/quickstart.py) on a tiny
+The quickstart job: its data preparation, judge and precision/recall on small inputs
+with known answers, and the whole job (scripts/quickstart.py) on a tiny
 labelled folder and tiny networks: every output exists, parses and agrees, and a second
 run with the same seed gives the same samples.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import quickstart
+from guided_diffusion import quickstart, quickstart_report
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.script_util import (
     classifier_defaults,
@@ -155,59 +155,6 @@ def test_precision_recall_of_equal_sets_is_one_and_of_distant_sets_zero():
     assert (precision, recall) == (0.5, 1.0)
 
 
-def test_class_grid_puts_class_c_in_row_c():
-    labels = np.array([1, 0, 2, 1, 0, 2, 1])
-    images = np.zeros((7, 2, 2, 1), np.uint8)
-    for index, label in enumerate(labels):
-        images[index] = 10 * label + index
-    grid = quickstart.class_grid(images, labels, num_classes=3, columns=2)
-    assert grid.shape == (3 * 4 + 2, 2 * 4 + 2, 1)
-    cells = [[grid[2 + 4 * row, 2 + 4 * column, 0] for column in range(2)] for row in range(3)]
-    assert cells == [[1, 4], [10, 13], [22, 25]]
-
-
-ROWS = [
-    dict(classifier_scale=0.0, recognised=0.8, precision=0.6, recall=0.7),
-    dict(classifier_scale=1.0, recognised=0.9, precision=0.65, recall=0.5),
-    dict(classifier_scale=10.0, recognised=0.95, precision=0.7, recall=0.2),
-]
-
-
-def test_results_table_and_csv(tmp_path):
-    assert quickstart.results_table(ROWS[:2]).splitlines() == [
-        "| classifier scale | recognised as the requested class | precision | recall |",
-        "| ---: | ---: | ---: | ---: |",
-        "| 0 | 0.800 | 0.600 | 0.700 |",
-        "| 1 | 0.900 | 0.650 | 0.500 |",
-    ]
-    quickstart.write_results_csv(ROWS, str(tmp_path / "results.csv"))
-    with open(tmp_path / "results.csv") as f:
-        assert [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)] == ROWS
-
-
-def test_describe_trends_reports_the_trade_off_only_when_the_numbers_show_it():
-    text = quickstart.describe_trends(ROWS)
-    assert "- recognised rises at every step (0.800 -> 0.950)" in text
-    assert "- recall falls at every step (0.700 -> 0.200)" in text
-    assert "The fidelity-diversity trade-off shows" in text
-    flat_precision = [dict(row, precision=0.6 + 0.1 * (index == 1)) for index, row in enumerate(ROWS)]
-    text = quickstart.describe_trends(flat_precision)
-    assert "- precision ends where it starts (0.600 -> 0.600)" in text
-    assert "does not fully show" in text
-    mixed = [dict(row, recall=value) for row, value in zip(ROWS, (0.5, 0.6, 0.4))]
-    assert "- recall falls overall, not at every step" in quickstart.describe_trends(mixed)
-
-
-def test_pictures_have_the_expected_layout():
-    plot = quickstart.draw_tradeoff_plot(ROWS, width=400, height=260)
-    assert plot.size == (400, 260) and plot.mode == "RGB"
-    grid = np.full((30, 20, 3), 128, np.uint8)
-    picture = quickstart.overview_picture([("a", grid)] * 4, plot, zoom=2)
-    # Two by two grids of 40 x (60 + caption) with 12-pixel gaps, then the plot.
-    assert picture.width == 12 + 2 * 40 + 12 + 12 + 400 + 12
-    assert picture.height == max(2 * (60 + 24) + 12, 260) + 24
-
-
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="unknown quickstart options \\['steps'\\]"):
         quickstart.run_quickstart(steps=3)
@@ -227,9 +174,9 @@ def test_the_job_writes_grids_table_plot_and_checkpoints_that_parse(script_run):
     assert [row["classifier_scale"] for row in rows] == [0.0, 2.0]
     assert all(0 <= row[key] <= 1 for row in rows for key in ("recognised", "precision", "recall"))
     report = (out / "results.md").read_text()
-    assert quickstart.results_table(rows) in report
+    assert quickstart_report.results_table(rows) in report
     assert "18 training and 12 held-out images of 3 classes at 8x8" in report
-    assert quickstart.describe_trends(rows) in report and "Wall time: data" in report
+    assert quickstart_report.describe_trends(rows) in report and "Wall time: data" in report
 
     labels = np.repeat(np.arange(3), 4)
     for scale in ("0", "2"):
