@@ -17,15 +17,19 @@ gives the same numbers):
   - calc_bpd_loop: one th.randn_like(x_start) per timestep, from T-1 down to 0.
 The sampling loops and calc_bpd_loop take a `noise_fn` that replaces these draws
 (e.g. per-sample generators whose images do not depend on the batch size).
+
+The sampling steps and loops are in diffusion_sampling (SamplingMixin, which
+GaussianDiffusion inherits); this module keeps the schedules, the forward and
+reverse process, the losses and the likelihood.
 """
 
 import enum
-import functools
 import math
 
 import numpy as np
 import torch as th
 
+from .diffusion_sampling import SamplingMixin, _maybe_tqdm
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
@@ -131,9 +135,11 @@ class LossType(enum.Enum):
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(SamplingMixin):
     """
     Noising, denoising, sampling and training losses of a Gaussian diffusion.
+    The sampling steps and loops (p_sample_loop, ddim_sample_loop, ...) and
+    classifier guidance come from diffusion_sampling.SamplingMixin.
 
     :param betas: 1-D array of betas, one per step, each in (0, 1]; at least 2.
     :param model_mean_type: a ModelMeanType, what the model predicts.
@@ -397,263 +403,6 @@ class GaussianDiffusion:
                 f"timesteps {t.tolist()}: expected integers in [0, {self.num_timesteps - 1}]"
             )
 
-    # ------------------------------------------------------------------ guidance
-
-    def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """
-        Classifier guidance for ancestral sampling (Sohl-Dickstein et al. 2015;
-        Dhariwal & Nichol 2021, algorithm 1): mean + variance * grad log p(y | x_t).
-
-        :param cond_fn: callable (x, timesteps, **model_kwargs) returning the
-            gradient of log p(y | x) at x_t, already multiplied by the guidance
-            scale.
-        :param p_mean_var: the output of p_mean_variance.
-        :param x: the [N x C x ...] tensor x_t (the gradient is taken there).
-        :param t: [N] tensor of timesteps.
-        :param model_kwargs: extra keyword arguments for cond_fn.
-        :return: the guided mean, float32, x's shape.
-        """
-        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
-        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
-
-    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """
-        Classifier guidance for DDIM (Song et al. 2020; Dhariwal & Nichol 2021,
-        algorithm 2): eps <- eps - sqrt(1 - alpha_bar_t) * grad log p(y | x_t),
-        then x_0 and the mean are recomputed from the new eps.
-
-        :param cond_fn: as in condition_mean.
-        :param p_mean_var: the output of p_mean_variance.
-        :param x: the [N x C x ...] tensor x_t.
-        :param t: [N] tensor of timesteps.
-        :param model_kwargs: extra keyword arguments for cond_fn.
-        :return: a copy of p_mean_var with 'pred_xstart' and 'mean' replaced.
-        """
-        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
-        eps = eps - (1 - alpha_bar).sqrt() * gradient
-        out = dict(p_mean_var)
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
-        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
-        return out
-
-    # ------------------------------------------------------------------ sampling
-
-    def p_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-        noise_fn=None,
-    ):
-        """
-        One ancestral step x_t -> x_{t-1} (Ho et al. 2020, algorithm 2).
-
-        Draws noise_fn(x) (th.randn_like(x) by default) once, after the model
-        call and before cond_fn; no noise is added where t == 0.
-
-        :param model: the model, see p_mean_variance.
-        :param x: the [N x C x ...] tensor x_t.
-        :param t: [N] tensor of timesteps.
-        :param clip_denoised: if True, clamp the x_0 prediction to [-1, 1].
-        :param denoised_fn: if not None, applied to the x_0 prediction.
-        :param cond_fn: if not None, a guidance gradient, see condition_mean.
-        :param model_kwargs: extra keyword arguments for model and cond_fn.
-        :param noise_fn: if not None, replaces th.randn_like: a callable from a
-            tensor to standard normal noise of its shape, dtype and device.
-        :return: dict with 'sample' (x_{t-1}) and 'pred_xstart'.
-        """
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        noise = (noise_fn or th.randn_like)(x)
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def p_sample_loop(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, noise_fn=None,
-    ):
-        """
-        Ancestral sampling from pure noise (Ho et al. 2020, algorithm 2).
-
-        Random draws: x_T = th.randn(*shape, device=device) unless `noise` is
-        given, then one draw per step (see p_sample), t = T-1 .. 0.
-
-        :param model: the model, see p_mean_variance.
-        :param shape: the sample shape (N, C, H, W) as a tuple or list.
-        :param noise: if given, the initial x_T, of `shape`.
-        :param clip_denoised: if True, clamp x_0 predictions to [-1, 1].
-        :param denoised_fn: if not None, applied to x_0 predictions.
-        :param cond_fn: if not None, a guidance gradient, see condition_mean.
-        :param model_kwargs: extra keyword arguments for model and cond_fn.
-        :param device: where to create tensors; defaults to noise's device, or
-            else the device of the model's first parameter.
-        :param progress: if True, show a tqdm progress bar.
-        :param noise_fn: if not None, draws every step's noise and, when
-            `noise` is None, x_T (as noise_fn(th.empty(shape))); see p_sample.
-        :return: the final samples, computed without gradients.
-        """
-        return _last_sample(self.p_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
-            noise_fn=noise_fn,
-        ))
-
-    def p_sample_loop_progressive(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, noise_fn=None,
-    ):
-        """
-        As p_sample_loop, but yield p_sample's dict at every step, t = T-1 .. 0.
-        """
-        step = functools.partial(
-            self.p_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs, noise_fn=noise_fn,
-        )
-        img = self._initial_image(model, shape, noise, device, noise_fn)
-        yield from _loop(step, img, self._descending(), progress)
-
-    def ddim_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-        eta=0.0, noise_fn=None,
-    ):
-        """
-        One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12).
-
-        Draws noise_fn(x) (th.randn_like(x) by default) once, after the model
-        call and cond_fn; with eta = 0 the draw is multiplied by zero.
-
-        :param eta: the stochasticity; 0 is DDIM, 1 matches DDPM's variance.
-        :return: dict with 'sample' (x_{t-1}) and 'pred_xstart'.
-
-        Other arguments as p_sample.
-        """
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        # Re-derive eps from x_0, whatever the model predicts.
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape)
-        sigma = (
-            eta
-            * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * th.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
-        noise = (noise_fn or th.randn_like)(x)
-        mean_pred = (
-            out["pred_xstart"] * th.sqrt(alpha_bar_prev)
-            + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        )
-        sample = mean_pred + _nonzero_mask(t, x) * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def ddim_reverse_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
-    ):
-        """
-        One step of the deterministic DDIM ODE run forwards, x_t -> x_{t+1}
-        (Song et al. 2020, eq. 12 reversed). Draws no random numbers.
-
-        :param eta: must be 0; the reverse ODE is deterministic.
-        :return: dict with 'sample' (x_{t+1}) and 'pred_xstart'.
-
-        Other arguments as p_sample.
-        """
-        if eta != 0.0:
-            raise ValueError(f"ddim_reverse_sample: eta={eta}, the reverse ODE needs eta=0")
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = self._extract(self.alphas_cumprod_next, t, x.shape)
-        mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
-        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
-
-    def ddim_sample_loop(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None,
-    ):
-        """
-        DDIM sampling from pure noise (Song et al. 2020). Random draws as
-        p_sample_loop (with eta = 0 the per-step draws are multiplied by zero).
-
-        :param eta: the stochasticity of each step, see ddim_sample.
-        :return: the final samples, computed without gradients.
-
-        Other arguments as p_sample_loop.
-        """
-        return _last_sample(self.ddim_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
-            noise_fn=noise_fn,
-        ))
-
-    def ddim_sample_loop_progressive(
-        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None,
-    ):
-        """
-        As ddim_sample_loop, but yield ddim_sample's dict at every step, t = T-1 .. 0.
-        """
-        step = functools.partial(
-            self.ddim_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn,
-        )
-        img = self._initial_image(model, shape, noise, device, noise_fn)
-        yield from _loop(step, img, self._descending(), progress)
-
-    def ddim_reverse_sample_loop(
-        self, model, x, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False
-    ):
-        """
-        Encode data into a DDIM latent by running the DDIM ODE forwards (Song et
-        al. 2020, section 5.4) with ddim_reverse_sample at t = 0 .. T-2. Draws no
-        random numbers.
-
-        The latent sits at the noise level of step T-1, where ddim_sample_loop
-        starts, so ddim_sample_loop(noise=latent) approximately reconstructs x
-        (the explicit ODE steps and treating x as step 0 cost a little accuracy).
-
-        :param x: the [N x C x ...] data to encode.
-        :return: the latents, x's shape, computed without gradients.
-
-        Other arguments as p_sample_loop.
-        """
-        step = functools.partial(
-            self.ddim_reverse_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        return _last_sample(_loop(step, x, range(self.num_timesteps - 1), progress))
-
-    def _initial_image(self, model, shape, noise, device, noise_fn):
-        """
-        x_T for a sampling loop: `noise` if given, else a fresh standard normal draw.
-        """
-        if not isinstance(shape, (tuple, list)):
-            raise ValueError(f"shape {shape!r}: expected a tuple or list like (N, C, H, W)")
-        if noise is not None:
-            if tuple(noise.shape) != tuple(shape):
-                raise ValueError(
-                    f"noise shape {tuple(noise.shape)} differs from shape {tuple(shape)}"
-                )
-            return noise if device is None else noise.to(device)
-        if device is None:
-            device = next(model.parameters()).device
-        if noise_fn is not None:
-            return noise_fn(th.empty(*shape, device=device))
-        return th.randn(*shape, device=device)
-
-    def _descending(self):
-        # The timesteps T-1 .. 0, the order of sampling (and of the original's bpd loop).
-        return range(self.num_timesteps - 1, -1, -1)
-
     # ------------------------------------------------------------------ losses
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
@@ -804,47 +553,6 @@ def _gather(schedule, timesteps, broadcast_shape):
     res = schedule[timesteps].float()
     res = res.reshape(*res.shape, *([1] * (len(broadcast_shape) - res.dim())))
     return res.expand(broadcast_shape)
-
-
-def _nonzero_mask(t, x):
-    """
-    A float mask of x's rank, 0 where t == 0 and 1 elsewhere (no noise on the last step).
-    """
-    return (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
-
-
-def _maybe_tqdm(indices, progress):
-    """
-    Wrap indices in a tqdm progress bar if progress is True.
-    """
-    if not progress:
-        return indices
-    from tqdm.auto import tqdm
-
-    return tqdm(indices)
-
-
-def _loop(step, img, indices, progress):
-    """
-    Apply `img = step(img, t)["sample"]` for each timestep in `indices`,
-    without gradients, yielding each step's output dict.
-    """
-    for i in _maybe_tqdm(indices, progress):
-        t = th.full((img.shape[0],), i, dtype=th.long, device=img.device)  # no host copy
-        with th.no_grad():
-            out = step(img, t)
-        yield out
-        img = out["sample"]
-
-
-def _last_sample(progressive):
-    """
-    Exhaust a progressive sampling generator and return its last 'sample'.
-    """
-    final = None
-    for final in progressive:
-        pass
-    return final["sample"]
 
 
 def _split_mean_and_variance(model_output, x):
