@@ -13,6 +13,7 @@ import contextlib
 import torch as th
 
 from . import logger
+from .attention import AttentionBlock
 
 
 def acceleration_defaults():
@@ -46,8 +47,6 @@ def set_attention_recompute(model, enabled):
     :param enabled: recompute (the original's memory use) or keep the activations.
     :return: the model.
     """
-    from .attention import AttentionBlock
-
     for module in model.modules():
         if isinstance(module, AttentionBlock):
             module.recompute = enabled
