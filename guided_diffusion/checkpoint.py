@@ -103,8 +103,9 @@ def load_checkpoint(model, path, flags=None, map_location="cpu"):
 
     :param model: the model to fill.
     :param path: a local path or blobfile URL of the checkpoint.
-    :param flags: the flags the model was built from; compared first with the
-                  flags a checkpoint of this project records.
+    :param flags: the flags that shaped the model and its diffusion
+                  (script_util.architecture_flags); compared first with the flags a
+                  checkpoint of this project records (see flag_differences).
     :param map_location: where to read the tensors.
     :return: the checkpoint's sidecar record (or None).
     """
@@ -125,20 +126,34 @@ def load_checkpoint(model, path, flags=None, map_location="cpu"):
     return record
 
 
+# Flags that do not change what a checkpoint's weights mean: precision, recomputation,
+# the attention kernel, dropout, sampling's respacing, and the training objective.
+NON_ARCHITECTURE_FLAGS = (
+    "use_fp16", "classifier_use_fp16", "use_checkpoint", "fast_attention", "dropout",
+    "timestep_respacing", "use_kl", "rescale_learned_sigmas",
+)
+# Flags that mean something only for a class-conditional diffusion model.
+CLASS_COND_ONLY_FLAGS = ("num_classes", "class_dropout_prob")
+
+
 def flag_differences(recorded, requested):
     """
-    List the architecture-relevant flags whose values differ between two flag dicts.
+    List the flags whose values differ between a checkpoint's record and the flags a
+    model was built from, among the names both hold, leaving out NON_ARCHITECTURE_FLAGS
+    and, unless both are class-conditional, CLASS_COND_ONLY_FLAGS.
 
     :param recorded: the flags a checkpoint records.
-    :param requested: the flags the caller built the model from.
+    :param requested: the flags the caller built the model from (pass only those that
+        shape the network and the diffusion: script_util.architecture_flags).
     :return: a list of "name: checkpoint X, requested Y" strings.
     """
-    ignored = {"use_fp16", "classifier_use_fp16", "use_checkpoint", "timestep_respacing"}
-    ignored |= {"dropout", "fast_attention"}
+    compared = (set(recorded) & set(requested)) - set(NON_ARCHITECTURE_FLAGS)
+    if not (recorded.get("class_cond", True) and requested.get("class_cond", True)):
+        compared -= set(CLASS_COND_ONLY_FLAGS)
     return [
         f"{name}: checkpoint {recorded[name]!r}, requested {requested[name]!r}"
-        for name in sorted(set(recorded) & set(requested))
-        if name not in ignored and recorded[name] != requested[name]
+        for name in sorted(compared)
+        if recorded[name] != requested[name]
     ]
 
 

@@ -173,7 +173,7 @@ def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
         fp16 = args["use_fp16"] if use_fp16 is None else use_fp16
     else:
         raise ValueError(f"preset {name!r} has kind {kind!r}; expected diffusion, super_res or classifier")
-    load_checkpoint(model, path, flags=args)
+    load_checkpoint(model, path, flags=script_util.architecture_flags(args))
     model.to(device)
     if fp16:
         model.convert_to_fp16()

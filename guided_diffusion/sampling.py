@@ -40,7 +40,7 @@ from .acceleration import (
 from .checkpoint import load_checkpoint
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import save_image_grid, to_uint8_nhwc
-from .script_util import add_dict_to_argparser, args_to_dict, str2bool
+from .script_util import add_dict_to_argparser, architecture_flags, args_to_dict, str2bool
 from .training_state import atomic_write
 from .unet import SuperResModel
 
@@ -422,7 +422,8 @@ def load_for_sampling(
 
     :param model: the model built from the flags.
     :param path: the checkpoint file; "" is refused with a hint.
-    :param flags: the architecture flags the model was built from.
+    :param flags: the flags the model was built from (its architecture flags are
+        compared with the checkpoint's record).
     :param flag_name: the command-line flag that named the path, for messages.
     :param use_fp16: call model.convert_to_fp16().
     :param device: where to put the model (default: dist_util.dev()).
@@ -434,7 +435,7 @@ def load_for_sampling(
             f"{flag_name} is empty: pass the checkpoint file (e.g. {flag_name} models/"
             "256x256_diffusion.pt), or --config NAME, whose preset sets it"
         )
-    load_checkpoint(model, path, flags=flags)
+    load_checkpoint(model, path, flags=architecture_flags(flags))
     model.to(dist_util.dev() if device is None else device)
     if use_fp16:
         model.convert_to_fp16()

@@ -7,6 +7,7 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
+from .checkpoint import NON_ARCHITECTURE_FLAGS
 from .presets import create_pretrained, load_config, parse_args_with_config  # noqa: F401
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
@@ -567,6 +568,25 @@ def create_gaussian_diffusion(
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
     )
+
+
+def architecture_flags(flags):
+    """
+    Pick the flags that shape a network and its diffusion process: the arguments of
+    create_model_and_diffusion, create_classifier_and_diffusion and
+    sr_create_model_and_diffusion, less the runtime switches and training objective of
+    checkpoint.NON_ARCHITECTURE_FLAGS. These are what a checkpoint's recorded flags
+    are compared with; every other flag (lr, max_steps, log_dir, ...) may change
+    between a checkpoint and the run that loads it.
+
+    :param flags: a dict of any script's flags.
+    :return: the dict of those of its flags that are architecture flags.
+    """
+    factories = (create_model_and_diffusion, create_classifier_and_diffusion,
+                 sr_create_model_and_diffusion)
+    names = set().union(*(inspect.signature(factory).parameters for factory in factories))
+    names -= set(NON_ARCHITECTURE_FLAGS)
+    return {name: value for name, value in flags.items() if name in names}
 
 
 def add_dict_to_argparser(parser, default_dict):

@@ -41,7 +41,7 @@ from .image_grid import save_image_grid, to_uint8_nhwc
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 from .respace import SpacedDiffusion, space_timesteps
-from .script_util import add_dict_to_argparser, flags_for
+from .script_util import add_dict_to_argparser, architecture_flags, flags_for
 
 # Sample previews (--sample_interval): how many images, DDIM steps, and the noise seed.
 PREVIEW_SAMPLES = 8
@@ -137,7 +137,8 @@ def loop_kwargs(args, diffusion, loop_class):
     """
     The keyword arguments of a training loop from parsed flags: every flag named like
     an argument of the loop (or of TrainLoop, which takes the rest), the schedule
-    sampler --schedule_sampler names, and all flags for the checkpoints.
+    sampler --schedule_sampler names, all flags for the checkpoints and the
+    architecture flags to compare with a loaded checkpoint's.
 
     :param args: the parsed flags.
     :param diffusion: the diffusion the schedule sampler draws timesteps for.
@@ -147,6 +148,7 @@ def loop_kwargs(args, diffusion, loop_class):
     kwargs = {**flags_for(TrainLoop, args), **flags_for(loop_class, args)}
     kwargs["schedule_sampler"] = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     kwargs["flags"] = vars(args)
+    kwargs["model_flags"] = architecture_flags(vars(args))
     return kwargs
 
 
@@ -224,6 +226,8 @@ class TrainLoop:
         seed=None,                  # seed of the training draws for a fresh run (None: unseeded)
         sample_interval=0,          # write an EMA sample grid every this many steps (0: never)
         flags=None,                 # the run's flags, recorded in checkpoints
+        model_flags=None,           # the flags that shaped the model and diffusion, compared
+                                    # with a loaded checkpoint's record (None: not compared)
         init_checkpoint="",         # "" or weights to start a new run from (step 0)
         initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,  # log2 of the first fp16 loss scale
         class_dropout_prob=0.0,     # replace labels by the null label (the model's last
@@ -265,6 +269,7 @@ class TrainLoop:
         self.sample_interval = sample_interval
         self.class_dropout_prob = class_dropout_prob
         self.flags = training_state.plain_flags(flags)
+        self.model_flags = training_state.plain_flags(model_flags) if model_flags else None
         self.global_batch = batch_size * dist_util.get_world_size()
 
         plan = training_state.resume_plan(resume_checkpoint) if resume_checkpoint else None
@@ -312,7 +317,11 @@ class TrainLoop:
         """
         if path:
             logger.log(f"loading model from checkpoint: {path}...")
-            load_checkpoint(self.model, path, flags=self.flags or None)
+            record = load_checkpoint(self.model, path, flags=self.model_flags)
+            recorded_flags = (record or {}).get("flags")
+            changed = training_state.changed_flags(recorded_flags or {}, self.flags)
+            if changed:
+                logger.log(f"flags changed since {bf.basename(path)}: " + ", ".join(changed))
         dist_util.sync_params(self.model.parameters())
 
     def _load_ema_parameters(self, rate, plan):

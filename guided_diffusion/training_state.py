@@ -130,6 +130,23 @@ def plain_flags(flags):
     return json.loads(json.dumps(flags or {}, default=str))
 
 
+def changed_flags(recorded, current):
+    """
+    List the flags whose values changed since a checkpoint was written, for the log of
+    a resumed or initialised run (the paths that name the checkpoint itself left out).
+
+    :param recorded: the flags a checkpoint records.
+    :param current: this run's flags.
+    :return: a list of "name OLD -> NEW" strings.
+    """
+    inherent = {"resume_checkpoint", "init_checkpoint"}
+    return [
+        f"{name} {recorded[name]!r} -> {current[name]!r}"
+        for name in sorted((set(recorded) & set(current)) - inherent)
+        if recorded[name] != current[name]
+    ]
+
+
 def capture_rng_state():
     """
     :return: this process's torch (CPU and current GPU), numpy and Python RNG states,

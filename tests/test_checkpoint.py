@@ -5,7 +5,7 @@ import pytest
 import torch as th
 
 from guided_diffusion import script_util as su
-from guided_diffusion.checkpoint import load_checkpoint, read_state_dict, sidecar_path
+from guided_diffusion.checkpoint import flag_differences, load_checkpoint, read_state_dict, sidecar_path
 
 
 def tiny_flags(**overrides):
@@ -90,3 +90,51 @@ def test_recorded_flags_are_compared_first(tmp_path):
         tiny_model(use_new_attention_order=True), path, flags=tiny_flags(use_new_attention_order=True)
     )
     assert record["step"] == 5
+
+
+def test_only_the_architecture_flags_are_compared(tmp_path):
+    trained = dict(tiny_flags(), lr=1e-4, max_steps=20, resume_checkpoint="", log_dir="runs/a",
+                   seed=0, batch_size=4, use_fp16=True, dropout=0.1, use_kl=True)
+    path = saved(tmp_path, tiny_model())
+    with open(sidecar_path(path), "w") as f:
+        json.dump({"format": "guided_diffusion/1", "kind": "model", "step": 20, "flags": trained}, f)
+    continued = dict(trained, lr=5e-5, max_steps=40, resume_checkpoint=path, log_dir="runs/b",
+                     seed=1, batch_size=8, use_fp16=False, dropout=0.0, use_kl=False,
+                     timestep_respacing="ddim10")
+    assert load_checkpoint(tiny_model(), path, flags=su.architecture_flags(continued))["step"] == 20
+    # Two real culprits among many changed training flags: the message names those two only.
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(tiny_model(), path,
+                        flags=su.architecture_flags(dict(continued, learn_sigma=False, num_channels=64)))
+    message = str(error.value)
+    assert "learn_sigma: checkpoint True, requested False" in message
+    assert "num_channels: checkpoint 32, requested 64" in message
+    assert message.count(": checkpoint ") == 2
+    assert not any(name in message for name in ("lr", "max_steps", "seed", "batch_size", "use_kl"))
+
+
+def test_architecture_flags_come_from_the_factories():
+    every_flag = {**su.model_and_diffusion_defaults(), **su.classifier_defaults(),
+                  **su.sr_model_and_diffusion_defaults(), "lr": 1e-4, "max_steps": 2}
+    names = set(su.architecture_flags(every_flag))
+    assert {"num_channels", "learn_sigma", "diffusion_steps", "noise_schedule", "class_cond",
+            "num_classes", "classifier_width", "large_size", "small_size",
+            "use_new_attention_order", "rescale_timesteps"} <= names
+    assert not names & {"lr", "max_steps", "use_fp16", "classifier_use_fp16", "fast_attention",
+                        "use_checkpoint", "dropout", "timestep_respacing", "use_kl"}
+
+
+@pytest.mark.parametrize("recorded_cond, requested_cond", [(False, False), (False, True), (True, False)])
+def test_num_classes_is_compared_only_between_class_conditional_models(recorded_cond, requested_cond):
+    recorded = dict(class_cond=recorded_cond, num_classes=1000, class_dropout_prob=0.0)
+    requested = dict(class_cond=requested_cond, num_classes=2, class_dropout_prob=0.1)
+    differences = flag_differences(recorded, requested)
+    assert not any(d.startswith(("num_classes", "class_dropout_prob")) for d in differences)
+    assert differences == ([] if recorded_cond == requested_cond else
+                           [f"class_cond: checkpoint {recorded_cond}, requested {requested_cond}"])
+    both = flag_differences(dict(recorded, class_cond=True), dict(requested, class_cond=True))
+    assert both == ["class_dropout_prob: checkpoint 0.0, requested 0.1",
+                    "num_classes: checkpoint 1000, requested 2"]
+    # A classifier has no class_cond: its number of classes always counts.
+    assert flag_differences({"num_classes": 2}, {"num_classes": 3}) == [
+        "num_classes: checkpoint 2, requested 3"]
