@@ -62,6 +62,11 @@ def read_state_dict(path, map_location="cpu"):
         )
     with bf.BlobFile(path, "rb") as f:
         data = f.read()
+    if not _has_torch_header(data):
+        raise ValueError(
+            f"{path!r} is not a torch checkpoint: it is neither a zip archive (torch.save) nor "
+            "a pickle (legacy torch.save); the file is corrupt, truncated or of another format"
+        )
     try:
         loaded = th.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -71,9 +76,39 @@ def read_state_dict(path, map_location="cpu"):
             "weights_only=True; re-save the file as a plain state dict "
             "(torch.save(model.state_dict(), path)) from a trusted environment."
         ) from None
-    except (RuntimeError, EOFError) as error:
-        raise ValueError(f"{path!r} is not a readable torch checkpoint: {error}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path!r} is not a readable torch checkpoint (corrupt or truncated?): {error}"
+        ) from None
     return _unwrap(loaded, path)
+
+
+def _has_torch_header(data):
+    """
+    :param data: a file's bytes.
+    :return: whether they start like a torch.save file: a zip archive or a pickle stream.
+    """
+    return data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"
+
+
+def check_finite(state, path):
+    """
+    Raise a ValueError naming the file and the first tensors that hold NaN or inf.
+
+    :param state: a state dict.
+    :param path: the checkpoint it came from, for the message.
+    """
+    bad = {
+        name: int((~th.isfinite(tensor)).sum())
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(th.isfinite(tensor).all())
+    }
+    if bad:
+        shown = ", ".join(f"{name} ({count} values)" for name, count in list(bad.items())[:5])
+        raise ValueError(
+            f"{path!r} holds NaN or inf weights in {len(bad)} tensors: {shown}. The run that "
+            "wrote it diverged (try a lower lr, bf16 instead of fp16, or an earlier checkpoint)"
+        )
 
 
 def _unwrap(loaded, path):
@@ -119,6 +154,7 @@ def load_checkpoint(model, path, flags=None, map_location="cpu"):
                 + ". Pass the checkpoint's values (or --config with its preset)."
             )
     state = read_state_dict(path, map_location=map_location)
+    check_finite(state, path)
     report = mismatch_report(model.state_dict(), state)
     if report:
         raise ValueError(f"{path!r} does not fit the model built from the flags:\n{report}")
@@ -204,7 +240,7 @@ def likely_flags(expected_shapes, found_shapes, missing, unexpected):
 
     :return: a list of flag names with a short reason each.
     """
-    suspects = []
+    suspects = _wrong_kind(expected_shapes, found_shapes)
 
     def first_dim(shapes, key):
         return shapes[key][0] if key in shapes else None
@@ -246,6 +282,25 @@ def likely_flags(expected_shapes, found_shapes, missing, unexpected):
     if pos_found and pos_expected and pos_found != pos_expected:
         suspects.append("image_size (the classifier's attention pool size differs)")
     return suspects
+
+
+def _wrong_kind(expected_shapes, found_shapes):
+    """
+    :return: a one-item list when a diffusion UNet's checkpoint (it has output_blocks) is
+        loaded into a classifier (none), or the reverse; else an empty list.
+    """
+    def is_unet(shapes):
+        return any(key.startswith("output_blocks.") for key in shapes)
+
+    if is_unet(found_shapes) and not is_unet(expected_shapes):
+        return ["model type: the checkpoint looks like a diffusion model, not a classifier "
+                "(pass it as --model_path)"]
+    is_encoder = any(key.startswith("out.") for key in found_shapes) and any(
+        key.startswith("input_blocks.") for key in found_shapes)
+    if is_unet(expected_shapes) and not is_unet(found_shapes) and is_encoder:
+        return ["model type: the checkpoint looks like a classifier, not a diffusion model "
+                "(pass it as --classifier_path)"]
+    return []
 
 
 def _block_count(shapes):

@@ -228,6 +228,9 @@ def sample(
     check_counts(num_samples=num_samples, batch_size=batch_size)
     check_seed(seed)
     shape = _sample_shape(model, low_res)
+    for name, scale in (("classifier_scale", classifier_scale), ("cfg_scale", cfg_scale)):
+        if scale is not None and not math.isfinite(scale):
+            raise ValueError(f"{name}={scale}: expected a finite number")
     if classifier is None and classifier_scale != 1.0:
         raise ValueError(
             f"classifier_scale={classifier_scale} without a classifier: classifier guidance needs "
@@ -256,17 +259,38 @@ def sample(
             indices = work[rank]
             model_kwargs = _batch_kwargs(indices, uses_labels, labels, num_classes, low_res, device)
             images = th.zeros((0, shape[2], shape[3], shape[1]), dtype=th.uint8, device=device)
+            finite = th.ones(0, dtype=th.uint8, device=device)
             if len(indices):
                 batch = _sample_batch(
                     diffusion, model_fn, cond_fn, (len(indices), *shape[1:]), model_kwargs,
                     indices, seed, use_ddim, clip_denoised, device, bar,
                 )
                 images = to_uint8_nhwc(batch)
+                finite = th.isfinite(batch).flatten(1).all(1).to(th.uint8)
+            _check_finite_samples(gather_in_order(finite, work, batch_size), work)
             all_images.append(gather_in_order(images, work, batch_size).cpu())
             if uses_labels:
                 all_labels.append(gather_in_order(model_kwargs["y"], work, batch_size).cpu())
             logger.debug(f"created {sum(len(part) for part in all_images)} samples")
     return th.cat(all_images).numpy(), (th.cat(all_labels).numpy() if uses_labels else None)
+
+
+def _check_finite_samples(finite, work):
+    """
+    Raise a ValueError on every rank alike when a round produced NaN or inf samples
+    (they would be written as black images).
+
+    :param finite: the round's [n] flags (1: every value of the sample is finite), gathered
+        from all ranks in order.
+    :param work: the round's index ranges, one per rank.
+    """
+    bad = [index for index, ok in zip((i for part in work for i in part), finite.tolist()) if not ok]
+    if bad:
+        raise ValueError(
+            f"samples {bad[:8]} hold NaN or inf values. Likely causes: non-finite model or "
+            "classifier outputs (a diverged checkpoint), too large a classifier_scale or "
+            "cfg_scale, or float16 overflow (try use_fp16=False or use_bf16=True)"
+        )
 
 
 def _batch_kwargs(indices, uses_labels, labels, num_classes, low_res, device):

@@ -138,3 +138,39 @@ def test_num_classes_is_compared_only_between_class_conditional_models(recorded_
     # A classifier has no class_cond: its number of classes always counts.
     assert flag_differences({"num_classes": 2}, {"num_classes": 3}) == [
         "num_classes: checkpoint 2, requested 3"]
+
+
+def test_random_bytes_and_truncated_files_are_named_as_corrupt(tmp_path):
+    random_bytes = tmp_path / "random.pt"
+    random_bytes.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="random.pt' is not a torch checkpoint") as error:
+        read_state_dict(str(random_bytes))
+    assert "execute code" not in str(error.value)
+    whole = saved(tmp_path, tiny_model())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(whole, "rb").read()[:3000])
+    with pytest.raises(ValueError, match="truncated.pt' is not a readable torch checkpoint"):
+        read_state_dict(str(truncated))
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path):
+    state = tiny_model().state_dict()
+    state["out.2.bias"][1] = float("nan")
+    state["time_embed.0.weight"][0, :3] = float("inf")
+    path = str(tmp_path / "diverged.pt")
+    th.save(state, path)
+    with pytest.raises(ValueError, match=r"diverged.pt' holds NaN or inf weights in 2 tensors") as error:
+        load_checkpoint(tiny_model(), path)
+    assert "time_embed.0.weight (3 values)" in str(error.value)
+    assert "out.2.bias (1 values)" in str(error.value)
+
+
+def test_a_checkpoint_of_the_other_kind_is_named(tmp_path):
+    classifier = su.create_classifier(**dict(
+        su.classifier_defaults(), image_size=16, classifier_width=64, classifier_depth=1,
+        classifier_attention_resolutions="8", num_classes=3))
+    diffusion_path, classifier_path = saved(tmp_path, tiny_model(), "m.pt"), saved(tmp_path, classifier, "c.pt")
+    with pytest.raises(ValueError, match=r"looks like a diffusion model, not a classifier \(pass it as --model_path\)"):
+        load_checkpoint(classifier, diffusion_path)
+    with pytest.raises(ValueError, match=r"looks like a classifier, not a diffusion model \(pass it as --classifier_path\)"):
+        load_checkpoint(tiny_model(), classifier_path)

@@ -8,6 +8,7 @@ CPU thread; the builders here are shared with test_sample_scripts.py.
 """
 
 
+import copy
 import numpy as np
 import pytest
 import torch as th
@@ -467,3 +468,21 @@ def test_bf16_sampling_runs_the_model_and_classifier_under_autocast(conditional)
     assert low.dtype == np.uint8 and labels.shape == (2,)
     # bfloat16 changes the numbers a little, not the images' content.
     assert np.abs(low.astype(int) - full.astype(int)).mean() < 20
+
+
+@pytest.mark.parametrize("name", ["classifier_scale", "cfg_scale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_guidance_scales_are_refused(conditional, name, value):
+    model, diffusion = conditional
+    classifier = create_classifier(**tiny_classifier_flags())
+    with pytest.raises(ValueError, match=f"{name}={value}: expected a finite number"):
+        sample(model, diffusion, classifier=classifier, labels=[0, 1], batch_size=2, seed=0,
+               progress=False, **{name: value})
+
+
+def test_non_finite_samples_raise_instead_of_black_images(conditional):
+    model, diffusion = copy.deepcopy(conditional[0]), conditional[1]
+    with th.no_grad():
+        model.out[-1].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"samples \[0, 1\] hold NaN or inf values"):
+        sample(model, diffusion, labels=[0, 1, 2], batch_size=2, seed=0, progress=False)
