@@ -50,6 +50,7 @@ def create_argparser():
         class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
         num_workers=1,
         init_checkpoint="",  # start a new run from these weights
+        overwrite_log_dir=False,  # let a new run write over the checkpoints in --log_dir
     )
     defaults.update(script_util.classifier_and_diffusion_defaults())
     return train_util.training_argparser(__doc__, defaults)
