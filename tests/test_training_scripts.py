@@ -215,6 +215,22 @@ def test_a_new_run_into_a_log_dir_holding_a_run_is_refused_unless_overwriting(
     assert (classifier_dir / "model000001.pt").exists()
 
 
+def test_classifier_validation_labels_use_the_training_class_map(tmp_path, tiny_image_dir):
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    for name in os.listdir(tiny_image_dir):
+        if not name.startswith("c0_"):  # no class c0: c1 must stay label 1
+            shutil.copy(os.path.join(tiny_image_dir, name), val_dir / name)
+    shutil.copy(os.path.join(tiny_image_dir, "c1_1.png"), val_dir / "zz_9.png")
+    refused = _fail([sys.executable, "scripts/classifier_train.py", "--data_dir", tiny_image_dir,
+                     "--val_data_dir", str(val_dir), "--image_size", "8", "--classifier_width", "32",
+                     "--classifier_depth", "1", "--classifier_attention_resolutions", "4",
+                     "--num_classes", "3", "--batch_size", "4", "--iterations", "1",
+                     "--log_dir", str(tmp_path / "log"), *COMMON[2:]])
+    assert "classes zz are not among the 3 given classes (c0, c1, c2)" in refused.stderr
+    assert "zz_9.png" in refused.stderr
+
+
 class _Namespace:
     """Attribute access to a flags dict, as args_to_dict expects an argparse namespace."""
 
