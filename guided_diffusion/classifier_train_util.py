@@ -60,7 +60,7 @@ class ClassifierTrainLoop(TrainLoop):
         resume_checkpoint,
         **kwargs,                   # use_fp16, use_bf16, schedule_sampler, weight_decay, seed,
                                     # flags, init_checkpoint, compile, channels_last,
-                                    # recompute_attention, as TrainLoop
+                                    # recompute_attention, overwrite_log_dir, as TrainLoop
     ):
         """
         See the argument comments.

@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from . import dist_util
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp")
+# PIL modes of 16-bit grayscale images ("I": 32-bit integers, what older PIL gives).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def load_data(
@@ -38,20 +40,26 @@ def load_data(
     num_workers=1,          # DataLoader worker processes (0: load in this process)
     shard=None,             # this rank's shard (default: the process rank)
     num_shards=None,        # number of shards (default: the number of processes)
+    class_names=None,       # the classes labels index (e.g. the training loader's
+                            # class_names for validation data; None: this folder's, sorted)
 ):
     """
     Make an endless iterator of (images, kwargs) batches over a folder of images.
 
     Images are float32 NCHW tensors in [-1, 1]; kwargs is {"y": labels} with
     class_cond, else {}. Every rank reads its own shard (every num_shards-th file).
-    The returned loader has state_dict()/load_state_dict() giving its position.
+    The returned loader has state_dict()/load_state_dict() giving its position, and
+    class_names: the class of each label (None without class_cond).
 
     :return: an ImageLoader.
     """
+    for name, value in (("batch_size", batch_size), ("image_size", image_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: expected a positive integer")
     entries = list_image_files(data_dir)
     classes = None
     if class_cond:
-        classes, class_names = class_labels(entries, class_from)
+        classes, class_names = class_labels(entries, class_from, class_names)
         if num_classes is not None and len(class_names) > num_classes:
             raise ValueError(
                 f"{data_dir} has {len(class_names)} classes ({_preview(class_names)}) but the "
@@ -63,6 +71,7 @@ def load_data(
         image_size,
         [path for path, _ in entries],
         classes=classes,
+        class_names=class_names if class_cond else None,
         shard=shard,
         num_shards=num_shards,
         random_crop=random_crop,
@@ -148,14 +157,16 @@ def _list_image_files_recursively(data_dir):
     return [path for path, _ in list_image_files(data_dir)]
 
 
-def class_labels(entries, class_from):
+def class_labels(entries, class_from, class_names=None):
     """
-    Give each image an integer label: the index of its class name in sorted order.
+    Give each image an integer label: the index of its class name in class_names.
 
     :param entries: (path, folders) pairs from list_image_files.
     :param class_from: "prefix" (file name up to the first "_", as the original) or
         "folder" (the first sub-folder under data_dir).
-    :return: (labels, sorted class names).
+    :param class_names: the classes the labels index, e.g. the training set's for
+        validation images (None: the sorted names found in entries).
+    :return: (labels, class names).
     """
     if class_from == "prefix":
         names = [bf.basename(path).split("_")[0] for path, _ in entries]
@@ -169,9 +180,17 @@ def class_labels(entries, class_from):
         names = [folders[0] for _, folders in entries]
     else:
         raise ValueError(f"class_from={class_from!r}: expected 'prefix' or 'folder'")
-    sorted_names = sorted(set(names))
-    index = {name: i for i, name in enumerate(sorted_names)}
-    return [index[name] for name in names], sorted_names
+    class_names = sorted(set(names)) if class_names is None else list(class_names)
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        example = entries[names.index(unknown[0])][0]
+        raise ValueError(
+            f"classes {_preview(unknown)} are not among the {len(class_names)} given classes "
+            f"({_preview(class_names)}), e.g. {example}: validation images must be of the "
+            "training classes"
+        )
+    return [index[name] for name in names], class_names
 
 
 class ImageDataset(Dataset):
@@ -184,6 +203,7 @@ class ImageDataset(Dataset):
         resolution,             # side of the output images
         image_paths,            # all image paths (every rank passes the same list)
         classes=None,           # integer label per path, or None
+        class_names=None,       # the class name of each label, or None
         shard=0,                # this dataset keeps paths shard, shard + num_shards, ...
         num_shards=1,           # number of shards
         random_crop=False,      # random_crop_arr instead of center_crop_arr
@@ -197,6 +217,7 @@ class ImageDataset(Dataset):
         self.resolution = resolution
         self.local_images = image_paths[shard:][::num_shards]
         self.local_classes = None if classes is None else classes[shard:][::num_shards]
+        self.class_names = class_names
         self.shard = shard
         self.random_crop = random_crop
         self.random_flip = random_flip
@@ -231,7 +252,9 @@ class ImageDataset(Dataset):
 
 def read_image(path):
     """
-    Read an image file as RGB (grayscale, RGBA and palette images are converted).
+    Read an image file as RGB: 8-bit modes (grayscale, RGBA, palette, CMYK, ...) are
+    converted as the original did (PIL's convert("RGB"); alpha is dropped), 16-bit
+    grayscale is first scaled to 8 bits (to_8_bit).
 
     :param path: a local path or blobfile URL.
     :return: a PIL image in mode "RGB".
@@ -242,7 +265,33 @@ def read_image(path):
             pil_image.load()
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
-    return pil_image.convert("RGB")
+    return to_8_bit(pil_image, path).convert("RGB")
+
+
+def to_8_bit(pil_image, path):
+    """
+    Scale a 16-bit grayscale image (PIL modes I;16, I;16B, I;16L and I, as PNG
+    decodes 16-bit grayscale) to 8 bits: round(value / 257), so 65535 -> 255 and an
+    8-bit image stored as 16-bit (value * 257) gets its 8-bit values back. PIL's own
+    conversion clips every value above 255 to white.
+
+    :param pil_image: a PIL image.
+    :param path: its file, named in errors.
+    :return: the image in mode "L" if it was 16-bit, else unchanged.
+    """
+    if pil_image.mode == "F":
+        raise ValueError(
+            f"{path} is a floating-point image (PIL mode F): save it with 8 or 16 bits per channel"
+        )
+    if pil_image.mode not in _SIXTEEN_BIT_MODES:
+        return pil_image
+    values = np.asarray(pil_image, dtype=np.int64)
+    if values.min() < 0 or values.max() > 65535:
+        raise ValueError(
+            f"{path} has 32-bit values from {values.min()} to {values.max()} (PIL mode "
+            f"{pil_image.mode}): expected 16-bit values in [0, 65535]"
+        )
+    return Image.fromarray(np.rint(values / 257).astype(np.uint8))
 
 
 def _resize_short_side(pil_image, short_side):
@@ -302,13 +351,15 @@ class ImageLoader:
 
     def __init__(self, dataset, batch_size, shuffle=True, seed=None, num_workers=1):
         """
-        :param dataset: an ImageDataset (or any dataset with set_epoch and a seed attribute).
+        :param dataset: an ImageDataset (or any dataset with set_epoch and seed and
+            class_names attributes).
         :param batch_size: images per batch; the last partial batch of an epoch is dropped.
         :param shuffle: visit each epoch in a new random order.
         :param seed: seed of the order and of the dataset's draws (None: drawn at random).
         :param num_workers: DataLoader worker processes.
         """
         self.dataset = dataset
+        self.class_names = dataset.class_names
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.num_workers = num_workers

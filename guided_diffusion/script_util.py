@@ -13,6 +13,8 @@ from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
+# Channels per attention head of the classifier (the released classifiers'; no flag sets it).
+CLASSIFIER_HEAD_CHANNELS = 64
 
 # Channel multipliers of the released models, by image side.
 _RELEASED_CHANNEL_MULT = {
@@ -277,6 +279,7 @@ def create_model(
     :param fast_attention: scaled_dot_product_attention (False: the original's einsum).
     :return: a UNetModel.
     """
+    _check_image_size(image_size)
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -376,27 +379,72 @@ def create_classifier(
 ):
     """
     Build the noised-image classifier (an EncoderUNetModel over NUM_CLASSES
-    classes, 64 channels per attention head) from flags.
+    classes, CLASSIFIER_HEAD_CHANNELS channels per attention head) from flags.
 
     :return: an EncoderUNetModel.
     """
+    _check_image_size(image_size)
+    channel_mult = default_channel_mult(image_size)
+    attention_rates = parse_attention_resolutions(classifier_attention_resolutions, image_size)
+    _check_classifier_width(classifier_width, classifier_depth, channel_mult, attention_rates)
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=classifier_width,
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
-        attention_resolutions=parse_attention_resolutions(
-            classifier_attention_resolutions, image_size
-        ),
-        channel_mult=default_channel_mult(image_size),
+        attention_resolutions=attention_rates,
+        channel_mult=channel_mult,
         use_fp16=classifier_use_fp16,
-        num_head_channels=64,
+        num_head_channels=CLASSIFIER_HEAD_CHANNELS,
         use_scale_shift_norm=classifier_use_scale_shift_norm,
         resblock_updown=classifier_resblock_updown,
         pool=classifier_pool,
         fast_attention=fast_attention,
     )
+
+
+def _check_image_size(image_size):
+    """
+    :param image_size: side of the images; raises a ValueError unless it is positive.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size={image_size}: expected a positive number of pixels")
+
+
+def _check_classifier_width(classifier_width, classifier_depth, channel_mult, attention_rates):
+    """
+    Raise a ValueError naming classifier_width when an attention layer of the classifier
+    would get a width that is not a multiple of CLASSIFIER_HEAD_CHANNELS: the levels at
+    attention_rates (when they have blocks) and the middle block, which always has one
+    (at the last level's width, or the first's without blocks).
+
+    :param classifier_width: the base channel count.
+    :param classifier_depth: residual blocks per level.
+    :param channel_mult: the multiplier of each level.
+    :param attention_rates: the downsampling rates with attention.
+    """
+    levels = [
+        (f"level {level} (x{mult})", mult)
+        for level, mult in enumerate(channel_mult)
+        if classifier_depth > 0 and 2**level in attention_rates
+    ]
+    middle_mult = channel_mult[-1] if classifier_depth > 0 else channel_mult[0]
+    levels.append((f"the middle block (x{middle_mult})", middle_mult))
+    bad = [
+        f"{where}: {int(mult * classifier_width)}"
+        for where, mult in levels
+        if int(mult * classifier_width) % CLASSIFIER_HEAD_CHANNELS
+    ]
+    if bad:
+        raise ValueError(
+            f"classifier_width={classifier_width}: the classifier's attention uses "
+            f"{CLASSIFIER_HEAD_CHANNELS} channels per head, so classifier_width times the "
+            f"channel multiplier of every level with attention must be a multiple of "
+            f"{CLASSIFIER_HEAD_CHANNELS}, but {'; '.join(bad)}. Use a classifier_width that "
+            f"is a multiple of {CLASSIFIER_HEAD_CHANNELS}, or other "
+            "classifier_attention_resolutions"
+        )
 
 
 def sr_create_model_and_diffusion(

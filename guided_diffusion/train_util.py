@@ -103,6 +103,7 @@ def training_defaults():
         class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
         num_workers=1,
         init_checkpoint="",  # start a new run from these weights
+        overwrite_log_dir=False,  # let a new run write over the checkpoints in --log_dir
     )
 
 
@@ -196,6 +197,27 @@ def _gather_by_rank(obj):
     return dict(enumerate(gathered))
 
 
+def _refuse_a_log_dir_holding_a_run(logdir):
+    """
+    Raise a ValueError on every rank when the log directory holds checkpoints (rank 0
+    looks; a collective: every rank calls it).
+
+    :param logdir: the log directory of a new (not resumed) run.
+    """
+    found = _gather_by_rank(
+        training_state.run_checkpoints(logdir) if dist_util.get_rank() == 0 else None
+    )[0]
+    if not found:
+        return
+    latest = training_state.latest_model_checkpoint(found) or "modelNNNNNN.pt"
+    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    raise ValueError(
+        f"--log_dir {logdir} already holds a run ({shown}): a new run would overwrite its "
+        f"checkpoints. Continue it with --resume_checkpoint {bf.join(logdir, latest)}, start "
+        "a new run in a new --log_dir, or pass --overwrite_log_dir True to write over it"
+    )
+
+
 class TrainLoop:
     """
     Trains a diffusion model: every step draws a batch, computes the diffusion loss
@@ -236,6 +258,7 @@ class TrainLoop:
         channels_last=False,        # store the model's weights channels_last (in place)
         recompute_attention=True,   # attention blocks recompute activations in backward
                                     # (the original's memory use; False: faster, more memory)
+        overwrite_log_dir=False,    # a new run may write over the checkpoints in the log dir
     ):
         """
         See the argument comments. logger.configure must have been called: checkpoints
@@ -248,11 +271,22 @@ class TrainLoop:
         for name, interval in (("log_interval", log_interval), ("save_interval", save_interval)):
             if interval < 1:
                 raise ValueError(f"--{name} {interval}: expected a positive number of steps")
+        if batch_size < 1:
+            raise ValueError(f"--batch_size {batch_size}: expected a positive number of images")
+        if lr_anneal_steps < 0:
+            raise ValueError(
+                f"--lr_anneal_steps {lr_anneal_steps}: expected a positive number of steps "
+                "(or 0 for a constant learning rate)"
+            )
         if resume_checkpoint and init_checkpoint:
             raise ValueError(
                 "--resume_checkpoint continues a run and --init_checkpoint starts a new one: "
                 "pass one"
             )
+        if not (resume_checkpoint or overwrite_log_dir):
+            _refuse_a_log_dir_holding_a_run(logger.get_dir())
+        if dist_util.get_rank() == 0:
+            training_state.remove_stale_temporaries(logger.get_dir())
         self.model = model
         self.diffusion = diffusion
         self.data = data

@@ -13,8 +13,10 @@ A save at step N (N optimizer steps done) writes, in the log directory:
   RNG states), "data_state" (rank -> loader positions), "schedule_sampler", "flags"}.
 """
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import uuid
@@ -27,6 +29,13 @@ from . import dist_util, logger
 from .checkpoint import SIDECAR_FORMAT, read_sidecar, sidecar_path
 
 _MODEL_NAME = re.compile(r"^model(\d+)\.pt$")
+# What a log directory holding a run contains: model*.pt, opt*.pt or ema_*.pt checkpoints.
+_RUN_CHECKPOINT = re.compile(r"^(model|opt|ema_).*\.pt$")
+# atomic_write's temporaries of checkpoints and sidecars: model000010.pt.tmp-<32 hex digits>.
+_TEMPORARY_MARK = ".tmp-"
+_STALE_TEMPORARY = re.compile(
+    r"^(model\d+|opt\d+|ema_[^/]+_\d+)\.(pt|json)" + re.escape(_TEMPORARY_MARK) + r"[0-9a-f]{32}$"
+)
 
 
 def model_filename(step):
@@ -81,14 +90,76 @@ def atomic_write(path, write):
         with bf.BlobFile(path, "wb") as f:
             write(f)
         return
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    temporary = f"{path}{_TEMPORARY_MARK}{uuid.uuid4().hex}"
     try:
         with open(temporary, "wb") as f:
             write(f)
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        if _is_disk_full(error):
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device while writing {path}: the disk is full. Free space "
+                "(or write to another --log_dir); the previous file, if any, is unchanged",
+                path,
+            ) from error
+        raise
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _is_disk_full(error):
+    """
+    :param error: an exception raised while writing (torch.save reports a failed write as
+        a RuntimeError, "unexpected pos ...", whose context is the OSError).
+    :return: whether it, or an exception it was raised from, is ENOSPC or EDQUOT.
+    """
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def remove_stale_temporaries(logdir):
+    """
+    Remove the temporaries that interrupted atomic_write calls left in a log directory
+    (checkpoint and sidecar names only, e.g. model000010.pt.tmp-<32 hex digits>).
+
+    :param logdir: a local folder (blob stores leave no temporaries: nothing is done).
+    :return: the sorted names of the removed files.
+    """
+    if not _is_local(logdir) or not os.path.isdir(logdir):
+        return []
+    stale = sorted(name for name in os.listdir(logdir) if _STALE_TEMPORARY.match(name))
+    for name in stale:
+        os.remove(os.path.join(logdir, name))
+    if stale:
+        logger.log(f"removed {len(stale)} temporaries of interrupted saves from {logdir}: "
+                   + ", ".join(stale))
+    return stale
+
+
+def run_checkpoints(logdir):
+    """
+    :param logdir: a log directory (local or blobfile URL).
+    :return: the sorted names of the model*.pt, opt*.pt and ema_*.pt checkpoints in it
+        (empty when it holds no run or does not exist).
+    """
+    if not bf.isdir(logdir):
+        return []
+    return sorted(name for name in bf.listdir(logdir) if _RUN_CHECKPOINT.match(name))
+
+
+def latest_model_checkpoint(names):
+    """
+    :param names: checkpoint file names.
+    :return: the modelNNNNNN.pt among them with the largest step, or None.
+    """
+    steps = {parse_resume_step_from_filename(name): name for name in names}
+    steps.pop(None, None)
+    return steps[max(steps)] if steps else None
 
 
 def save_checkpoint(path, obj, sidecar=None):
@@ -216,7 +287,7 @@ def resume_plan(path):
             f"continue from {path}. Copy it next to the model file, or start a new run from "
             f"these weights with --init_checkpoint {path}"
         )
-    opt_state = dist_util.load_state_dict(opt_path, map_location="cpu")
+    opt_state = _read_training_state(opt_path, path)
     if "optimizer" not in opt_state:
         logger.warn(
             f"{opt_path} is a plain optimizer state (original ADM format): resuming at step "
@@ -229,6 +300,39 @@ def resume_plan(path):
     elif opt_state["step"] != step:
         raise ValueError(f"{opt_path} records step {opt_state['step']} but {path} is step {step}")
     return dict(step=step, model=path, opt=opt_path, opt_state=opt_state)
+
+
+def _read_training_state(opt_path, model_path):
+    """
+    :param opt_path: an optNNNNNN.pt.
+    :param model_path: the model checkpoint it continues (named in the remedy).
+    :return: its contents, read with weights_only=True: a dict holding "optimizer", or the
+        original ADM's plain optimizer state dict ("state", "param_groups").
+    """
+    remedy = (
+        "Resume from an earlier step's modelNNNNNN.pt, or start a new run from these "
+        f"weights with --init_checkpoint {model_path}"
+    )
+    try:
+        state = dist_util.load_state_dict(opt_path, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        if "unsupported global" in str(error).lower():  # a class or function to call
+            raise ValueError(
+                f"refusing to load {opt_path}: unpickling it would execute code that is not "
+                f"plain tensors and containers (training states are read with "
+                f"weights_only=True). {remedy}"
+            ) from None
+        raise ValueError(f"{opt_path} is corrupt or not a torch file. {remedy}") from None
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(f"{opt_path} is corrupt (truncated or damaged: {error}). {remedy}") from None
+    if not isinstance(state, dict) or not (
+        "optimizer" in state or {"state", "param_groups"} <= set(state)
+    ):
+        raise ValueError(
+            f"{opt_path} is not a training-state file: it holds a {type(state).__name__} "
+            f"without an optimizer state. {remedy}"
+        )
+    return state
 
 
 def find_ema_checkpoint(main_checkpoint, step, rate):

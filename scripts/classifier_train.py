@@ -22,7 +22,10 @@ def main():
     data = load_data(**data_flags, random_crop=True)
     val_data = None
     if args.val_data_dir:
-        val_data = load_data(**dict(data_flags, data_dir=args.val_data_dir))
+        # Validation labels index the training classes (a class missing there keeps its label).
+        val_data = load_data(
+            **dict(data_flags, data_dir=args.val_data_dir, class_names=data.class_names)
+        )
     train_util.run_training(
         args, model, diffusion, data, loop_class=ClassifierTrainLoop, val_data=val_data,
         use_fp16=args.classifier_use_fp16,
@@ -50,6 +53,7 @@ def create_argparser():
         class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
         num_workers=1,
         init_checkpoint="",  # start a new run from these weights
+        overwrite_log_dir=False,  # let a new run write over the checkpoints in --log_dir
     )
     defaults.update(script_util.classifier_and_diffusion_defaults())
     return train_util.training_argparser(__doc__, defaults)

@@ -5,8 +5,10 @@ Multi-process training driver for tests/test_training_scripts.py (not a test its
     torchrun --nproc_per_node 2 tests/dist_train_driver.py IMAGE_DIR OUT_DIR full|interrupted
 
 "full" trains a tiny model for 4 steps; "interrupted" trains 2 steps, then starts
-again from the step-2 checkpoint and trains to step 4. Every rank writes its final
-weights to OUT_DIR/<run>_rank<R>.pt and what setup_dist reported to OUT_DIR/setup_rank<R>.json.
+again from the step-2 checkpoint and trains to step 4, then tries a new run in the same
+log directory (every rank writes the refusal to OUT_DIR/refused_rank<R>.txt). Every rank
+writes its final weights to OUT_DIR/<run>_rank<R>.pt and what setup_dist reported to
+OUT_DIR/setup_rank<R>.json.
 """
 
 import json
@@ -62,6 +64,12 @@ def main():
         logdir = os.path.join(out_dir, "full" if name == "full" else "interrupted")
         model = train(image_dir, logdir, max_steps, resume_checkpoint)
         th.save(model.state_dict(), os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+    if mode == "interrupted":
+        try:
+            train(image_dir, os.path.join(out_dir, "interrupted"), 4)
+        except ValueError as error:
+            with open(os.path.join(out_dir, f"refused_rank{rank}.txt"), "w") as f:
+                f.write(str(error))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from guided_diffusion.image_datasets import (
     load_data,
     load_superres_data,
     random_crop_arr,
+    read_image,
+    to_8_bit,
 )
 
 
@@ -188,3 +190,60 @@ def test_iterating_does_not_touch_the_global_torch_generator(tmp_path):
     for _ in range(3):  # crosses an epoch boundary, which starts a new DataLoader
         next(loader)
     assert th.equal(before, th.get_rng_state())
+
+
+@pytest.mark.parametrize("argument", ["batch_size", "image_size"])
+@pytest.mark.parametrize("value", [0, -4])
+def test_empty_batches_and_image_sizes_are_refused(tmp_path, argument, value):
+    _write_images(tmp_path, ["a.png", "b.png"])
+    options = dict(data_dir=str(tmp_path), batch_size=1, image_size=8, num_workers=0)
+    with pytest.raises(ValueError, match=f"{argument}={value}: expected a positive integer"):
+        load_data(**dict(options, **{argument: value}))
+
+
+def test_sixteen_bit_grayscale_loads_as_its_eight_bit_version(tmp_path):
+    gradient = np.linspace(0, 65535, 12 * 10).reshape(12, 10).astype(np.uint16)
+    eight_bit = np.rint(gradient / 257).astype(np.uint8)
+    Image.fromarray(gradient).save(tmp_path / "deep.png")
+    Image.fromarray(eight_bit).save(tmp_path / "flat.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    loader = load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, deterministic=True,
+                       random_flip=False, num_workers=0, seed=0)
+    images, _ = next(loader)  # deep.png, flat.png
+    assert (images[0] == 1.0).float().mean() < 0.1  # not clipped to white
+    assert th.allclose(images[0], images[1], atol=2 / 255)  # [-1, 1]: 1/255 of the 8-bit range
+    big_endian = Image.frombytes("I;16B", (10, 12), gradient.astype(">u2").tobytes())
+    for image in (big_endian, Image.fromarray(gradient.astype(np.int32))):  # modes I;16B and I
+        np.testing.assert_array_equal(np.asarray(to_8_bit(image, "x.png")), eight_bit)
+        assert to_8_bit(image, "x.png").mode == "L"
+    np.testing.assert_array_equal(np.asarray(read_image(str(tmp_path / "deep.png"))),
+                                  np.asarray(read_image(str(tmp_path / "flat.png"))))
+
+
+def test_float_and_out_of_range_integer_images_are_refused():
+    with pytest.raises(ValueError, match="x.png is a floating-point image \\(PIL mode F\\)"):
+        to_8_bit(Image.new("F", (2, 2), 0.5), "x.png")
+    with pytest.raises(ValueError, match="y.png has 32-bit values from 0 to 70000"):
+        to_8_bit(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)), "y.png")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "RGB"])
+def test_eight_bit_modes_convert_as_the_original(mode):
+    image = Image.fromarray(_pattern(4, 4)).convert(mode)
+    assert to_8_bit(image, "x.png") is image
+
+
+def test_validation_labels_follow_the_training_class_map(tmp_path):
+    train = _write_images(tmp_path / "train", ["cat_1.png", "dog_2.png", "emu_3.png"])
+    val = _write_images(tmp_path / "val", ["dog_4.png", "emu_5.png"])  # no cat
+    options = dict(batch_size=2, image_size=8, class_cond=True, deterministic=True,
+                   num_workers=0, seed=0)
+    training = load_data(data_dir=str(train), **options)
+    assert training.class_names == ["cat", "dog", "emu"]
+    validation = load_data(data_dir=str(val), class_names=training.class_names, **options)
+    assert next(validation)[1]["y"].tolist() == [1, 2]  # dog = 1 as in training, not 0
+    assert validation.class_names == ["cat", "dog", "emu"]
+    _write_images(val, ["fox_6.png", "gnu_7.png"])
+    with pytest.raises(ValueError, match="classes fox, gnu are not among the 3 given classes "
+                                         "\\(cat, dog, emu\\), e.g. .*fox_6.png"):
+        load_data(data_dir=str(val), class_names=training.class_names, **options)

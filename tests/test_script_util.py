@@ -152,3 +152,34 @@ def test_flags_for_picks_the_flags_a_function_takes():
 
     args = argparse.Namespace(lr=0.1, batch_size=4, data_dir="x", kwargs=None)
     assert su.flags_for(target, args) == {"lr": 0.1, "batch_size": 4, "kwargs": None}
+
+
+def _tiny_classifier_flags(**changes):
+    return dict(su.classifier_defaults(), image_size=8, classifier_depth=1, **changes)
+
+
+def test_classifier_width_must_give_attention_multiples_of_64():
+    # 8x8 images: channel_mult (1, 2); attention at side 4 and the middle block have 2 x 32.
+    su.create_classifier(**_tiny_classifier_flags(
+        classifier_width=32, classifier_attention_resolutions="4"))
+    su.create_classifier(**_tiny_classifier_flags(
+        classifier_width=64, classifier_attention_resolutions="8"))
+    with pytest.raises(ValueError, match=(
+        "classifier_width=32: .*64 channels per head, so classifier_width times the channel "
+        "multiplier of every level with attention must be a multiple of 64, but level 0 "
+        r"\(x1\): 32\. Use a classifier_width that is a multiple of 64"
+    )):
+        su.create_classifier(**_tiny_classifier_flags(
+            classifier_width=32, classifier_attention_resolutions="8"))
+    with pytest.raises(ValueError, match=r"classifier_width=48: .*the middle block \(x2\): 96"):
+        su.create_classifier(**_tiny_classifier_flags(
+            classifier_width=48, classifier_attention_resolutions=""))
+
+
+@pytest.mark.parametrize("image_size", [0, -8])
+def test_factories_refuse_image_sizes_below_one(image_size):
+    with pytest.raises(ValueError, match=f"image_size={image_size}: expected a positive number"):
+        su.create_model(image_size, num_channels=32, num_res_blocks=1, channel_mult="1",
+                        attention_resolutions="")
+    with pytest.raises(ValueError, match=f"image_size={image_size}: expected a positive number"):
+        su.create_classifier(**dict(_tiny_classifier_flags(), image_size=image_size))

@@ -352,3 +352,50 @@ def test_loop_kwargs_take_the_flags_named_like_loop_arguments():
     assert "data_dir" not in kwargs and "image_size" not in kwargs
     classifier = train_util.loop_kwargs(args, diffusion, ClassifierTrainLoop)
     assert classifier["lr"] == 0.5  # TrainLoop's arguments pass through ClassifierTrainLoop
+
+
+def test_a_new_run_into_a_log_dir_holding_a_run_is_refused(tmp_path, tiny_image_dir, two_step_run):
+    run = _copy_run(two_step_run, tmp_path / "run")
+    before = sorted(os.listdir(run))
+    with pytest.raises(ValueError, match=(
+        f"--log_dir {run} already holds a run .*--resume_checkpoint {run / 'model000002.pt'}, "
+        "start a new run in a new --log_dir, or pass --overwrite_log_dir True"
+    )):
+        _train(run, tiny_image_dir, 2)
+    assert sorted(os.listdir(run)) == before
+    for name in ("opt000002.pt", "ema_0.9_000002.pt"):  # any checkpoint marks a run
+        alone = tmp_path / f"holds_{name}"
+        alone.mkdir()
+        shutil.copy(run / name, alone / name)
+        with pytest.raises(ValueError, match="already holds a run .*modelNNNNNN.pt"):
+            _train(alone, tiny_image_dir, 1)
+    loop = _train(run, tiny_image_dir, 1, overwrite_log_dir=True)
+    assert loop.step == 1 and "model000001.pt" in os.listdir(run)
+
+
+def test_a_run_removes_stale_temporaries_of_its_saves_at_start(tmp_path, tiny_image_dir):
+    stale = ["model000010.pt.tmp-" + "0" * 32, "ema_0.9_000010.json.tmp-" + "ab" * 16]
+    kept = ["notes.txt.tmp-" + "0" * 32, "model000010.pt.tmp-partial", "notes.txt"]
+    tmp_path.mkdir(exist_ok=True)
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    _train(tmp_path, tiny_image_dir, 1, save_interval=10)
+    names = os.listdir(tmp_path)
+    assert all(name in names for name in kept) and not any(name in names for name in stale)
+    assert "removed 2 temporaries of interrupted saves" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("lr_anneal_steps", -5, "--lr_anneal_steps -5: expected a positive number of steps"),
+    ("batch_size", 0, "--batch_size 0: expected a positive number of images"),
+    ("batch_size", -2, "--batch_size -2: expected a positive number of images"),
+])
+def test_negative_anneal_steps_and_empty_batches_are_refused(tmp_path, tiny_model, argument,
+                                                             value, message):
+    logger.configure(str(tmp_path), ["log"])
+    options = dict(
+        model=tiny_model(), diffusion=_SquaredError(), data=None, batch_size=1, microbatch=-1,
+        lr=0.1, ema_rate="", log_interval=1, save_interval=1, resume_checkpoint="",
+    )
+    with pytest.raises(ValueError, match=message):
+        TrainLoop(**dict(options, **{argument: value}))

@@ -6,6 +6,7 @@ Every subprocess has a timeout so a deadlock fails the test instead of hanging C
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,6 +44,15 @@ def _run(command):
         command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT
     )
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _fail(command):
+    """Run a command that must fail; return its CompletedProcess."""
+    result = subprocess.run(
+        command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode != 0, f"{command} succeeded:\n{result.stdout[-3000:]}"
     return result
 
 
@@ -96,6 +106,11 @@ def test_mpiexec_ranks_end_with_identical_weights_after_a_resume(mpiexec_run):
     # The resumed run continued the interrupted run's table.
     assert steps_and_samples == [("0", "4"), ("1", "8"), ("2", "12"), ("3", "16")]
     assert (mpiexec_run / "interrupted" / "log-rank001.txt").exists()
+    # A new run into the same --log_dir is refused on both ranks alike (no deadlock).
+    refusals = [(mpiexec_run / f"refused_rank{r}.txt").read_text() for r in (0, 1)]
+    assert refusals[0] == refusals[1] and "--resume_checkpoint" in refusals[0]
+    assert refusals[0].endswith("--overwrite_log_dir True to write over it")
+    assert str(mpiexec_run / "interrupted" / "model000004.pt") in refusals[0]
 
 
 def test_torchrun_ranks_end_with_identical_weights(torchrun_run):
@@ -178,6 +193,42 @@ def test_super_res_train_checkpoints_load_into_the_upsampler(script_runs):
         **args_to_dict(_Namespace(flags), sr_model_and_diffusion_defaults())
     )
     model.load_state_dict(_weights(logdir / "ema_0.9999_000002.pt"), strict=True)
+
+
+def test_a_new_run_into_a_log_dir_holding_a_run_is_refused_unless_overwriting(
+    script_runs, tiny_image_dir, tmp_path
+):
+    logdir = script_runs / "image"
+    before = (logdir / "progress.csv").read_text()
+    refused = _fail([sys.executable, "scripts/image_train.py", "--data_dir", tiny_image_dir,
+                     "--image_size", "8", "--channel_mult", "1", "--batch_size", "4",
+                     "--log_dir", str(logdir), *TINY_UNET, *COMMON])
+    assert f"--resume_checkpoint {logdir / 'model000002.pt'}" in refused.stderr
+    assert "--overwrite_log_dir True" in refused.stderr
+    assert (logdir / "progress.csv").read_text() == before
+    classifier_dir = shutil.copytree(script_runs / "classifier", tmp_path / "classifier")
+    _run([sys.executable, "scripts/classifier_train.py", "--data_dir", tiny_image_dir,
+          "--image_size", "8", "--classifier_width", "32", "--classifier_depth", "1",
+          "--classifier_attention_resolutions", "4", "--num_classes", "3", "--batch_size", "4",
+          "--iterations", "1", "--log_dir", str(classifier_dir), "--overwrite_log_dir", "True",
+          *COMMON[2:]])
+    assert (classifier_dir / "model000001.pt").exists()
+
+
+def test_classifier_validation_labels_use_the_training_class_map(tmp_path, tiny_image_dir):
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    for name in os.listdir(tiny_image_dir):
+        if not name.startswith("c0_"):  # no class c0: c1 must stay label 1
+            shutil.copy(os.path.join(tiny_image_dir, name), val_dir / name)
+    shutil.copy(os.path.join(tiny_image_dir, "c1_1.png"), val_dir / "zz_9.png")
+    refused = _fail([sys.executable, "scripts/classifier_train.py", "--data_dir", tiny_image_dir,
+                     "--val_data_dir", str(val_dir), "--image_size", "8", "--classifier_width", "32",
+                     "--classifier_depth", "1", "--classifier_attention_resolutions", "4",
+                     "--num_classes", "3", "--batch_size", "4", "--iterations", "1",
+                     "--log_dir", str(tmp_path / "log"), *COMMON[2:]])
+    assert "classes zz are not among the 3 given classes (c0, c1, c2)" in refused.stderr
+    assert "zz_9.png" in refused.stderr
 
 
 class _Namespace:

@@ -1,5 +1,7 @@
 """Tests for guided_diffusion.training_state: names, atomic writes, sidecars, RNG states."""
 
+import errno
+import io
 import json
 import os
 import random
@@ -75,3 +77,79 @@ def test_resume_plan_checks_the_recorded_step(tmp_path):
         training_state.resume_plan(model)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         training_state.resume_plan(str(tmp_path / "model000009.pt"))
+
+
+def test_stale_temporaries_of_checkpoint_saves_are_removed_and_others_kept(tmp_path):
+    names = []
+    training_state.atomic_write(str(tmp_path / "model000010.pt"),
+                                lambda f: names.append(os.path.basename(f.name)))
+    stale = names + ["opt000002.pt.tmp-" + "f" * 32, "ema_0.9999_000010.json.tmp-" + "0" * 32]
+    kept = ["model000010.pt", "notes.txt.tmp-" + "0" * 32, "opt000002.pt.tmp-short",
+            "model000010.pt.tmp-" + "0" * 32 + ".bak"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(training_state.remove_stale_temporaries(str(tmp_path))) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes 100 bytes, then fails as a full disk does."""
+
+    def __init__(self, path):
+        self.path, self.written = path, 0
+        open(path, "wb").close()
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.written + len(data) > 100:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += len(data)
+        return len(data)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "model000002.pt")
+    training_state.save_checkpoint(path, {"w": th.ones(2)})
+    monkeypatch.setattr(training_state, "open", lambda name, mode: _FullDisk(name), raising=False)
+    # torch.save reports the failed write as RuntimeError "unexpected pos ...".
+    with pytest.raises(OSError, match=r"No space left on device while writing .*model000002.pt: "
+                                      "the disk is full") as raised:
+        training_state.save_checkpoint(path, {"w": th.zeros(1000)})
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == path
+    with pytest.raises(OSError, match="No space left on device while writing .*model000002.json"):
+        training_state.atomic_write(path[:-3] + ".json", lambda f: f.write(b"x" * 200))
+    assert th.equal(th.load(path, weights_only=True)["w"], th.ones(2))
+    assert os.listdir(tmp_path) == ["model000002.pt"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("content, message", [
+    ("truncated", "is corrupt"),
+    (b"\x00garbage" * 20, "is corrupt or not a torch file"),
+    ({"optimizer": _RunsCode()}, "would execute code"),
+    ({"w": th.ones(2)}, "is not a training-state file: it holds a dict"),
+    ([1, 2], "is not a training-state file: it holds a list"),
+])
+def test_an_unreadable_opt_file_is_named_with_what_to_do(tmp_path, content, message):
+    model = str(tmp_path / "model000004.pt")
+    opt = tmp_path / "opt000004.pt"
+    training_state.save_checkpoint(model, {"w": th.ones(1)})
+    if content == "truncated":
+        buffer = io.BytesIO()
+        th.save(dict(optimizer={}, step=4), buffer)
+        opt.write_bytes(buffer.getvalue()[:-40])
+    elif isinstance(content, bytes):
+        opt.write_bytes(content)
+    else:
+        th.save(content, opt)
+    with pytest.raises(ValueError, match=(
+        f"{opt}.*{message}.*Resume from an earlier step's modelNNNNNN.pt, or start a new run "
+        f"from these weights with --init_checkpoint {model}"
+    )):
+        training_state.resume_plan(model)
