@@ -14,6 +14,8 @@ import zipfile
 import blobfile as bf
 import numpy as np
 
+from evaluations.npz_batches import open_npz_zip
+
 CACHE_VERSION = "guided_diffusion.evaluations features v1"
 CACHE_KEYS = ("pool", "mu", "sigma", "mu_s", "sigma_s")
 
@@ -25,7 +27,7 @@ def batch_content_key(npz_path, weights_key):
     :return: a hex digest naming this batch's features under these weights.
     """
     digest = hashlib.sha256(f"{CACHE_VERSION}\n{weights_key}\n".encode("utf-8"))
-    with bf.BlobFile(npz_path, "rb") as f, zipfile.ZipFile(f) as archive:
+    with bf.BlobFile(npz_path, "rb") as f, open_npz_zip(f, npz_path) as archive:
         for info in sorted(archive.infolist(), key=lambda i: i.filename):
             digest.update(f"{info.filename}\t{info.file_size}\t{info.CRC:08x}\n".encode("utf-8"))
     return digest.hexdigest()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import urllib.error
 import urllib.request
 import zipfile
@@ -174,7 +175,10 @@ def read_state_dict(path):
     with bf.BlobFile(path, "rb") as f:
         data = f.read()
     if data[:4] == b"PK\x03\x04":  # zip: PyTorch >= 1.6, or TorchScript
-        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            names = []  # torch.load below names the file as corrupt
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             raise ValueError(
                 f"{path} is a TorchScript archive (NVIDIA's port of the graph has the same "
@@ -187,7 +191,18 @@ def read_state_dict(path):
         except ValueError as error:
             message = f"{path}: neither a PyTorch state dict nor the Inception GraphDef ({error})"
             raise ValueError(message) from error
-    state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path}: refusing to unpickle it, it holds more than tensors ({error})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"{path}: a corrupt or truncated PyTorch file ({error}); expected "
+            "inception-2015-12-05.pt, pt_inception-2015-12-05-6726825d.pth or "
+            "classify_image_graph_def.pb"
+        ) from None
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
@@ -268,7 +283,7 @@ def resolve_weights_path(inception_path=None):
     except (urllib.error.URLError, OSError) as error:
         raise FileNotFoundError(
             _missing_weights_message(f"no weights in {cache_dir} and the download failed ({error})")
-        ) from error
+        ) from None
 
 
 def load_inception(inception_path=None, device="cpu"):

@@ -156,4 +156,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:  # the message says what to do
+        sys.exit(f"{os.path.basename(__file__)}: {error}")

@@ -143,7 +143,7 @@ def open_npz_array(path, arr_name):
     """
     if not bf.exists(path):
         raise FileNotFoundError(f"no such npz file: {path}")
-    with bf.BlobFile(path, "rb") as f, zipfile.ZipFile(f) as archive:
+    with bf.BlobFile(path, "rb") as f, open_npz_zip(f, path) as archive:
         member = f"{arr_name}.npy"
         if member not in archive.namelist():
             names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
@@ -159,10 +159,30 @@ def open_npz_array(path, arr_name):
                 else np.lib.format.read_array_header_2_0
             )
             shape, fortran_order, dtype = read_header(arr_f)
-            if fortran_order or dtype.hasobject:
+            if dtype.hasobject:
+                raise ValueError(
+                    f"{path} {arr_name}: an object array (pickled Python objects, never "
+                    "unpickled here); save the images as one uint8 [N, H, W, 3] array"
+                )
+            if fortran_order:
                 yield _in_memory(path, arr_name)
                 return
             yield NpzArrayReader(arr_f, shape, dtype)
+
+
+def open_npz_zip(file, path):
+    """
+    :param file: the open .npz file.
+    :param path: its path, for the message.
+    :return: the zipfile.ZipFile of an .npz, or a ValueError naming a file that is not one.
+    """
+    try:
+        return zipfile.ZipFile(file)
+    except zipfile.BadZipFile as error:
+        raise ValueError(
+            f"{path}: not an .npz file ({error}); expected an .npz whose arr_0 holds uint8 "
+            "[N, H, W, 3] images, as the sampling scripts write"
+        ) from None
 
 
 def _in_memory(path, arr_name):

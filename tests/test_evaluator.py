@@ -330,3 +330,39 @@ def test_script_runs_without_installation():
     )
     assert result.returncode == 0, result.stderr
     assert "ref_batch" in result.stdout and "--json" in result.stdout
+
+
+def test_inputs_that_are_not_image_npz_files_are_named(tmp_path, evaluator):
+    not_npz = tmp_path / "notes.npz"
+    not_npz.write_text("not a zip")
+    with pytest.raises(ValueError, match=r"notes.npz: not an .npz file .*uint8 \[N, H, W, 3\]"):
+        evaluator.read_batch_features(str(not_npz), use_cache=True)
+    objects = str(tmp_path / "objects.npz")
+    np.savez(objects, np.array([object(), object()], dtype=object))
+    with pytest.raises(ValueError, match="objects.npz arr_0: an object array"):
+        evaluator.read_batch_features(objects, use_cache=False)
+
+
+def test_a_corrupt_inception_file_is_named(tmp_path, weights_path):
+    truncated = tmp_path / "inception-2015-12-05.pt"
+    truncated.write_bytes(open(weights_path, "rb").read()[:4096])
+    with pytest.raises(ValueError, match="inception-2015-12-05.pt: a corrupt or truncated PyTorch file"):
+        Evaluator(inception_path=str(truncated), device="cpu")
+
+
+@pytest.mark.parametrize("script", ["evaluator.py", "make_reference.py"])
+def test_offline_without_weights_the_scripts_print_only_the_fix(tmp_path, script):
+    batch = str(tmp_path / "batch.npz")
+    np.savez(batch, _images(2, seed=1))
+    # A proxy on a closed local port: the download fails at once, as offline.
+    env = {**os.environ, "GUIDED_DIFFUSION_CACHE": str(tmp_path / "cache"), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9"}
+    env.pop("GUIDED_DIFFUSION_INCEPTION", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "evaluations", script), batch, str(tmp_path / "out.npz")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"{script}: no weights in {tmp_path / 'cache'} and the download failed" in result.stderr
+    assert "--inception_path FILE" in result.stderr and len(result.stderr.splitlines()) < 10
