@@ -22,6 +22,8 @@ Random draws:
 import argparse
 import io
 import math
+import os
+import shutil
 
 import blobfile as bf
 import numpy as np
@@ -559,10 +561,30 @@ def save_samples(images, labels, out_dir, save_png=False):
     write_npz(stem + ".npz", *([images] if labels is None else [images, labels]))
     save_grid(images[:GRID_SAMPLES], stem + ".png")
     if save_png:
-        bf.makedirs(stem)
-        for index, image in enumerate(images):
-            _write_png(image, bf.join(stem, f"{index:06d}.png"))
+        _write_png_folder(images, stem)
     return stem + ".npz"
+
+
+def _write_png_folder(images, folder):
+    """
+    Write one PNG per image into a local folder as a whole: into `folder.partial` first
+    (removing one an interrupted run left), renamed to `folder` once complete, so that a
+    folder of that name always holds every sample. Blob-store URLs are written in place.
+
+    :param images: uint8 numpy array [N x H x W x 3].
+    :param folder: the destination folder, replaced if it exists.
+    """
+    local = "://" not in folder
+    target = folder + ".partial" if local else folder
+    if local and os.path.isdir(target):
+        shutil.rmtree(target)
+    bf.makedirs(target)
+    for index, image in enumerate(images):
+        _write_png(image, bf.join(target, f"{index:06d}.png"))
+    if local:
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(target, folder)
 
 
 def write_npz(path, *arrays):

@@ -377,6 +377,29 @@ def test_save_samples_writes_npz_grid_and_pngs(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def test_png_folder_appears_only_when_complete(tmp_path, monkeypatch):
+    import guided_diffusion.sampling as sampling_module
+
+    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    write_png, written = sampling_module._write_png, []
+
+    def interrupted_after_two(image, path):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        write_png(image, path)
+
+    monkeypatch.setattr(sampling_module, "_write_png", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        save_samples(images, None, str(tmp_path), save_png=True)
+    assert not (tmp_path / "samples_4x8x8x3").exists()  # no folder that looks finished
+    assert len(list((tmp_path / "samples_4x8x8x3.partial").iterdir())) == 2
+    monkeypatch.setattr(sampling_module, "_write_png", write_png)
+    save_samples(images, None, str(tmp_path), save_png=True)  # the rerun replaces the partial one
+    assert len(list((tmp_path / "samples_4x8x8x3").iterdir())) == 4
+    assert not (tmp_path / "samples_4x8x8x3.partial").exists()
+
+
 def _npz(tmp_path, name, **arrays):
     path = tmp_path / name
     np.savez(path, **arrays)
