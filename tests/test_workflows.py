@@ -220,23 +220,19 @@ def test_image_sample_from_a_trained_model(tmp_path, unconditional):
         assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
 
 
-def test_own_unconditional_model_guided_by_own_classifier(tmp_path, unconditional, classifier):
-    # The README's "unconditional model, guided by the classifier" recipe with own models:
-    # the model records num_classes 1000 (unused without class_cond), the classifier 2.
-    full, _, _ = unconditional
+@pytest.mark.parametrize("kind", ["unconditional", "conditional"])
+def test_own_model_guided_by_own_classifier(tmp_path, request, classifier, kind):
+    # With the unconditional model, the README's "unconditional model, guided by the
+    # classifier" recipe: the model records num_classes 1000 (unused without class_cond),
+    # the classifier 2.
+    if kind == "unconditional":
+        model_flags, model_path = [], request.getfixturevalue(kind)[0] / "ema_0.9999_000004.pt"
+    else:
+        model_flags, model_path = CONDITIONAL, request.getfixturevalue(kind) / "model000002.pt"
     run_script("classifier_sample.py", [
-        *TINY_MODEL, *CLASSIFIER_MODEL, *SAMPLE, "--classifier_scale", "10.0",
-        "--model_path", full / "ema_0.9999_000004.pt",
-        "--classifier_path", classifier[0] / "model000004.pt", "--log_dir", tmp_path])
-    arrays = read_npz(tmp_path / "samples_6x8x8x3.npz")
-    assert arrays["arr_0"].shape == (6, 8, 8, 3) and set(arrays["arr_1"]) <= {0, 1}
-
-
-def test_own_conditional_model_guided_by_own_classifier(tmp_path, conditional, classifier):
-    run_script("classifier_sample.py", [
-        *TINY_MODEL, *CONDITIONAL, *CLASSIFIER_MODEL, *SAMPLE, "--classifier_scale", "1.0",
-        "--model_path", conditional / "model000002.pt",
-        "--classifier_path", classifier[0] / "model000004.pt", "--log_dir", tmp_path])
+        *TINY_MODEL, *model_flags, *CLASSIFIER_MODEL, *SAMPLE, "--classifier_scale", "10.0",
+        "--model_path", model_path, "--classifier_path", classifier[0] / "model000004.pt",
+        "--log_dir", tmp_path])
     arrays = read_npz(tmp_path / "samples_6x8x8x3.npz")
     assert arrays["arr_0"].shape == (6, 8, 8, 3) and set(arrays["arr_1"]) <= {0, 1}
 
