@@ -244,12 +244,15 @@ class _ClassifierTraining(_StepProgress, ClassifierTrainLoop):
     progress_key = "train_acc@1"
 
 
-def _loader(data_dir, batch_size, image_size, class_from, num_classes, seed):
-    """load_data for the quickstart: labelled, unflipped (digits do not mirror), in-process."""
+def _loader(data_dir, batch_size, image_size, class_from, num_classes, seed, class_names=None):
+    """
+    load_data for the quickstart: labelled, unflipped (digits do not mirror), in-process;
+    class_names numbers the labels by another loader's classes (validation data).
+    """
     return load_data(
         data_dir=data_dir, batch_size=batch_size, image_size=image_size, class_cond=True,
         random_flip=False, class_from=class_from, num_classes=num_classes, seed=seed,
-        num_workers=0,
+        num_workers=0, class_names=class_names,
     )
 
 
@@ -278,6 +281,7 @@ def train_diffusion(model_flags, data_dir, steps, batch_size, lr, ema_rate, clas
         model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=-1, lr=lr,
         ema_rate=ema_rate, log_interval=LOG_INTERVAL, save_interval=steps, resume_checkpoint="",
         lr_anneal_steps=steps, max_steps=steps, seed=seed, flags=model_flags,
+        overwrite_log_dir=True,  # a rerun of the quickstart replaces its own outputs
     )
     _run_with_progress(loop, steps, "diffusion", progress)
     return bf.join(logger.get_dir(), ema_filename(ema_rate, steps))
@@ -299,12 +303,13 @@ def train_classifier(classifier_flags, data_dir, heldout_dir, steps, batch_size,
     image_size, num_classes = classifier_flags["image_size"], classifier_flags["num_classes"]
     data = _loader(data_dir, batch_size, image_size, class_from, num_classes, seed)
     val_batch = min(batch_size, len(list_image_files(heldout_dir)))
-    val_data = _loader(heldout_dir, val_batch, image_size, class_from, num_classes, seed)
+    val_data = _loader(heldout_dir, val_batch, image_size, class_from, num_classes, seed,
+                       class_names=data.class_names)
     loop = _ClassifierTraining(
         model=classifier, diffusion=diffusion, data=data, val_data=val_data, noised=True,
         iterations=steps, anneal_lr=True, eval_interval=LOG_INTERVAL, batch_size=batch_size,
         microbatch=-1, lr=lr, log_interval=LOG_INTERVAL, save_interval=steps, resume_checkpoint="",
-        seed=seed, flags=classifier_flags,
+        seed=seed, flags=classifier_flags, overwrite_log_dir=True,
     )
     _run_with_progress(loop, steps, "classifier", progress)
     return bf.join(logger.get_dir(), model_filename(steps))

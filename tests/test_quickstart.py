@@ -1,8 +1,8 @@
 """
 The quickstart job: its data preparation, judge and precision/recall on small inputs
 with known answers, and the whole job (scripts/quickstart.py) on a tiny
-labelled folder and tiny networks: every output exists, parses and agrees, and a second
-run with the same seed gives the same samples.
+labelled folder and tiny networks: every output exists, parses and agrees, and a rerun
+into the same folder with the same seed gives the same samples.
 """
 
 import csv
@@ -210,16 +210,19 @@ def test_the_job_checkpoints_load_into_models_built_from_their_flags(script_run)
     assert classifier.out_channels == 3
 
 
-def test_the_same_seed_gives_the_same_samples(script_run, tiny_folders, tmp_path, isolated_logger):
-    rows = quickstart.run_quickstart(
-        progress=False, out_dir=str(tmp_path), data_dir=tiny_folders[0], heldout_dir=tiny_folders[1],
-        **TINY_OPTIONS)
+def test_a_rerun_into_the_same_folder_gives_the_same_results(script_run, tiny_folders,
+                                                             isolated_logger):
     with open(script_run / "results.csv") as f:
-        assert [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)] == rows
-    for scale in ("0", "2"):
-        first = np.load(script_run / "samples" / f"scale_{scale}.npz")["arr_0"]
-        second = np.load(tmp_path / "samples" / f"scale_{scale}.npz")["arr_0"]
-        assert np.array_equal(first, second)
-    first = th.load(script_run / "diffusion" / "model000002.pt", weights_only=True)
-    second = th.load(tmp_path / "diffusion" / "model000002.pt", weights_only=True)
-    assert all(th.equal(first[key], second[key]) for key in first)
+        first_rows = [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
+    first_samples = {scale: np.load(script_run / "samples" / f"scale_{scale}.npz")["arr_0"]
+                     for scale in ("0", "2")}
+    first_weights = th.load(script_run / "diffusion" / "model000002.pt", weights_only=True)
+    # The same out_dir again: the quickstart replaces its own checkpoints and outputs.
+    rows = quickstart.run_quickstart(
+        progress=False, out_dir=str(script_run), data_dir=tiny_folders[0],
+        heldout_dir=tiny_folders[1], **TINY_OPTIONS)
+    assert rows == first_rows
+    for scale, first in first_samples.items():
+        assert np.array_equal(first, np.load(script_run / "samples" / f"scale_{scale}.npz")["arr_0"])
+    second = th.load(script_run / "diffusion" / "model000002.pt", weights_only=True)
+    assert all(th.equal(first_weights[key], second[key]) for key in first_weights)
