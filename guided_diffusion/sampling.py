@@ -21,6 +21,7 @@ Random draws:
 
 import argparse
 import io
+import json
 import math
 import os
 import shutil
@@ -137,9 +138,9 @@ def choose_labels(num_samples, num_classes, class_balanced=False, seed=None):
     return th.randint(0, num_classes, (num_samples,), generator=generator)
 
 
-def rounds(num_samples, batch_size, world_size):
+def rounds(num_samples, batch_size, world_size, first=0):
     """
-    Split sample indices 0 .. num_samples - 1 into rounds of work.
+    Split sample indices first .. num_samples - 1 into rounds of work.
 
     :return: a list of rounds, each a list with one range of sample indices per rank.
     """
@@ -152,7 +153,7 @@ def rounds(num_samples, batch_size, world_size):
             range(clip(start + rank * batch_size), clip(start + (rank + 1) * batch_size))
             for rank in range(world_size)
         ]
-        for start in range(0, num_samples, per_round)
+        for start in range(first, num_samples, per_round)
     ]
 
 
@@ -206,10 +207,15 @@ def sample(
     class_balanced=False,   # exactly num_samples / num_classes labels per class
     use_bf16=False,         # bfloat16 autocast for the model and classifier (other numbers)
     compile=False,          # torch.compile them (eager if compilation fails)
+    partial=None,           # a PartialSamples: continue from its finished samples, add each round
 ):
     """
     Sample images in one call, optionally guided; over all processes when a
     process group with several ranks exists (every rank gets all samples).
+
+    With `partial` (which needs a seed), the samples it holds are not drawn again and
+    rank 0 adds each finished round to it, so an interrupted call continues where it
+    stopped, with the same images as an uninterrupted one.
 
     :return: (images, labels): a uint8 numpy array [N x H x W x 3], and the int64
              labels [N] when the samples have labels (class-conditional model or
@@ -243,6 +249,9 @@ def sample(
                          "classifier, and no explicit labels")
     if labels is None and uses_labels:
         labels = choose_labels(num_samples, num_classes, class_balanced, seed)
+    if partial is not None and seed is None:
+        raise ValueError("partial samples need a seed: without one an interrupted run cannot be continued")
+    all_images, all_labels = partial.load() if partial is not None else ([], [])
 
     speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
     run = accelerate(model, **speed_ups)
@@ -253,9 +262,11 @@ def sample(
         cond_fn = classifier_cond_fn(accelerate(classifier, **speed_ups), classifier_scale)
 
     world_size, rank = dist_util.get_world_size(), dist_util.get_rank()
-    plan = rounds(num_samples, batch_size, world_size)
+    finished = sum(len(part) for part in all_images)
+    if finished:
+        logger.log(f"continuing after {finished} finished samples in {partial.folder}")
+    plan = rounds(num_samples, batch_size, world_size, first=finished)
     steps = sum(len(work[rank]) > 0 for work in plan) * diffusion.num_timesteps
-    all_images, all_labels = [], []
     with tqdm(total=steps, unit="step", desc="sampling", disable=not progress or rank > 0) as bar:
         for work in plan:
             indices = work[rank]
@@ -273,6 +284,8 @@ def sample(
             all_images.append(gather_in_order(images, work, batch_size).cpu())
             if uses_labels:
                 all_labels.append(gather_in_order(model_kwargs["y"], work, batch_size).cpu())
+            if partial is not None and rank == 0:
+                partial.save(work[0].start, all_images[-1], all_labels[-1] if uses_labels else None)
             logger.debug(f"created {sum(len(part) for part in all_images)} samples")
     return th.cat(all_images).numpy(), (th.cat(all_labels).numpy() if uses_labels else None)
 
@@ -293,6 +306,70 @@ def _check_finite_samples(finite, work):
             "classifier outputs (a diverged checkpoint), too large a classifier_scale or "
             "cfg_scale, or float16 overflow (try use_fp16=False or use_bf16=True)"
         )
+
+
+class PartialSamples:
+    """
+    The finished rounds of a seeded sampling run, kept on disk so that a rerun with the
+    same flags continues where it stopped: a folder with `record.json` (the run's
+    flags) and one `NNNNNNNNN.npz` per round (arr_0 images, arr_1 labels if any),
+    named by its first sample index, each written atomically.
+
+    :param folder: the folder (e.g. partial_samples in the log directory).
+    :param record: a JSON-serialisable dict of the flags that decide the images.
+    """
+
+    def __init__(self, folder, record):
+        self.folder = folder
+        self.record = record
+
+    def load(self):
+        """
+        :return: (images, labels): lists of uint8 and int64 tensors of the finished rounds
+                 in order (labels empty without labels); empty lists when there are none.
+        """
+        record_path = bf.join(self.folder, "record.json")
+        if not bf.exists(record_path):
+            return [], []
+        with bf.BlobFile(record_path, "r") as f:
+            recorded = json.load(f)
+        differing = sorted(k for k in set(recorded) | set(self.record) if recorded.get(k) != self.record.get(k))
+        if differing:
+            details = "; ".join(f"{k}: partial {recorded.get(k)!r}, now {self.record.get(k)!r}" for k in differing)
+            raise ValueError(
+                f"{self.folder} holds the finished samples of a run with other flags ({details}); "
+                "rerun with the same flags to continue it, or delete the folder to start afresh"
+            )
+        images, labels = [], []
+        for name in sorted(n for n in bf.listdir(self.folder) if n.endswith(".npz")):
+            if int(name[: -len(".npz")]) != sum(len(part) for part in images):
+                break  # rounds are saved in order; anything after a gap is not used
+            with bf.BlobFile(bf.join(self.folder, name), "rb") as f, np.load(f) as arrays:
+                images.append(th.from_numpy(arrays["arr_0"]))
+                if "arr_1" in arrays.files:
+                    labels.append(th.from_numpy(arrays["arr_1"]))
+        return images, labels
+
+    def save(self, start, images, labels):
+        """
+        Add one finished round.
+
+        :param start: the round's first sample index.
+        :param images: its uint8 [n x H x W x 3] tensor.
+        :param labels: its int64 [n] tensor, or None.
+        """
+        record_path = bf.join(self.folder, "record.json")
+        if not bf.exists(record_path):
+            bf.makedirs(self.folder)
+            text = json.dumps(self.record, sort_keys=True).encode("utf-8")
+            atomic_write(record_path, lambda f: f.write(text))
+        arrays = [images.numpy()] + ([] if labels is None else [labels.numpy()])
+        write_npz(bf.join(self.folder, f"{start:09d}.npz"), *arrays)
+
+    def remove(self):
+        """Delete the folder (once the final samples are written)."""
+        if bf.exists(self.folder):
+            bf.rmtree(self.folder)
 
 
 def _batch_kwargs(indices, uses_labels, labels, num_classes, low_res, device):
@@ -677,17 +754,39 @@ def start_sampling(args):
     logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
 
 
-def finish_sampling(images, labels, save_png=False):
+def partial_samples(args):
     """
-    Save the samples from rank 0 (see save_samples), then wait for every process.
+    Where a seeded run keeps its finished rounds: `partial_samples/` in the log directory,
+    recording every flag but --log_dir and --save_png, and the number of processes.
+    Without --seed, warn that an interrupted run cannot be continued.
+
+    :param args: the parsed flags (after start_sampling).
+    :return: a PartialSamples, or None without --seed.
+    """
+    if args.seed is None:
+        logger.warn("no --seed: an interrupted run cannot be continued (with --seed S a rerun "
+                    "with the same flags continues from the finished samples)")
+        return None
+    record = {name: value for name, value in vars(args).items() if name not in ("log_dir", "save_png")}
+    record["world_size"] = dist_util.get_world_size()
+    return PartialSamples(bf.join(logger.get_dir(), "partial_samples"), record)
+
+
+def finish_sampling(images, labels, save_png=False, partial=None):
+    """
+    Save the samples from rank 0 (see save_samples) and remove the partial samples,
+    then wait for every process.
 
     :param images: uint8 numpy array [N x H x W x 3].
     :param labels: int numpy array [N], or None.
     :param save_png: also write one PNG per sample.
+    :param partial: the run's PartialSamples, or None.
     """
     if dist_util.get_rank() == 0:
         path = save_samples(images, labels, logger.get_dir(), save_png=save_png)
         logger.log(f"saved {len(images)} samples to {path}")
+        if partial is not None:
+            partial.remove()
     dist.barrier()
     logger.log("sampling complete")
 

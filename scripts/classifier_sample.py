@@ -19,6 +19,7 @@ def main():
             "(e.g. models/256x256_classifier.pt); to sample without it use image_sample.py"
         )
     sampling.start_sampling(args)
+    partial = sampling.partial_samples(args)
     logger.log("creating model and diffusion...")
     model, diffusion = sampling.load_model_and_diffusion(
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
@@ -36,9 +37,10 @@ def main():
     logger.log("sampling...")
     images, labels = sampling.sample(
         model, diffusion, classifier=classifier, device=dist_util.dev(),
+        partial=partial,
         **script_util.flags_for(sampling.sample, args),
     )
-    sampling.finish_sampling(images, labels, args.save_png)
+    sampling.finish_sampling(images, labels, args.save_png, partial)
 
 
 def create_argparser():

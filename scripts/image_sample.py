@@ -12,15 +12,17 @@ from guided_diffusion import dist_util, logger, sampling, script_util
 def main():
     args = script_util.parse_args_with_config(create_argparser(), purpose="sample")
     sampling.start_sampling(args)
+    partial = sampling.partial_samples(args)
     logger.log("creating model and diffusion...")
     model, diffusion = sampling.load_model_and_diffusion(
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
     )
     logger.log("sampling...")
     images, labels = sampling.sample(
-        model, diffusion, device=dist_util.dev(), **script_util.flags_for(sampling.sample, args)
+        model, diffusion, device=dist_util.dev(), partial=partial,
+        **script_util.flags_for(sampling.sample, args)
     )
-    sampling.finish_sampling(images, labels, args.save_png)
+    sampling.finish_sampling(images, labels, args.save_png, partial)
 
 
 def create_argparser():

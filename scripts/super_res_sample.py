@@ -20,6 +20,7 @@ def main():
         args.base_samples, args.small_size, args.class_cond
     )
     sampling.start_sampling(args)
+    partial = sampling.partial_samples(args)
     logger.log("creating model...")
     model, diffusion = sampling.load_model_and_diffusion(
         args,
@@ -34,9 +35,10 @@ def main():
         low_res=base_images[order],
         labels=None if base_labels is None else base_labels[order],
         device=dist_util.dev(),
+        partial=partial,
         **script_util.flags_for(sampling.sample, args),
     )
-    sampling.finish_sampling(images, labels, args.save_png)
+    sampling.finish_sampling(images, labels, args.save_png, partial)
 
 
 def create_argparser():

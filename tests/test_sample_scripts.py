@@ -132,6 +132,8 @@ def test_image_sample_same_seed_same_images_for_one_and_two_processes(checkpoint
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
     assert np.array_equal(np.array(Image.open(pngs[3])), one[3])
     assert not (tmp_path / "two" / "samples_5x8x8x3").exists()
+    for folder in ("one", "two"):
+        assert not (tmp_path / folder / "partial_samples").exists()  # removed once the npz is written
 
 
 def test_image_sample_from_a_config_file_unconditional_ddim(checkpoints, tmp_path):
@@ -144,6 +146,7 @@ def test_image_sample_from_a_config_file_unconditional_ddim(checkpoints, tmp_pat
     run_script("image_sample.py", ["--config", preset, "--num_samples", 3, "--batch_size", 2,
                                    "--use_ddim", "True", "--log_dir", tmp_path])
     assert read_samples(tmp_path, 3)[1] is None
+    assert "an interrupted run cannot be continued" in (tmp_path / "log.txt").read_text()
 
 
 def test_classifier_sample_class_balanced_one_and_two_processes(checkpoints, tmp_path):

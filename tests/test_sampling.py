@@ -18,6 +18,7 @@ from PIL import Image
 from guided_diffusion.attention import AttentionBlock
 from guided_diffusion.image_grid import to_uint8_nhwc
 from guided_diffusion.sampling import (
+    PartialSamples,
     PerSampleNoise,
     balanced_labels,
     choose_labels,
@@ -344,6 +345,35 @@ def test_conditional_sampling_errors(conditional, kwargs, message):
         kwargs["classifier"] = create_classifier(**tiny_classifier_flags(image_size=16))
     with pytest.raises(ValueError, match=message):
         sample(model, diffusion, progress=False, **kwargs)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptedAfterOneRound(PartialSamples):
+    """Partial samples whose run stops right after its first round is saved."""
+
+    def save(self, start, images, labels):
+        super().save(start, images, labels)
+        raise Interrupted
+
+
+def test_interrupted_seeded_sampling_continues_bit_identically(conditional, tmp_path):
+    model, diffusion = conditional
+    options = dict(num_samples=5, batch_size=2, seed=7, progress=False)
+    expected_images, expected_labels = sample(model, diffusion, **options)
+    folder = str(tmp_path / "partial_samples")
+    record = {"seed": 7, "num_samples": 5}
+    with pytest.raises(Interrupted):
+        sample(model, diffusion, partial=InterruptedAfterOneRound(folder, record), **options)
+    assert sorted(p.name for p in (tmp_path / "partial_samples").iterdir()) == ["000000000.npz", "record.json"]
+    with pytest.raises(ValueError, match=r"other flags \(seed: partial 7, now 8\).*same flags"):
+        sample(model, diffusion, partial=PartialSamples(folder, dict(record, seed=8)), **options)
+    images, labels = sample(model, diffusion, partial=PartialSamples(folder, record), **options)
+    assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
+    with pytest.raises(ValueError, match="partial samples need a seed"):
+        sample(model, diffusion, partial=PartialSamples(folder, record), num_samples=2, progress=False)
 
 
 def test_super_resolution_errors():
