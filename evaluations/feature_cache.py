@@ -7,7 +7,6 @@ bytes, which zip stores, so a batch of any size is keyed without reading it.
 """
 
 import hashlib
-import os
 import warnings
 import zipfile
 
@@ -15,6 +14,7 @@ import blobfile as bf
 import numpy as np
 
 from evaluations.npz_batches import open_npz_zip
+from guided_diffusion.file_writing import write_npz
 
 CACHE_VERSION = "guided_diffusion.evaluations features v1"
 CACHE_KEYS = ("pool", "mu", "sigma", "mu_s", "sigma_s")
@@ -57,28 +57,6 @@ def load_cached(path):
         return None
 
 
-def save_npz_atomic(path, arrays):
-    """
-    Write arrays to an .npz so that readers never see a partial file (a temporary file
-    renamed into place for local paths; cloud object writes are atomic by themselves).
-
-    :param path: the destination.
-    :param arrays: {name: array}.
-    """
-    if "://" in path:
-        with bf.BlobFile(path, "wb") as f:
-            np.savez(f, **arrays)
-        return
-    temp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temp_path, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-
-
 def save_cached(path, arrays):
     """
     Store a batch's features; warn and carry on when the folder is not writable.
@@ -87,6 +65,6 @@ def save_cached(path, arrays):
     :param arrays: {name: array} for CACHE_KEYS.
     """
     try:
-        save_npz_atomic(path, {name: arrays[name] for name in CACHE_KEYS})
+        write_npz(path, **{name: arrays[name] for name in CACHE_KEYS})
     except OSError as error:
         warnings.warn(f"could not write feature cache {path}: {error}")

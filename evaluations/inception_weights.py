@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from evaluations.graphdef import read_graphdef
 from evaluations.inception import BATCH_NORM_EPS, InceptionV3
+from guided_diffusion.file_writing import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -243,19 +244,17 @@ def download_weights(url=OPENAI_WEIGHTS_URL, folder=None):
     folder = folder or default_cache_dir()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, url.rsplit("/", 1)[-1])
-    temp_path = f"{path}.tmp-{os.getpid()}"
     logger.info("downloading %s to %s", url, path)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(temp_path, "wb") as out:
+
+    def copy_response(out):
+        with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="Inception weights") as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
-        os.replace(temp_path, path)
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+
+    atomic_write(path, copy_response)
     return path
 
 

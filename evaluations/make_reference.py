@@ -22,10 +22,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from evaluations.evaluator import Evaluator
-from evaluations.feature_cache import save_npz_atomic
 from evaluations.inception import POOL_FEATURES, SPATIAL_FEATURES
 from evaluations.npz_batches import check_npz_images, open_npz_array
 from evaluations.scores import RunningStatistics
+from guided_diffusion.file_writing import write_npz
 from guided_diffusion.image_datasets import center_crop_arr, list_image_files, read_image
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def main(argv=None):
         raise FileNotFoundError(f"no such image folder or npz file: {args.input}")
     evaluator = Evaluator(args.inception_path, device=args.device, batch_size=args.batch_size)
     reference = make_reference(evaluator, batches, total, args.num_pr_images, args.seed)
-    save_npz_atomic(args.output, reference)
+    write_npz(args.output, **reference)
     logger.info("wrote %s: %d images for precision/recall, statistics over %d", args.output,
                 len(reference["arr_0"]), total)
 

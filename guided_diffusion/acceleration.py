@@ -1,11 +1,12 @@
 """
-Optional speed-ups of a model's execution, each behind a flag: torch.compile with
-a fallback to eager execution, the channels_last memory format, bfloat16 autocast,
-and (in training) keeping the attention blocks' activations instead of recomputing them.
+Runtime switches of a built model, none of which changes its architecture or its
+checkpoints: the attention kernel, recomputing the attention blocks' activations in
+backward, the channels_last memory format (all set by configure_runtime), and the
+wrappers around a model's call: torch.compile with a fallback to eager execution, and
+bfloat16 autocast.
 
-compile and channels_last keep the numbers within float32 rounding; bfloat16
-changes them (norms and softmax still run in float32). The flash attention
-kernels (the default) are chosen by the networks' `fast_attention` argument, in unet.py.
+fast attention, compile and channels_last keep the numbers within float32 rounding;
+bfloat16 changes them (norms and softmax still run in float32).
 """
 
 import contextlib
@@ -13,19 +14,22 @@ import contextlib
 import torch as th
 
 from . import logger
-from .attention import AttentionBlock
+from .attention import AttentionBlock, QKVAttention
+# bf16_autocast is re-exported: it lived here before fp16_util owned precision.
+from .fp16_util import bf16_autocast  # noqa: F401
 
 
 def acceleration_defaults():
     """
-    :return: the speed-up flags every training and sampling script takes (besides
-        --fast_attention, which is a model flag); on by default: those that keep the
-        numbers within float32 rounding and did not slow the CPU benchmark down.
+    :return: the speed-up flags every training and sampling script takes; on by default:
+        those that keep the numbers within float32 rounding and did not slow the CPU
+        benchmark down.
     """
     return dict(
         use_bf16=False,  # bfloat16 autocast for the model (changes the numbers)
         compile=False,  # torch.compile the model; eager when compilation fails
         channels_last=True,  # channels_last weights (sampling ~7% faster on our CPU)
+        fast_attention=True,  # scaled_dot_product_attention (False: the original's einsum)
     )
 
 
@@ -36,6 +40,42 @@ def training_acceleration_defaults():
         (same numbers; False trades memory for a faster backward).
     """
     return dict(acceleration_defaults(), recompute_attention=True)
+
+
+def configure_runtime(model, fast_attention=None, recompute_attention=None, channels_last=None):
+    """
+    Set the runtime switches of a built model (in place); None leaves a switch as it is.
+
+    :param model: a torch.nn.Module (e.g. a UNetModel or a classifier).
+    :param fast_attention: attention through scaled_dot_product_attention (the networks'
+        default), or the original's einsum arithmetic.
+    :param recompute_attention: attention blocks recompute their activations in the
+        backward pass (the original's memory use), or keep them.
+    :param channels_last: store the 4-D weights in channels_last order (not undone by False).
+    :return: the model.
+    """
+    if fast_attention is not None:
+        set_fast_attention(model, fast_attention)
+    if recompute_attention is not None:
+        set_attention_recompute(model, recompute_attention)
+    if channels_last:
+        to_channels_last(model)
+    return model
+
+
+def set_fast_attention(model, enabled):
+    """
+    Choose the attention kernel of every attention layer of the model.
+
+    :param model: a torch.nn.Module.
+    :param enabled: scaled_dot_product_attention (flash / memory-efficient kernels on
+        GPU), or the original's einsum arithmetic.
+    :return: the model.
+    """
+    for module in model.modules():
+        if isinstance(module, QKVAttention):
+            module.fast = enabled
+    return model
 
 
 def set_attention_recompute(model, enabled):
@@ -51,20 +91,6 @@ def set_attention_recompute(model, enabled):
         if isinstance(module, AttentionBlock):
             module.recompute = enabled
     return model
-
-
-def bf16_autocast(device, enabled=True, cache_weights=True):
-    """
-    :param device: the device (or its type, e.g. "cuda") the model runs on.
-    :param enabled: False gives a context manager that does nothing.
-    :param cache_weights: keep the bfloat16 copies of the weights until the block ends
-        (autocast's cache); without it each copy is freed after its use.
-    :return: a context manager running its block under bfloat16 autocast.
-    """
-    if not enabled:
-        return contextlib.nullcontext()
-    device_type = device if isinstance(device, str) else th.device(device).type
-    return th.autocast(device_type=device_type, dtype=th.bfloat16, cache_enabled=cache_weights)
 
 
 def bf16_model(model, device):
@@ -144,7 +170,7 @@ class CompiledModel:
         first_line = (str(cause).strip().splitlines() or [""])[0]
         logger.warn(
             f"torch.compile failed ({type(cause).__name__}: {first_line}); running the "
-            "model eagerly (drop --compile to skip the attempt)"
+            "model eagerly (pass compile=False to skip the attempt)"
         )
 
 

@@ -32,7 +32,8 @@ class QKVAttention(nn.Module):
     :param n_heads: number of heads.
     :param fast: use torch's scaled_dot_product_attention kernels (flash or
                  memory-efficient), equal to the original's arithmetic within
-                 float32 rounding; False runs the original's einsum arithmetic.
+                 float32 rounding; False runs the original's einsum arithmetic
+                 (acceleration.set_fast_attention switches a built model).
     """
 
     # How the packed channel axis nests: (q/k/v, heads) here, (heads, q/k/v) in legacy.
@@ -117,7 +118,6 @@ class AttentionBlock(nn.Module):
     :param use_checkpoint: recompute activations in the backward pass.
     :param use_new_attention_order: q/k/v split before heads (QKVAttention) rather
                                     than heads before q/k/v (QKVAttentionLegacy).
-    :param fast_attention: use torch's scaled_dot_product_attention kernels.
     :param recompute: recompute activations in the backward pass even without
                       use_checkpoint, as the original always did (its memory use);
                       False keeps them: faster training, more memory.
@@ -130,7 +130,6 @@ class AttentionBlock(nn.Module):
         num_head_channels=-1,
         use_checkpoint=False,
         use_new_attention_order=False,
-        fast_attention=True,
         recompute=True,
     ):
         super().__init__()
@@ -141,7 +140,7 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         attention_class = QKVAttention if use_new_attention_order else QKVAttentionLegacy
-        self.attention = attention_class(self.num_heads, fast=fast_attention)
+        self.attention = attention_class(self.num_heads)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x):
@@ -169,12 +168,9 @@ class AttentionPool2d(nn.Module):
     :param embed_dim: input channels.
     :param num_heads_channels: channels per attention head.
     :param output_dim: output channels (defaults to embed_dim).
-    :param fast_attention: use torch's scaled_dot_product_attention kernels.
     """
 
-    def __init__(
-        self, spacial_dim, embed_dim, num_heads_channels, output_dim=None, fast_attention=True
-    ):
+    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
         super().__init__()
         self.positional_embedding = nn.Parameter(
             th.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
@@ -182,7 +178,7 @@ class AttentionPool2d(nn.Module):
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
         self.num_heads = _heads_for(embed_dim, 1, num_heads_channels)
-        self.attention = QKVAttention(self.num_heads, fast=fast_attention)
+        self.attention = QKVAttention(self.num_heads)
 
     def forward(self, x):
         """

@@ -3,9 +3,9 @@ Bits per dimension: the full variational bound of dataset images under a
 diffusion model (diffusion.calc_bpd_loop), over all processes and gathered in
 image order, as scripts/image_nll.py reports it.
 
-The work split is sampling.py's: rounds of `batch_size * world_size` consecutive
+The work split is work_split.py's (as sampling's): rounds of `batch_size * world_size` consecutive
 image indices, rank r taking its slice of each round. With a seed, image i's
-noise comes from its own generator seeded from (seed, _BPD_STREAM, i), so the
+noise comes from its own generator seeded from (seed, BPD_STREAM, i), so the
 terms depend only on the seed and the image index, not on the batch size or the
 number of processes; without one, calc_bpd_loop draws from the global RNG.
 """
@@ -16,10 +16,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .acceleration import accelerate
-from .sampling import PerSampleNoise, check_counts, gather_in_order, rounds
-
-# The stream of derived seeds of the evaluation noise (sampling.py's are 0 and 1).
-_BPD_STREAM = 2
+from .work_split import BPD_STREAM, PerSampleNoise, check_counts, gather_in_order, rounds
 
 
 def evaluate_bpd(
@@ -83,7 +80,7 @@ def _batch_bpd(diffusion, model, dataset, indices, clip_denoised, seed, device):
     }
     options = {}
     if seed is not None:
-        options["noise_fn"] = PerSampleNoise(seed, indices, stream=_BPD_STREAM)
+        options["noise_fn"] = PerSampleNoise(seed, indices, stream=BPD_STREAM)
     return diffusion.calc_bpd_loop(
         model, images, clip_denoised=clip_denoised, model_kwargs=model_kwargs, **options
     )

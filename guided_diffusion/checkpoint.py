@@ -16,6 +16,8 @@ import pickle
 import blobfile as bf
 import torch as th
 
+from .acceleration import configure_runtime
+
 SIDECAR_FORMAT = "guided_diffusion/1"
 _WRAPPER_KEYS = ("state_dict", "model", "ema")
 
@@ -58,7 +60,7 @@ def read_state_dict(path, map_location="cpu"):
     if not bf.exists(path):
         raise FileNotFoundError(
             f"checkpoint {path!r} does not exist; download the released checkpoints into "
-            "models/ (see README) or pass the right --model_path / --classifier_path"
+            "models/ (see README) or pass the right checkpoint path"
         )
     with bf.BlobFile(path, "rb") as f:
         data = f.read()
@@ -151,7 +153,7 @@ def load_checkpoint(model, path, flags=None, map_location="cpu"):
             raise ValueError(
                 f"{path!r} was trained with different flags than requested: "
                 + "; ".join(differing)
-                + ". Pass the checkpoint's values (or --config with its preset)."
+                + ". Pass the checkpoint's values (or use its preset)."
             )
     state = read_state_dict(path, map_location=map_location)
     check_finite(state, path)
@@ -160,6 +162,38 @@ def load_checkpoint(model, path, flags=None, map_location="cpu"):
         raise ValueError(f"{path!r} does not fit the model built from the flags:\n{report}")
     model.load_state_dict(state, strict=True)
     return record
+
+
+def load_for_inference(
+    model, path, flags=None, use_fp16=False, device="cpu", channels_last=False
+):
+    """
+    The one way a model is loaded to sample or evaluate with (the sampling scripts,
+    script_util.create_pretrained): load a checkpoint strictly (load_checkpoint), move
+    the model to a device, convert it to float16 and channels_last if asked, keep the
+    attention blocks' activations instead of recomputing them (a classifier's gradient
+    is faster; sampling stores no activations for long), and set eval mode.
+
+    :param model: the model to fill.
+    :param path: the checkpoint file (local path or blobfile URL).
+    :param flags: the architecture flags the model was built from, compared with the
+        checkpoint's record (None: not compared).
+    :param use_fp16: call model.convert_to_fp16().
+    :param device: where to put the model.
+    :param channels_last: store its 4-D weights in channels_last order.
+    :return: the model.
+    """
+    if not path:
+        raise ValueError(
+            "path is empty: pass the checkpoint file (e.g. models/256x256_diffusion.pt)"
+        )
+    load_checkpoint(model, path, flags=flags)
+    model.to(device)
+    if use_fp16:
+        model.convert_to_fp16()
+    configure_runtime(model, recompute_attention=False, channels_last=channels_last)
+    model.eval()
+    return model
 
 
 # Flags that do not change what a checkpoint's weights mean: precision, recomputation,
@@ -294,12 +328,12 @@ def _wrong_kind(expected_shapes, found_shapes):
 
     if is_unet(found_shapes) and not is_unet(expected_shapes):
         return ["model type: the checkpoint looks like a diffusion model, not a classifier "
-                "(pass it as --model_path)"]
+                "(pass it as model_path=)"]
     is_encoder = any(key.startswith("out.") for key in found_shapes) and any(
         key.startswith("input_blocks.") for key in found_shapes)
     if is_unet(expected_shapes) and not is_unet(found_shapes) and is_encoder:
         return ["model type: the checkpoint looks like a classifier, not a diffusion model "
-                "(pass it as --classifier_path)"]
+                "(pass it as classifier_path=)"]
     return []
 
 

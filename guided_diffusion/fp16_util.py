@@ -14,6 +14,7 @@ With use_bf16 the parameters stay float32 (they are the master weights) and the
 forward pass runs under torch.autocast(dtype=torch.bfloat16); no loss scale is needed.
 """
 
+import contextlib
 import math
 
 import torch as th
@@ -21,34 +22,24 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import logger
-from .acceleration import bf16_autocast
+# convert_module_to_f16/f32 are re-exported: the original defined them here.
+from .nn import convert_module_to_f16, convert_module_to_f32  # noqa: F401
 
 INITIAL_LOG_LOSS_SCALE = 20.0
 
 
-def convert_module_to_f16(module):
+def bf16_autocast(device, enabled=True, cache_weights=True):
     """
-    Cast a convolution's weight and bias to float16 (other modules are left alone).
-
-    :param module: a module, typically visited by model.apply.
+    :param device: the device (or its type, e.g. "cuda") the model runs on.
+    :param enabled: False gives a context manager that does nothing.
+    :param cache_weights: keep the bfloat16 copies of the weights until the block ends
+        (autocast's cache); without it each copy is freed after its use.
+    :return: a context manager running its block under bfloat16 autocast.
     """
-    _cast_convolution(module, th.float16)
-
-
-def convert_module_to_f32(module):
-    """
-    Cast a convolution's weight and bias back to float32 (undoes convert_module_to_f16).
-
-    :param module: a module, typically visited by model.apply.
-    """
-    _cast_convolution(module, th.float32)
-
-
-def _cast_convolution(module, dtype):
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        for param in (module.weight, module.bias):
-            if param is not None:
-                param.data = param.data.to(dtype)
+    if not enabled:
+        return contextlib.nullcontext()
+    device_type = device if isinstance(device, str) else th.device(device).type
+    return th.autocast(device_type=device_type, dtype=th.bfloat16, cache_enabled=cache_weights)
 
 
 def get_param_groups_and_shapes(named_model_params):
@@ -298,9 +289,9 @@ class MixedPrecisionTrainer:
             raise RuntimeError(
                 f"{self.nonfinite_steps} consecutive steps had inf/NaN gradients"
                 + (f" (lg_loss_scale is now {self.lg_loss_scale})" if self.use_fp16 else "")
-                + ": the loss or the weights have probably diverged. Lower --lr, check the "
-                "data for bad images, add --microbatch or train with --use_bf16 True "
-                "(or without --use_fp16) and resume from the last good checkpoint"
+                + ": the loss or the weights have probably diverged. Lower the learning rate, "
+                "check the data for bad images, use microbatches or train in bfloat16 "
+                "(use_bf16=True) or float32, and resume from the last good checkpoint"
             )
 
     def _compute_norms(self, grad_scale=1.0):

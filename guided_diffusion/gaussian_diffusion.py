@@ -214,9 +214,8 @@ class GaussianDiffusion(SamplingMixin):
         self._posterior_mean_coef2_over_coef1 = (
             self.posterior_mean_coef2 / self.posterior_mean_coef1
         )
-        # Schedules copied to each device once (False: converted at every gather, as the
-        # original did; the numbers are the same).
-        self.cache_schedules = True
+        # Schedules copied to each device once (the original converted them at every
+        # gather; the numbers are the same).
         self._device_schedules = {}
 
     # ------------------------------------------------------------------ forward process
@@ -374,10 +373,8 @@ class GaussianDiffusion(SamplingMixin):
     def _extract(self, arr, timesteps, broadcast_shape):
         """
         _extract_into_tensor with arr (one of this diffusion's schedules) copied to
-        timesteps' device once, not at every call (see cache_schedules).
+        timesteps' device once, not at every call.
         """
-        if not self.cache_schedules:
-            return _extract_into_tensor(arr, timesteps, broadcast_shape)
         key = (id(arr), timesteps.device)
         if key not in self._device_schedules:  # the array is kept: its id stays its own
             self._device_schedules[key] = (arr, th.from_numpy(arr).to(timesteps.device))

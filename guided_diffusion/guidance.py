@@ -91,15 +91,15 @@ def check_classifier_free(model, cfg_scale, num_classes):
     rows = getattr(model, "num_classes", None)
     if rows is None:
         raise ValueError(
-            f"--cfg_scale {cfg_scale}: classifier-free guidance needs a class-conditional model "
-            "trained with --class_dropout_prob > 0, but this model is unconditional"
+            f"cfg_scale={cfg_scale}: classifier-free guidance needs a class-conditional model "
+            "trained with class_dropout_prob > 0, but this model is unconditional"
         )
     if rows != num_classes + 1:
         raise ValueError(
-            f"--cfg_scale {cfg_scale}: the model's class embedding has {rows} rows for "
-            f"--num_classes {num_classes}; classifier-free guidance needs {num_classes + 1} "
-            "(the extra null label), i.e. a model trained with --class_dropout_prob > 0 "
-            "(pass the same --class_dropout_prob and --num_classes as in training)"
+            f"cfg_scale={cfg_scale}: the model's class embedding has {rows} rows for "
+            f"num_classes={num_classes}; classifier-free guidance needs {num_classes + 1} "
+            "(the extra null label), i.e. a model trained with class_dropout_prob > 0 "
+            "(pass the same class_dropout_prob and num_classes as in training)"
         )
     return num_classes
 
@@ -124,5 +124,5 @@ def check_classifier(classifier, image_size, num_classes):
     if classifier_classes != num_classes:
         raise ValueError(
             f"the classifier predicts {classifier_classes} classes but labels are drawn from "
-            f"{num_classes}; pass the same --num_classes for the model and the classifier"
+            f"{num_classes}; pass the same num_classes for the model and the classifier"
         )

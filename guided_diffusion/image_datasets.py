@@ -80,7 +80,7 @@ def load_data(
     if len(dataset) < batch_size:
         raise ValueError(
             f"shard {shard} of {num_shards} gets {len(dataset)} of the {len(entries)} images in "
-            f"{data_dir} but batch_size is {batch_size}: add images, lower --batch_size or "
+            f"{data_dir} but batch_size={batch_size}: add images, lower batch_size or "
             "run fewer processes"
         )
     return ImageLoader(

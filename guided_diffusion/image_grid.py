@@ -1,15 +1,12 @@
 """
-Image grids: model outputs in [-1, 1] to uint8, tiled into one PNG.
+Image grids: model outputs in [-1, 1] to uint8, tiled into one array (written by
+file_writing.save_image_grid).
 """
 
-import io
 import math
 
 import numpy as np
 import torch as th
-from PIL import Image
-
-from .training_state import atomic_write
 
 
 def to_uint8_nhwc(images):
@@ -52,16 +49,3 @@ def make_image_grid(images_uint8_nhwc, nrow, padding=2):
         grid[top : top + height, left : left + width] = image
     return grid
 
-
-def save_image_grid(images_uint8_nhwc, path, nrow):
-    """
-    Write images as one PNG grid, atomically.
-
-    :param images_uint8_nhwc: an [N x H x W x C] uint8 array or tensor.
-    :param path: the PNG's path or blobfile URL.
-    :param nrow: images per row.
-    """
-    grid = make_image_grid(images_uint8_nhwc, nrow)
-    buffer = io.BytesIO()
-    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))

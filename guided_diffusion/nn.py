@@ -1,6 +1,7 @@
 """
 Small building blocks shared by the networks: normalisation, layer factories,
-the sinusoidal timestep embedding and gradient checkpointing.
+the sinusoidal timestep embedding, gradient checkpointing and the float16 casts
+of convolutions.
 """
 
 import math
@@ -163,3 +164,28 @@ def checkpoint(func, inputs, params, flag):
     if flag and th.is_grad_enabled():
         return _torch_checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+def convert_module_to_f16(module):
+    """
+    Cast a convolution's weight and bias to float16 (other modules are left alone).
+
+    :param module: a module, typically visited by model.apply.
+    """
+    _cast_convolution(module, th.float16)
+
+
+def convert_module_to_f32(module):
+    """
+    Cast a convolution's weight and bias back to float32 (undoes convert_module_to_f16).
+
+    :param module: a module, typically visited by model.apply.
+    """
+    _cast_convolution(module, th.float32)
+
+
+def _cast_convolution(module, dtype):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        for param in (module.weight, module.bias):
+            if param is not None:
+                param.data = param.data.to(dtype)

@@ -22,7 +22,7 @@ def create_named_schedule_sampler(name, diffusion):
     samplers = {"uniform": UniformSampler, "loss-second-moment": LossSecondMomentResampler}
     if name not in samplers:
         raise ValueError(
-            f'--schedule_sampler "{name}": expected one of {", ".join(sorted(samplers))}'
+            f'schedule_sampler="{name}": expected one of {", ".join(sorted(samplers))}'
         )
     return samplers[name](diffusion)
 
@@ -212,7 +212,7 @@ class LossSecondMomentResampler(LossAwareSampler):
             raise ValueError(
                 f"schedule sampler state of shape {history.shape} does not fit "
                 f"{self.diffusion.num_timesteps} timesteps x {self.history_per_term} losses; "
-                "resume with the same --diffusion_steps and --schedule_sampler"
+                "resume with the same diffusion_steps and schedule_sampler"
             )
         self._loss_history = history.copy()
         self._loss_counts = counts.copy()

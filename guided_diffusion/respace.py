@@ -37,7 +37,7 @@ def space_timesteps(num_timesteps, section_counts):
         try:
             section_counts = [int(count) for count in section_counts.split(",")]
         except ValueError:
-            raise ValueError(f'--timestep_respacing "{section_counts}": {_VALID_FORMS}') from None
+            raise ValueError(f'timestep_respacing="{section_counts}": {_VALID_FORMS}') from None
     section_counts = list(section_counts)
     if not section_counts or any(
         not isinstance(count, (int, np.integer)) or count < 0 for count in section_counts
@@ -75,18 +75,18 @@ def _ddim_timesteps(num_timesteps, spec):
     """
     digits = spec[len(_DDIM_PREFIX):]
     if not digits.isdigit():
-        raise ValueError(f'--timestep_respacing "{spec}": {_VALID_FORMS}')
+        raise ValueError(f'timestep_respacing="{spec}": {_VALID_FORMS}')
     desired_count = int(digits)
     if desired_count > num_timesteps:
         raise ValueError(
-            f'--timestep_respacing "{spec}" asks for {desired_count} steps, '
+            f'timestep_respacing="{spec}" asks for {desired_count} steps, '
             f"but the diffusion has only {num_timesteps}"
         )
     for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == desired_count:
             return set(range(0, num_timesteps, stride))
     raise ValueError(
-        f'--timestep_respacing "{spec}": no integer stride gives exactly {desired_count} of '
+        f'timestep_respacing="{spec}": no integer stride gives exactly {desired_count} of '
         f"{num_timesteps} steps; pick another N or use comma-separated section counts"
     )
 
@@ -148,7 +148,7 @@ class SpacedDiffusion(GaussianDiffusion):
             return model
         return _WrappedModel(
             model, self.timestep_map, self.rescale_timesteps, self.original_num_steps,
-            map_tensors=self._map_tensors if self.cache_schedules else None,
+            map_tensors=self._map_tensors,
         )
 
     def _scale_timesteps(self, t):

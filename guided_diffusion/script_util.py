@@ -7,8 +7,8 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
-from .checkpoint import NON_ARCHITECTURE_FLAGS
-from .presets import create_pretrained, load_config, parse_args_with_config  # noqa: F401
+from .checkpoint import NON_ARCHITECTURE_FLAGS, load_for_inference
+from .presets import load_config, read_preset  # noqa: F401
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -61,7 +61,6 @@ def classifier_defaults():
         classifier_resblock_updown=True,  # False
         classifier_pool="attention",
         num_classes=NUM_CLASSES,
-        fast_attention=True,  # scaled_dot_product_attention (False: the original's einsum)
     )
 
 
@@ -87,7 +86,6 @@ def model_and_diffusion_defaults():
         use_new_attention_order=False,
         class_dropout_prob=0.0,
         num_classes=NUM_CLASSES,
-        fast_attention=True,  # scaled_dot_product_attention (False: the original's einsum)
     )
     res.update(diffusion_defaults())
     return res
@@ -210,7 +208,6 @@ def create_model_and_diffusion(
     use_new_attention_order,
     class_dropout_prob=0.0,
     num_classes=NUM_CLASSES,
-    fast_attention=True,
 ):
     """
     Build a UNetModel and its diffusion from flags (see model_and_diffusion_defaults).
@@ -237,7 +234,6 @@ def create_model_and_diffusion(
         use_new_attention_order=use_new_attention_order,
         class_dropout_prob=class_dropout_prob,
         num_classes=num_classes,
-        fast_attention=fast_attention,
     )
     return model, diffusion
 
@@ -261,7 +257,6 @@ def create_model(
     use_new_attention_order=False,
     class_dropout_prob=0.0,
     num_classes=NUM_CLASSES,
-    fast_attention=True,
 ):
     """
     Build the diffusion UNet from flags.
@@ -276,7 +271,6 @@ def create_model(
                                which training replaces a label by the extra "null"
                                class NUM_CLASSES (the embedding then has
                                NUM_CLASSES + 1 rows); 0 keeps the released layout.
-    :param fast_attention: scaled_dot_product_attention (False: the original's einsum).
     :return: a UNetModel.
     """
     _check_image_size(image_size)
@@ -298,7 +292,6 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
-        fast_attention=fast_attention,
     )
 
 
@@ -341,7 +334,6 @@ def create_classifier_and_diffusion(
     rescale_timesteps,
     rescale_learned_sigmas,
     num_classes=NUM_CLASSES,
-    fast_attention=True,
 ):
     """
     Build a noised-image classifier and the diffusion it is trained on
@@ -360,7 +352,6 @@ def create_classifier_and_diffusion(
         classifier_resblock_updown,
         classifier_pool,
         num_classes=num_classes,
-        fast_attention=fast_attention,
     )
     return classifier, diffusion
 
@@ -375,7 +366,6 @@ def create_classifier(
     classifier_resblock_updown,
     classifier_pool,
     num_classes=NUM_CLASSES,
-    fast_attention=True,
 ):
     """
     Build the noised-image classifier (an EncoderUNetModel over NUM_CLASSES
@@ -400,7 +390,6 @@ def create_classifier(
         use_scale_shift_norm=classifier_use_scale_shift_norm,
         resblock_updown=classifier_resblock_updown,
         pool=classifier_pool,
-        fast_attention=fast_attention,
     )
 
 
@@ -471,7 +460,6 @@ def sr_create_model_and_diffusion(
     resblock_updown,
     use_fp16,
     num_classes=NUM_CLASSES,
-    fast_attention=True,
 ):
     """
     Build a super-resolution model and its diffusion from flags
@@ -497,7 +485,6 @@ def sr_create_model_and_diffusion(
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
         num_classes=num_classes,
-        fast_attention=fast_attention,
     )
     return model, diffusion
 
@@ -519,7 +506,6 @@ def sr_create_model(
     resblock_updown,
     use_fp16,
     num_classes=NUM_CLASSES,
-    fast_attention=True,
 ):
     """
     Build the super-resolution UNet (ADM-U) from flags.
@@ -550,7 +536,6 @@ def sr_create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
-        fast_attention=fast_attention,
     )
 
 
@@ -637,6 +622,38 @@ def architecture_flags(flags):
     return {name: value for name, value in flags.items() if name in names}
 
 
+def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
+    """
+    Build a released model from its preset and load its weights for inference
+    (checkpoint.load_for_inference: strict, eval mode).
+
+    :param name: a preset name or JSON path (e.g. "256x256_diffusion").
+    :param path: the checkpoint file (e.g. "models/256x256_diffusion.pt").
+    :param device: where to put the model.
+    :param use_fp16: convert the torso to float16; None follows the preset.
+    :param overrides: flags that replace the preset's (e.g. timestep_respacing="250").
+    :return: (model, diffusion) for a diffusion or super-resolution preset, the
+             classifier alone for a classifier preset.
+    """
+    preset = read_preset(name)
+    kind = preset.get("kind")
+    builders = {
+        "diffusion": (model_and_diffusion_defaults(), create_model_and_diffusion, "use_fp16"),
+        "super_res": (sr_model_and_diffusion_defaults(), sr_create_model_and_diffusion, "use_fp16"),
+        "classifier": (classifier_defaults(), create_classifier, "classifier_use_fp16"),
+    }
+    if kind not in builders:
+        raise ValueError(f"preset {name!r} has kind {kind!r}; expected one of {sorted(builders)}")
+    defaults, factory, fp16_flag = builders[kind]
+    args = {**defaults, **preset.get("flags", {}), **overrides}
+    built = factory(**{flag: args[flag] for flag in defaults})
+    load_for_inference(
+        built if kind == "classifier" else built[0], path, flags=architecture_flags(args),
+        use_fp16=args[fp16_flag] if use_fp16 is None else use_fp16, device=device,
+    )
+    return built
+
+
 def add_dict_to_argparser(parser, default_dict):
     """
     Add one --flag per entry of a dict of defaults; booleans parse with str2bool and
@@ -663,18 +680,6 @@ def args_to_dict(args, keys):
     :param keys: attribute names.
     """
     return {name: getattr(args, name) for name in keys}
-
-
-def flags_for(function, args):
-    """
-    Pick the parsed flags named like arguments of a function (or class constructor).
-
-    :param function: the callable whose keyword arguments the flags fill.
-    :param args: an argparse.Namespace.
-    :return: a dict of those flags' names and values.
-    """
-    accepted = inspect.signature(function).parameters
-    return {name: value for name, value in vars(args).items() if name in accepted}
 
 
 def str2bool(v):

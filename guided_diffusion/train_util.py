@@ -1,8 +1,8 @@
 """
 Training loop: TrainLoop for diffusion models, with microbatches, EMA, mixed
-precision, checkpoints and exact resumption, and the helpers the training
-scripts share (flags, seeding, run_training). The classifier's loop,
-ClassifierTrainLoop, builds on TrainLoop in classifier_train_util.py.
+precision, checkpoints and exact resumption. The classifier's loop,
+ClassifierTrainLoop, builds on TrainLoop in classifier_train_util.py; the training
+scripts' flags become its arguments in command_line.py.
 
 Step semantics: `self.step` counts optimizer steps done (resumed ones included);
 the checkpoint `modelNNNNNN.pt` holds the weights after NNNNNN steps, and the
@@ -12,7 +12,6 @@ global generator), the label dropout if class_dropout_prob > 0, then the noise a
 the model's dropout (torch's global generator).
 """
 
-import argparse
 import contextlib
 import copy
 import inspect
@@ -27,21 +26,16 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger, training_state
-from .acceleration import (
-    accelerate,
-    set_attention_recompute,
-    to_channels_last,
-    training_acceleration_defaults,
-)
+from .acceleration import accelerate, configure_runtime
 # parse_resume_step_from_filename is re-exported: the original had it here.
 from .training_state import find_ema_checkpoint, parse_resume_step_from_filename  # noqa: F401
 from .checkpoint import load_checkpoint, read_state_dict
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
-from .image_grid import save_image_grid, to_uint8_nhwc
+from .file_writing import save_image_grid
+from .image_grid import to_uint8_nhwc
 from .nn import update_ema
-from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
+from .resample import LossAwareSampler, UniformSampler
 from .respace import SpacedDiffusion, space_timesteps
-from .script_util import add_dict_to_argparser, architecture_flags, flags_for
 
 # Sample previews (--sample_interval): how many images, DDIM steps, and the noise seed.
 PREVIEW_SAMPLES = 8
@@ -69,108 +63,12 @@ def parse_ema_rates(ema_rate):
         rates = [float(rate) for rate in ema_rate.split(",") if rate.strip()]
     except ValueError:
         raise ValueError(
-            f'--ema_rate "{ema_rate}": expected comma-separated floats, e.g. 0.9999,0.9999432'
+            f'ema_rate="{ema_rate}": expected comma-separated floats, e.g. 0.9999,0.9999432'
         ) from None
     bad = [rate for rate in rates if not 0.0 <= rate < 1.0]
     if bad:
-        raise ValueError(f"--ema_rate {bad}: rates must lie in [0, 1)")
+        raise ValueError(f"ema_rate={bad}: rates must lie in [0, 1)")
     return rates
-
-
-def training_defaults():
-    """
-    :return: the flag defaults of scripts/image_train.py and super_res_train.py besides
-        the model's (the original's, then the new ones); --seed is added separately.
-    """
-    return dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA values
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        # Not in the original:
-        log_dir="",  # default: $OPENAI_LOGDIR, else a new folder in the temp directory
-        max_steps=0,  # stop with a final save at this step (0: never)
-        sample_interval=0,  # write an EMA sample grid every N steps (0: never)
-        class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
-        num_workers=1,
-        init_checkpoint="",  # start a new run from these weights
-        overwrite_log_dir=False,  # let a new run write over the checkpoints in --log_dir
-    )
-
-
-def training_argparser(doc, defaults):
-    """
-    The flags of a training script: one per entry of `defaults`, the speed-up flags
-    (training_acceleration_defaults) and --seed.
-
-    :param doc: the script's docstring; its first line describes the script.
-    :param defaults: the script's flag defaults.
-    :return: an argparse.ArgumentParser.
-    """
-    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    add_dict_to_argparser(parser, {**defaults, **training_acceleration_defaults()})
-    parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
-    return parser
-
-
-def start_training(args):
-    """
-    Set up the processes, the log directory (--log_dir) and, with --seed, the generators.
-
-    :param args: the parsed flags.
-    """
-    dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
-    if args.seed is not None:
-        set_seed(args.seed)
-
-
-def loop_kwargs(args, diffusion, loop_class):
-    """
-    The keyword arguments of a training loop from parsed flags: every flag named like
-    an argument of the loop (or of TrainLoop, which takes the rest), the schedule
-    sampler --schedule_sampler names, all flags for the checkpoints and the
-    architecture flags to compare with a loaded checkpoint's.
-
-    :param args: the parsed flags.
-    :param diffusion: the diffusion the schedule sampler draws timesteps for.
-    :param loop_class: TrainLoop or a subclass (classifier_train_util.ClassifierTrainLoop).
-    :return: a dict of keyword arguments (model, diffusion and data still to add).
-    """
-    kwargs = {**flags_for(TrainLoop, args), **flags_for(loop_class, args)}
-    kwargs["schedule_sampler"] = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-    kwargs["flags"] = vars(args)
-    kwargs["model_flags"] = architecture_flags(vars(args))
-    return kwargs
-
-
-def run_training(args, model, diffusion, data, loop_class=None, **kwargs):
-    """
-    Move the model to this process's device and train it with a loop configured by
-    the flags (see loop_kwargs).
-
-    :param args: the parsed flags.
-    :param model: the network.
-    :param diffusion: its diffusion.
-    :param data: the batch iterator.
-    :param loop_class: TrainLoop (the default) or a subclass
-        (classifier_train_util.ClassifierTrainLoop).
-    :param kwargs: further loop arguments, e.g. val_data.
-    """
-    loop_class = loop_class or TrainLoop
-    model.to(dist_util.dev())
-    logger.log("training...")
-    kwargs = {**loop_kwargs(args, diffusion, loop_class), **kwargs}
-    loop_class(model=model, diffusion=diffusion, data=data, **kwargs).run_loop()
 
 
 def set_seed(seed):
@@ -212,10 +110,47 @@ def _refuse_a_log_dir_holding_a_run(logdir):
     latest = training_state.latest_model_checkpoint(found) or "modelNNNNNN.pt"
     shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
     raise ValueError(
-        f"--log_dir {logdir} already holds a run ({shown}): a new run would overwrite its "
-        f"checkpoints. Continue it with --resume_checkpoint {bf.join(logdir, latest)}, start "
-        "a new run in a new --log_dir, or pass --overwrite_log_dir True to write over it"
+        f"log_dir={logdir} already holds a run ({shown}): a new run would overwrite its "
+        f"checkpoints. Continue it with resume_checkpoint={bf.join(logdir, latest)}, start "
+        "a new run in another log directory, or pass overwrite_log_dir=True to write over it"
     )
+
+
+def _check_arguments(batch_size, log_interval, save_interval, lr_anneal_steps,
+                     resume_checkpoint, init_checkpoint):
+    """
+    Raise a ValueError naming the first TrainLoop argument out of range.
+    """
+    if logger.get_dir() is None:
+        raise ValueError(
+            "call logger.configure() before TrainLoop: checkpoints go to the log directory"
+        )
+    for name, interval in (("log_interval", log_interval), ("save_interval", save_interval)):
+        if interval < 1:
+            raise ValueError(f"{name}={interval}: expected a positive number of steps")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected a positive number of images")
+    if lr_anneal_steps < 0:
+        raise ValueError(
+            f"lr_anneal_steps={lr_anneal_steps}: expected a positive number of steps "
+            "(or 0 for a constant learning rate)"
+        )
+    if resume_checkpoint and init_checkpoint:
+        raise ValueError(
+            f"resume_checkpoint={resume_checkpoint} continues a run and "
+            f"init_checkpoint={init_checkpoint} starts a new one: pass one"
+        )
+
+
+def _prepare_log_dir(logdir, new_run, overwrite):
+    """
+    Refuse a new run in a log directory holding another run's checkpoints (unless
+    overwrite), and remove the temporary files an interrupted save left (rank 0).
+    """
+    if new_run and not overwrite:
+        _refuse_a_log_dir_holding_a_run(logdir)
+    if dist_util.get_rank() == 0:
+        training_state.remove_stale_temporaries(logdir)
 
 
 class TrainLoop:
@@ -264,29 +199,10 @@ class TrainLoop:
         See the argument comments. logger.configure must have been called: checkpoints
         and previews go to logger.get_dir().
         """
-        if logger.get_dir() is None:
-            raise ValueError(
-                "call logger.configure() before TrainLoop: checkpoints go to the log directory"
-            )
-        for name, interval in (("log_interval", log_interval), ("save_interval", save_interval)):
-            if interval < 1:
-                raise ValueError(f"--{name} {interval}: expected a positive number of steps")
-        if batch_size < 1:
-            raise ValueError(f"--batch_size {batch_size}: expected a positive number of images")
-        if lr_anneal_steps < 0:
-            raise ValueError(
-                f"--lr_anneal_steps {lr_anneal_steps}: expected a positive number of steps "
-                "(or 0 for a constant learning rate)"
-            )
-        if resume_checkpoint and init_checkpoint:
-            raise ValueError(
-                "--resume_checkpoint continues a run and --init_checkpoint starts a new one: "
-                "pass one"
-            )
-        if not (resume_checkpoint or overwrite_log_dir):
-            _refuse_a_log_dir_holding_a_run(logger.get_dir())
-        if dist_util.get_rank() == 0:
-            training_state.remove_stale_temporaries(logger.get_dir())
+        _check_arguments(batch_size, log_interval, save_interval, lr_anneal_steps,
+                         resume_checkpoint, init_checkpoint)
+        _prepare_log_dir(logger.get_dir(), new_run=not resume_checkpoint,
+                         overwrite=overwrite_log_dir)
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -310,29 +226,37 @@ class TrainLoop:
         self.resume_step = plan["step"] if plan else 0
         self.step = self.resume_step
         self._load_and_sync_parameters(plan["model"] if plan else init_checkpoint)
-        self.mp_trainer = MixedPrecisionTrainer(
-            model=model,
-            use_fp16=use_fp16,
-            fp16_scale_growth=fp16_scale_growth,
-            initial_lg_loss_scale=initial_lg_loss_scale,
-            use_bf16=use_bf16,
-        )
-        self.opt = AdamW(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
+        self._build_optimizer(use_fp16, fp16_scale_growth, initial_lg_loss_scale, use_bf16)
         self.ema_params = [self._load_ema_parameters(rate, plan) for rate in self.ema_rate]
         if plan is not None:
             self._restore_training_state(plan["opt_state"], seed)
         elif seed is not None:
             set_seed(seed)
         self.last_saved_step = self.step if plan else None
+        configure_runtime(model, recompute_attention=recompute_attention,
+                          channels_last=channels_last)
+        self._wrap_for_processes(compile)
 
-        if channels_last:
-            to_channels_last(model)
-        set_attention_recompute(model, recompute_attention)
+    def _build_optimizer(self, use_fp16, fp16_scale_growth, initial_lg_loss_scale, use_bf16):
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=self.model,
+            use_fp16=use_fp16,
+            fp16_scale_growth=fp16_scale_growth,
+            initial_lg_loss_scale=initial_lg_loss_scale,
+            use_bf16=use_bf16,
+        )
+        self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def _wrap_for_processes(self, compile):
+        """
+        Wrap the model in DistributedDataParallel when there are several processes, then
+        compile it if asked.
+        """
         self.use_ddp = dist_util.get_world_size() > 1
         if self.use_ddp:
             on_gpu = dist_util.dev().type == "cuda"
             self.ddp_model = DDP(
-                model,
+                self.model,
                 device_ids=[dist_util.dev()] if on_gpu else None,
                 output_device=dist_util.dev() if on_gpu else None,
                 bucket_cap_mb=128,
@@ -340,7 +264,7 @@ class TrainLoop:
                 **_NO_BUFFER_SYNC,
             )
         else:
-            self.ddp_model = model
+            self.ddp_model = self.model
         self.ddp_model = accelerate(self.ddp_model, compile=compile)
 
     # ------------------------------------------------------------------ loading

@@ -1,6 +1,5 @@
 """
-Writing training checkpoints and resuming from them: file names, atomic writes,
-sidecar records, RNG states and the checks that decide how a run resumes
+Writing training checkpoints and resuming from them: file names, sidecar records, RNG states and the checks that decide how a run resumes
 (reading and strict loading of weights live in checkpoint.py).
 
 A save at step N (N optimizer steps done) writes, in the log directory:
@@ -13,13 +12,11 @@ A save at step N (N optimizer steps done) writes, in the log directory:
   RNG states), "data_state" (rank -> loader positions), "schedule_sampler", "flags"}.
 """
 
-import errno
 import json
 import os
 import pickle
 import random
 import re
-import uuid
 
 import blobfile as bf
 import numpy as np
@@ -27,14 +24,14 @@ import torch as th
 
 from . import dist_util, logger
 from .checkpoint import SIDECAR_FORMAT, read_sidecar, sidecar_path
+from .file_writing import TEMPORARY_MARK, atomic_write, is_local
 
 _MODEL_NAME = re.compile(r"^model(\d+)\.pt$")
 # What a log directory holding a run contains: model*.pt, opt*.pt or ema_*.pt checkpoints.
 _RUN_CHECKPOINT = re.compile(r"^(model|opt|ema_).*\.pt$")
 # atomic_write's temporaries of checkpoints and sidecars: model000010.pt.tmp-<32 hex digits>.
-_TEMPORARY_MARK = ".tmp-"
 _STALE_TEMPORARY = re.compile(
-    r"^(model\d+|opt\d+|ema_[^/]+_\d+)\.(pt|json)" + re.escape(_TEMPORARY_MARK) + r"[0-9a-f]{32}$"
+    r"^(model\d+|opt\d+|ema_[^/]+_\d+)\.(pt|json)" + re.escape(TEMPORARY_MARK) + r"[0-9a-f]{32}$"
 )
 
 
@@ -70,58 +67,6 @@ def parse_resume_step_from_filename(filename):
     return int(match.group(1)) if match else None
 
 
-def _is_local(path):
-    """
-    :return: whether path is on the local file system (not a blobfile URL).
-    """
-    return "://" not in path
-
-
-def atomic_write(path, write):
-    """
-    Write a file so that readers see either the old file or the complete new one:
-    local files are written under a temporary name and renamed; blob stores already
-    publish an object only when its upload completes.
-
-    :param path: the destination path or URL.
-    :param write: a function taking the open binary file.
-    """
-    if not _is_local(path):
-        with bf.BlobFile(path, "wb") as f:
-            write(f)
-        return
-    temporary = f"{path}{_TEMPORARY_MARK}{uuid.uuid4().hex}"
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:
-        if _is_disk_full(error):
-            raise OSError(
-                errno.ENOSPC,
-                f"No space left on device while writing {path}: the disk is full. Free space "
-                "(or write to another --log_dir); the previous file, if any, is unchanged",
-                path,
-            ) from error
-        raise
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _is_disk_full(error):
-    """
-    :param error: an exception raised while writing (torch.save reports a failed write as
-        a RuntimeError, "unexpected pos ...", whose context is the OSError).
-    :return: whether it, or an exception it was raised from, is ENOSPC or EDQUOT.
-    """
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def remove_stale_temporaries(logdir):
     """
     Remove the temporaries that interrupted atomic_write calls left in a log directory
@@ -130,7 +75,7 @@ def remove_stale_temporaries(logdir):
     :param logdir: a local folder (blob stores leave no temporaries: nothing is done).
     :return: the sorted names of the removed files.
     """
-    if not _is_local(logdir) or not os.path.isdir(logdir):
+    if not is_local(logdir) or not os.path.isdir(logdir):
         return []
     stale = sorted(name for name in os.listdir(logdir) if _STALE_TEMPORARY.match(name))
     for name in stale:
@@ -264,28 +209,28 @@ def resume_plan(path):
     """
     name = bf.basename(path)
     if not bf.exists(path):
-        raise FileNotFoundError(f"--resume_checkpoint {path} does not exist")
+        raise FileNotFoundError(f"resume_checkpoint={path} does not exist")
     sidecar = read_sidecar(path)
     if name.startswith(("ema_", "opt")) or (sidecar is not None and sidecar.get("kind") != "model"):
         digits = re.search(r"(\d+)\.pt$", name)
         sibling = model_filename(int(digits.group(1))) if digits else "modelNNNNNN.pt"
         raise ValueError(
-            f"--resume_checkpoint {path} is not a model checkpoint: pass the {sibling} of the "
+            f"resume_checkpoint={path} is not a model checkpoint: pass the {sibling} of the "
             "same step; the EMA and opt files are found next to it"
         )
     step = sidecar["step"] if sidecar is not None else parse_resume_step_from_filename(path)
     if step is None:
         raise ValueError(
-            f"--resume_checkpoint {path} has no step (its name is not modelNNNNNN.pt and "
+            f"resume_checkpoint={path} has no step (its name is not modelNNNNNN.pt and "
             f"there is no {bf.basename(sidecar_path(path))}): to continue a run pass its "
-            f"modelNNNNNN.pt; to start a new run from these weights use --init_checkpoint {path}"
+            f"modelNNNNNN.pt; to start a new run from these weights use init_checkpoint={path}"
         )
     opt_path = bf.join(bf.dirname(path), opt_filename(step))
     if not bf.exists(opt_path):
         raise FileNotFoundError(
             f"{opt_path} is missing: it holds the optimizer, step and RNG state needed to "
             f"continue from {path}. Copy it next to the model file, or start a new run from "
-            f"these weights with --init_checkpoint {path}"
+            f"these weights with init_checkpoint={path}"
         )
     opt_state = _read_training_state(opt_path, path)
     if "optimizer" not in opt_state:
@@ -311,7 +256,7 @@ def _read_training_state(opt_path, model_path):
     """
     remedy = (
         "Resume from an earlier step's modelNNNNNN.pt, or start a new run from these "
-        f"weights with --init_checkpoint {model_path}"
+        f"weights with init_checkpoint={model_path}"
     )
     try:
         state = dist_util.load_state_dict(opt_path, map_location="cpu")

@@ -19,12 +19,13 @@ from .attention import (  # noqa: F401  (re-exported: the original defined them 
     QKVAttention,
     QKVAttentionLegacy,
 )
-from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     SiLU,
     avg_pool_nd,
     checkpoint,
     conv_nd,
+    convert_module_to_f16,
+    convert_module_to_f32,
     linear,
     normalization,
     timestep_embedding,
@@ -321,7 +322,6 @@ class _EncoderMixin:
             num_heads=num_heads,
             num_head_channels=self.num_head_channels,
             use_new_attention_order=self.use_new_attention_order,
-            fast_attention=self.fast_attention,
         )
 
     def _check_input(self, x, timesteps):
@@ -387,8 +387,6 @@ class UNetModel(_EncoderMixin, nn.Module):
     :param use_scale_shift_norm: adaptive group norm conditioning (FiLM).
     :param resblock_updown: residual blocks for up/downsampling (BigGAN).
     :param use_new_attention_order: q/k/v split before heads (64x64 model).
-    :param fast_attention: scaled_dot_product_attention kernels (False: the
-                           original's einsum arithmetic).
     """
 
     def __init__(
@@ -412,7 +410,6 @@ class UNetModel(_EncoderMixin, nn.Module):
         use_scale_shift_norm=False,
         resblock_updown=False,
         use_new_attention_order=False,
-        fast_attention=True,
     ):
         super().__init__()
         self._store_config(locals())
@@ -541,7 +538,6 @@ class EncoderUNetModel(_EncoderMixin, nn.Module):
         resblock_updown=False,
         use_new_attention_order=False,
         pool="adaptive",
-        fast_attention=True,
     ):
         super().__init__()
         self._store_config(locals())
@@ -561,9 +557,7 @@ class EncoderUNetModel(_EncoderMixin, nn.Module):
             self.out = nn.Sequential(
                 normalization(ch),
                 SiLU(),
-                AttentionPool2d(
-                    image_size // ds, ch, num_head_channels, out_channels, fast_attention
-                ),
+                AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels),
             )
         elif pool in ("spatial", "spatial_v2"):
             feature_size = sum(input_block_chans) + ch

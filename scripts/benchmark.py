@@ -48,9 +48,11 @@ from guided_diffusion import logger
 from guided_diffusion.acceleration import (
     CompiledModel,
     accelerate,
-    set_attention_recompute,
+    configure_runtime,
+    set_fast_attention,
     training_acceleration_defaults,
 )
+from guided_diffusion.command_line import parse_args_with_config
 from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -59,10 +61,8 @@ from guided_diffusion.script_util import (
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
-    parse_args_with_config,
 )
 from guided_diffusion.train_util import TrainLoop
-from guided_diffusion.unet import QKVAttention
 
 # The architecture flags the result records.
 MODEL_KEYS = (
@@ -148,10 +148,9 @@ class Benchmark:
             _randomize(network)  # no zero output layers: outputs and gradients to compare
         self.flops = count_flops(model_flags, args)
         fast = dict(fast_attention=True, train_recompute=args.recompute_attention,
-                    sample_recompute=False, cache_schedules=True, compile=args.compile,
+                    sample_recompute=False, compile=args.compile,
                     channels_last=args.channels_last)
-        exact = dict(fast_attention=False, train_recompute=True, sample_recompute=True,
-                     cache_schedules=False)
+        exact = dict(fast_attention=False, train_recompute=True, sample_recompute=True)
         self.paths = {"exact": exact, "fast": fast}
         if args.use_bf16:
             self.paths["fast_bf16"] = dict(fast, use_bf16=True)
@@ -191,16 +190,12 @@ class Benchmark:
         """
         switches = self.paths[name]
         group = self.groups[self._group_key(switches)]
-        for diffusion in (self.diffusion, self.sample_diffusion):
-            diffusion.cache_schedules = switches["cache_schedules"]
         memory_format = th.channels_last if switches.get("channels_last") else th.contiguous_format
         recompute = switches["train_recompute" if training else "sample_recompute"]
         for network in (group["model"], group["classifier"]):
             network.to(memory_format=memory_format)
-            set_attention_recompute(network, recompute)
-            for module in network.modules():
-                if isinstance(module, QKVAttention):
-                    module.fast = switches["fast_attention"]
+            configure_runtime(network, fast_attention=switches["fast_attention"],
+                              recompute_attention=recompute)
         if name not in self.runners:
             compiled = [accelerate(group[key], compile=switches.get("compile", False))
                         for key in ("model", "classifier")]
@@ -384,10 +379,12 @@ def count_flops(model_flags, args):
     """
     with th.device("meta"):
         model, _ = create_model_and_diffusion(
-            **dict(model_flags, fast_attention=False, use_fp16=False, use_checkpoint=False)
+            **dict(model_flags, use_fp16=False, use_checkpoint=False)
         )
         classifier = create_classifier(**dict(args_to_dict(args, classifier_defaults().keys()),
-                                              fast_attention=False, classifier_use_fp16=False))
+                                              classifier_use_fp16=False))
+        for network in (model, classifier):
+            set_fast_attention(network, False)
         x = th.randn(args.batch_size, 3, args.image_size, args.image_size)
         t = th.zeros(args.batch_size, dtype=th.long)
         kwargs = {"y": th.zeros(args.batch_size, dtype=th.long)} if args.class_cond else {}
@@ -489,6 +486,7 @@ def create_argparser():
     defaults = dict(model_and_diffusion_defaults(), **classifier_defaults())
     defaults.update(DEFAULT_MODEL)
     defaults.update(training_acceleration_defaults())
+    del defaults["fast_attention"]  # both attention paths are measured
     defaults.update(
         batch_size=16,
         device="",  # "" picks cuda when available, else cpu

@@ -5,20 +5,20 @@ python scripts/classifier_train.py --data_dir DIR --val_data_dir VAL $CLASSIFIER
 (with mpiexec -n N or torchrun --nproc_per_node N for several processes)
 """
 
-from guided_diffusion import logger, script_util, train_util
+from guided_diffusion import command_line, logger, script_util
 from guided_diffusion.classifier_train_util import ClassifierTrainLoop
 from guided_diffusion.image_datasets import load_data
 
 
-def main():
-    args = script_util.parse_args_with_config(create_argparser(), purpose="train")
-    train_util.start_training(args)
+def main(argv=None):
+    args = command_line.parse_args_with_config(create_argparser(), purpose="train", argv=argv)
+    command_line.start_training(args)
     logger.log("creating model and diffusion...")
     model, diffusion = script_util.create_classifier_and_diffusion(
         **script_util.args_to_dict(args, script_util.classifier_and_diffusion_defaults().keys())
     )
     logger.log("creating data loader...")
-    data_flags = dict(script_util.flags_for(load_data, args), class_cond=True)
+    data_flags = command_line.data_kwargs(args, class_cond=True)
     data = load_data(**data_flags, random_crop=True)
     val_data = None
     if args.val_data_dir:
@@ -26,9 +26,11 @@ def main():
         val_data = load_data(
             **dict(data_flags, data_dir=args.val_data_dir, class_names=data.class_names)
         )
-    train_util.run_training(
+    command_line.run_training(
         args, model, diffusion, data, loop_class=ClassifierTrainLoop, val_data=val_data,
-        use_fp16=args.classifier_use_fp16,
+        noised=args.noised, iterations=args.iterations, anneal_lr=args.anneal_lr,
+        eval_interval=args.eval_interval, use_fp16=args.classifier_use_fp16,
+        **command_line.training_loop_kwargs(args, diffusion),
     )
 
 
@@ -56,8 +58,8 @@ def create_argparser():
         overwrite_log_dir=False,  # let a new run write over the checkpoints in --log_dir
     )
     defaults.update(script_util.classifier_and_diffusion_defaults())
-    return train_util.training_argparser(__doc__, defaults)
+    return command_line.training_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":
-    main()
+    command_line.run_script(main, create_argparser())

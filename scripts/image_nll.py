@@ -12,30 +12,33 @@ Several:         mpiexec -n 8 python scripts/image_nll.py ...   (or torchrun)
 import blobfile as bf
 import torch.distributed as dist
 
-from guided_diffusion import bpd, dist_util, logger, sampling, script_util
+from guided_diffusion import bpd, command_line, dist_util, logger, script_util
+from guided_diffusion.file_writing import write_npz
 from guided_diffusion.image_datasets import ImageDataset, class_labels, list_image_files
 
 
-def main():
-    args = script_util.parse_args_with_config(create_argparser(), purpose="sample")
+def main(argv=None):
+    args = command_line.parse_args_with_config(create_argparser(), purpose="sample", argv=argv)
     dataset = evaluation_images(
         args.data_dir, args.image_size, args.class_cond, args.class_from, args.num_classes
     )
-    sampling.start_sampling(args)
+    command_line.start_sampling(args)
     logger.log("creating model and diffusion...")
-    model, diffusion = sampling.load_model_and_diffusion(
+    model, diffusion = command_line.load_model_and_diffusion(
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
     )
     logger.log("evaluating...")
     terms = bpd.evaluate_bpd(
         model, diffusion, dataset, device=dist_util.dev(),
-        **script_util.flags_for(bpd.evaluate_bpd, args),
+        num_samples=args.num_samples, batch_size=args.batch_size,
+        clip_denoised=args.clip_denoised, seed=args.seed, use_bf16=args.use_bf16,
+        compile=args.compile,
     )
     if dist_util.get_rank() == 0:
         for name in ("vb", "mse", "xstart_mse"):
             path = bf.join(logger.get_dir(), f"{name}_terms.npz")
             logger.log(f"saving {name} terms to {path}")
-            sampling.write_npz(path, terms[name].mean(axis=0))
+            write_npz(path, terms[name].mean(axis=0))
     logger.logkv("bpd", float(terms["total_bpd"].mean()))
     logger.logkv("prior_bpd", float(terms["prior_bpd"].mean()))
     logger.logkv("samples", len(terms["total_bpd"]))
@@ -72,8 +75,8 @@ def create_argparser():
         class_from="prefix",
     )
     defaults.update(script_util.model_and_diffusion_defaults())
-    return sampling.sampling_argparser(__doc__, defaults, guidance=False, images=False)
+    return command_line.sampling_argparser(__doc__, defaults, guidance=False, images=False)
 
 
 if __name__ == "__main__":
-    main()
+    command_line.run_script(main, create_argparser())

@@ -6,29 +6,29 @@ Single process:  python scripts/image_sample.py $MODEL_FLAGS --model_path MODEL.
 Several:         mpiexec -n 8 python scripts/image_sample.py ...   (or torchrun --nproc_per_node 8)
 """
 
-from guided_diffusion import dist_util, logger, sampling, script_util
+from guided_diffusion import command_line, dist_util, logger, sampling, script_util
 
 
-def main():
-    args = script_util.parse_args_with_config(create_argparser(), purpose="sample")
-    sampling.start_sampling(args)
-    partial = sampling.partial_samples(args)
+def main(argv=None):
+    args = command_line.parse_args_with_config(create_argparser(), purpose="sample", argv=argv)
+    command_line.start_sampling(args)
+    partial = command_line.partial_samples(args)
     logger.log("creating model and diffusion...")
-    model, diffusion = sampling.load_model_and_diffusion(
+    model, diffusion = command_line.load_model_and_diffusion(
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
     )
     logger.log("sampling...")
     images, labels = sampling.sample(
         model, diffusion, device=dist_util.dev(), partial=partial,
-        **script_util.flags_for(sampling.sample, args)
+        **command_line.sample_kwargs(args)
     )
-    sampling.finish_sampling(images, labels, args.save_png, partial)
+    command_line.finish_sampling(images, labels, args.save_png, partial)
 
 
 def create_argparser():
-    defaults = dict(sampling.sampling_defaults(), **script_util.model_and_diffusion_defaults())
-    return sampling.sampling_argparser(__doc__, defaults)
+    defaults = dict(command_line.sampling_defaults(), **script_util.model_and_diffusion_defaults())
+    return command_line.sampling_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":
-    main()
+    command_line.run_script(main, create_argparser())

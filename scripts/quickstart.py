@@ -9,11 +9,16 @@ python scripts/quickstart.py --data_dir DIR --heldout_dir HELDOUT --image_size 3
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch as th
 
-from guided_diffusion.quickstart import quickstart_defaults, run_quickstart
-from guided_diffusion.script_util import add_dict_to_argparser
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/ lives beside scripts/
+
+from examples.quickstart.pipeline import quickstart_defaults, run_quickstart  # noqa: E402
+from guided_diffusion.command_line import run_script  # noqa: E402
+from guided_diffusion.script_util import add_dict_to_argparser  # noqa: E402
 
 
 def main(argv=None):
@@ -36,4 +41,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, create_argparser())

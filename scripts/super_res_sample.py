@@ -11,18 +11,18 @@ Several:         mpiexec -n 8 python scripts/super_res_sample.py ...   (or torch
 
 import numpy as np
 
-from guided_diffusion import dist_util, logger, sampling, script_util
+from guided_diffusion import command_line, dist_util, logger, sampling, script_util
 
 
-def main():
-    args = script_util.parse_args_with_config(create_argparser(), purpose="sample")
-    base_images, base_labels = sampling.read_base_samples(
+def main(argv=None):
+    args = command_line.parse_args_with_config(create_argparser(), purpose="sample", argv=argv)
+    base_images, base_labels = command_line.read_base_samples(
         args.base_samples, args.small_size, args.class_cond
     )
-    sampling.start_sampling(args)
-    partial = sampling.partial_samples(args)
+    command_line.start_sampling(args)
+    partial = command_line.partial_samples(args)
     logger.log("creating model...")
-    model, diffusion = sampling.load_model_and_diffusion(
+    model, diffusion = command_line.load_model_and_diffusion(
         args,
         script_util.sr_create_model_and_diffusion,
         script_util.sr_model_and_diffusion_defaults(),
@@ -36,16 +36,16 @@ def main():
         labels=None if base_labels is None else base_labels[order],
         device=dist_util.dev(),
         partial=partial,
-        **script_util.flags_for(sampling.sample, args),
+        **command_line.sample_kwargs(args),
     )
-    sampling.finish_sampling(images, labels, args.save_png, partial)
+    command_line.finish_sampling(images, labels, args.save_png, partial)
 
 
 def create_argparser():
-    defaults = dict(sampling.sampling_defaults(), base_samples="")
+    defaults = dict(command_line.sampling_defaults(), base_samples="")
     defaults.update(script_util.sr_model_and_diffusion_defaults())
-    return sampling.sampling_argparser(__doc__, defaults, guidance=False)
+    return command_line.sampling_argparser(__doc__, defaults, guidance=False)
 
 
 if __name__ == "__main__":
-    main()
+    command_line.run_script(main, create_argparser())

@@ -170,7 +170,7 @@ def test_a_checkpoint_of_the_other_kind_is_named(tmp_path):
         su.classifier_defaults(), image_size=16, classifier_width=64, classifier_depth=1,
         classifier_attention_resolutions="8", num_classes=3))
     diffusion_path, classifier_path = saved(tmp_path, tiny_model(), "m.pt"), saved(tmp_path, classifier, "c.pt")
-    with pytest.raises(ValueError, match=r"looks like a diffusion model, not a classifier \(pass it as --model_path\)"):
+    with pytest.raises(ValueError, match=r"looks like a diffusion model, not a classifier \(pass it as model_path=\)"):
         load_checkpoint(classifier, diffusion_path)
-    with pytest.raises(ValueError, match=r"looks like a classifier, not a diffusion model \(pass it as --classifier_path\)"):
+    with pytest.raises(ValueError, match=r"looks like a classifier, not a diffusion model \(pass it as classifier_path=\)"):
         load_checkpoint(tiny_model(), classifier_path)

@@ -101,7 +101,7 @@ def test_classifier_free_scale_one_is_exactly_conditional_and_zero_unconditional
 
 def test_classifier_free_refuses_models_without_a_null_row():
     assert check_classifier_free(LabelShift(), 2.0, num_classes=4) == 4
-    with pytest.raises(ValueError, match="5 rows for --num_classes 5.*class_dropout_prob"):
+    with pytest.raises(ValueError, match="5 rows for num_classes=5.*class_dropout_prob"):
         check_classifier_free(LabelShift(), 2.0, num_classes=5)
     with pytest.raises(ValueError, match="unconditional"):
         check_classifier_free(th.nn.Linear(1, 1), 2.0, num_classes=4)

@@ -150,7 +150,7 @@ def test_empty_and_missing_folders_are_errors(tmp_path):
 
 def test_shard_smaller_than_a_batch_is_an_error(tmp_path):
     _write_images(tmp_path, ["a.png", "b.png", "c.png"])
-    with pytest.raises(ValueError, match="shard 1 of 2 gets 1 of the 3 images .* batch_size is 2"):
+    with pytest.raises(ValueError, match="shard 1 of 2 gets 1 of the 3 images .* batch_size=2"):
         load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, shard=1, num_shards=2)
 
 

@@ -256,8 +256,10 @@ def test_weight_formats_give_the_same_network(tmp_path, state):
         assert loaded.keys() == state.keys()
         for name, tensor in state.items():
             torch.testing.assert_close(loaded[name], tensor, rtol=1e-5, atol=1e-6)
+        # The conversions fold batch-norm scales into float32 weights: features near zero
+        # differ by a few float32 roundings of the larger ones (1.2e-5 seen on 2 threads).
         for ours, theirs in zip(expected, _features(files[kind], images)):
-            torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=5e-5)
 
 
 def test_graphdef_reader_on_a_small_graph():

@@ -6,7 +6,8 @@ import pytest
 import torch as th
 
 from guided_diffusion import script_util as su
-from guided_diffusion.presets import parse_args_with_config, preset_names, read_preset
+from guided_diffusion.command_line import parse_args_with_config
+from guided_diffusion.presets import preset_names, read_preset
 
 MANIFEST_DIR = Path(__file__).parent / "data" / "checkpoint_manifests"
 RELEASED = [p.stem for p in sorted(MANIFEST_DIR.glob("*.json"))]

@@ -15,7 +15,8 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import quickstart, quickstart_report
+from examples.quickstart import pipeline as quickstart
+from examples.quickstart import report as quickstart_report
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.script_util import (
     classifier_defaults,

@@ -1,5 +1,5 @@
 """
-The quickstart's report (guided_diffusion/quickstart_report.py) on small inputs with
+The quickstart's report (examples/quickstart/report.py) on small inputs with
 known answers: class grids, the results table and CSV, the words on trends, and the
 layout of the trade-off plot and the composite picture.
 """
@@ -8,7 +8,7 @@ import csv
 
 import numpy as np
 
-from guided_diffusion import quickstart_report
+from examples.quickstart import report as quickstart_report
 
 
 def test_class_grid_puts_class_c_in_row_c():

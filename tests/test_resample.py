@@ -120,5 +120,5 @@ def test_loss_second_moment_state_round_trips_through_a_checkpoint(tmp_path):
     assert (restored.weights() == sampler.weights()).all()
     assert restored._loss_history[3].tolist() == [4.0, 8.0]
     too_long = LossSecondMomentResampler(diffusion, history_per_term=3)
-    with pytest.raises(ValueError, match="same --diffusion_steps"):
+    with pytest.raises(ValueError, match="same diffusion_steps"):
         too_long.load_state_dict(sampler.state_dict())

@@ -63,7 +63,7 @@ def test_ddim_strings_use_an_exact_integer_stride():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("ddim7x", '--timestep_respacing "ddim7x": expected "ddimN"'),
+        ("ddim7x", 'timestep_respacing="ddim7x": expected "ddimN"'),
         ("ddim", '"ddim": expected "ddimN"'),
         ("10,,5", r'"10,,5": expected "ddimN" .* or comma-separated integers'),
         ("fast", '"fast": expected'),

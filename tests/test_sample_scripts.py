@@ -18,6 +18,7 @@ import torch as th
 from PIL import Image
 
 from test_sampling import NUM_CLASSES, tiny_classifier_flags, tiny_flags, tiny_model, tiny_sr_flags
+from guided_diffusion.command_line import in_flag_terms
 from guided_diffusion.script_util import create_classifier
 from launchers import find_mpiexec
 
@@ -195,9 +196,15 @@ def test_image_nll_one_and_two_processes(checkpoints, tmp_path):
 
 
 def run_main(script, args, monkeypatch):
-    """Run a script's main() in this process (for errors raised before any process group)."""
+    """Run a script's main() in this process (for errors raised before any process group),
+    raising its error with the message in flag terms, as the script prints it."""
     monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    runpy.run_path(str(REPO / "scripts" / script), run_name="not_main")["main"]()
+    namespace = runpy.run_path(str(REPO / "scripts" / script), run_name="not_main")
+    names = [action.dest for action in namespace["create_argparser"]()._actions]
+    try:
+        namespace["main"]()
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(in_flag_terms(str(error), names)) from error
 
 
 @pytest.mark.parametrize("script, args, error, message", [

@@ -1,7 +1,6 @@
 """
 Tests for guided_diffusion/sampling.py: the one-call sampling API (seeds, labels,
-guidance, super-resolution), the work split and gathering, output files, base
-samples and checkpoint loading.
+guidance, super-resolution, continuation, speed-ups).
 
 Tiny models (8x8 images, 32 channels, 40 diffusion steps respaced to 6) on one
 CPU thread; the builders here are shared with test_sample_scripts.py.
@@ -13,22 +12,11 @@ import numpy as np
 import pytest
 import torch as th
 import torch.nn.functional as F
-from PIL import Image
 
-from guided_diffusion.attention import AttentionBlock
 from guided_diffusion.image_grid import to_uint8_nhwc
-from guided_diffusion.sampling import (
-    PartialSamples,
-    PerSampleNoise,
-    balanced_labels,
-    choose_labels,
-    derived_seed,
-    load_for_sampling,
-    read_base_samples,
-    rounds,
-    sample,
-    save_samples,
-)
+from guided_diffusion.sampling import sample
+from guided_diffusion.sampling_state import PartialSamples
+from guided_diffusion.work_split import PerSampleNoise
 from guided_diffusion.script_util import (
     classifier_defaults,
     create_classifier,
@@ -138,57 +126,6 @@ def conditional():
 @pytest.fixture(scope="module")
 def unconditional():
     return tiny_model(class_cond=False)
-
-
-# ---------------------------------------------------------------- seeds, labels, work split
-
-
-def test_derived_seeds_are_stable_and_distinct():
-    assert derived_seed(5, 0, 1) == derived_seed(5, 0, 1)
-    seeds = {derived_seed(s, stream, i) for s in (0, 1) for stream in (0, 1) for i in range(50)}
-    assert len(seeds) == 200 and all(0 <= s < 2**64 for s in seeds)
-
-
-def test_per_sample_noise_depends_only_on_the_sample_index():
-    pair = PerSampleNoise(7, [3, 5])
-    single = PerSampleNoise(7, [5])
-    first, second = pair.draw((2, 3, 4, 4), "cpu"), pair(th.zeros(2, 3, 4, 4))
-    assert th.equal(first[1:], single.draw((1, 3, 4, 4), "cpu"))
-    assert th.equal(second[1:], single(th.zeros(1, 3, 4, 4)))
-    assert not th.equal(first, second)
-    expected = th.randn((3, 4, 4), generator=th.Generator().manual_seed(derived_seed(7, 0, 3)))
-    assert th.equal(first[0], expected)
-    with pytest.raises(ValueError, match="2 generators"):
-        pair.draw((3, 3, 4, 4), "cpu")
-
-
-@pytest.mark.parametrize("num_samples, num_classes, counts", [
-    (10, 4, [3, 2, 3, 2]), (7, 3, [3, 2, 2]), (8, 4, [2, 2, 2, 2]), (3, 4, [1, 1, 1, 0]),
-    (3, 9, [1, 0, 0, 1, 0, 0, 1, 0, 0]),
-])
-def test_balanced_labels_have_exact_counts(num_samples, num_classes, counts):
-    labels = balanced_labels(num_samples, num_classes, th.Generator().manual_seed(0))
-    assert labels.dtype == th.int64
-    assert th.bincount(labels, minlength=num_classes).tolist() == counts
-
-
-def test_choose_labels():
-    assert choose_labels(10, 4) is None
-    seeded = choose_labels(100, 4, seed=3)
-    assert th.equal(seeded, choose_labels(100, 4, seed=3))
-    assert not th.equal(seeded, choose_labels(100, 4, seed=4))
-    assert seeded.min() == 0 and seeded.max() == 3
-    assert th.equal(choose_labels(10, 4, class_balanced=True), choose_labels(10, 4, class_balanced=True))
-    assert th.bincount(choose_labels(1000, 1000, class_balanced=True, seed=1)).tolist() == [1] * 1000
-
-
-@pytest.mark.parametrize("num_samples, batch_size, world_size", [(10, 3, 1), (10, 3, 2), (5, 4, 3), (8, 2, 2)])
-def test_rounds_cover_every_index_once_in_order(num_samples, batch_size, world_size):
-    plan = rounds(num_samples, batch_size, world_size)
-    flat = [i for work in plan for indices in work for i in indices]
-    assert flat == list(range(num_samples))
-    assert all(len(work) == world_size and all(len(r) <= batch_size for r in work) for work in plan)
-    assert len(plan) == -(-num_samples // (batch_size * world_size))
 
 
 # ---------------------------------------------------------------- sample()
@@ -317,9 +254,9 @@ def test_super_resolution_conditions_on_low_res_and_passes_labels():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_samples=0), "--num_samples 0"),
-    (dict(num_samples=2, batch_size=-1), "--batch_size -1"),
-    (dict(num_samples=2, seed=-3), "--seed -3"),
+    (dict(num_samples=0), "num_samples=0"),
+    (dict(num_samples=2, batch_size=-1), "batch_size=-1"),
+    (dict(num_samples=2, seed=-3), "seed=-3"),
     (dict(), "num_samples is required"),
     (dict(num_samples=2, classifier_scale=3.0), "without a classifier"),
     (dict(num_samples=2, cfg_scale=2.0), "unconditional"),
@@ -336,7 +273,7 @@ def test_unconditional_sampling_errors(unconditional, kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(labels=[0, 4]), r"labels range from 0 to 4: expected class ids in \[0, 3\]"),
     (dict(labels=[0, 1], num_samples=3), "labels has 2 entries for num_samples=3"),
-    (dict(num_samples=2, cfg_scale=2.0, num_classes=NUM_CLASSES), "4 rows for --num_classes 4"),
+    (dict(num_samples=2, cfg_scale=2.0, num_classes=NUM_CLASSES), "4 rows for num_classes=4"),
     (dict(num_samples=2, classifier="16"), "16x16 images but the model samples 8x8"),
 ])
 def test_conditional_sampling_errors(conditional, kwargs, message):
@@ -382,103 +319,6 @@ def test_super_resolution_errors():
         sample(model, diffusion, num_samples=2, progress=False)
     with pytest.raises(ValueError, match="expected uint8 images"):
         sample(model, diffusion, low_res=np.zeros((2, 4, 4, 3), np.float32), progress=False)
-
-
-# ---------------------------------------------------------------- files
-
-
-def test_save_samples_writes_npz_grid_and_pngs(tmp_path):
-    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
-    labels = np.array([0, 1, 2, 3, 0])
-    path = save_samples(images, labels, str(tmp_path), save_png=True)
-    assert path == str(tmp_path / "samples_5x8x8x3.npz")
-    with np.load(path) as data:
-        assert sorted(data.files) == ["arr_0", "arr_1"]
-        assert np.array_equal(data["arr_0"], images) and np.array_equal(data["arr_1"], labels)
-    grid = np.array(Image.open(tmp_path / "samples_5x8x8x3.png"))
-    assert grid.shape == (2 + 2 * 10, 2 + 3 * 10, 3)  # 3 per row, 2 px padding
-    assert np.array_equal(grid[2:10, 12:20], images[1])
-    pngs = sorted(p.name for p in (tmp_path / "samples_5x8x8x3").iterdir())
-    assert pngs == [f"{i:06d}.png" for i in range(5)]
-    assert np.array_equal(np.array(Image.open(tmp_path / "samples_5x8x8x3" / "000004.png")), images[4])
-    unlabelled = save_samples(images[:2], None, str(tmp_path))
-    with np.load(unlabelled) as data:
-        assert data.files == ["arr_0"]
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
-
-
-def test_png_folder_appears_only_when_complete(tmp_path, monkeypatch):
-    import guided_diffusion.sampling as sampling_module
-
-    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
-    write_png, written = sampling_module._write_png, []
-
-    def interrupted_after_two(image, path):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(path)
-        write_png(image, path)
-
-    monkeypatch.setattr(sampling_module, "_write_png", interrupted_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        save_samples(images, None, str(tmp_path), save_png=True)
-    assert not (tmp_path / "samples_4x8x8x3").exists()  # no folder that looks finished
-    assert len(list((tmp_path / "samples_4x8x8x3.partial").iterdir())) == 2
-    monkeypatch.setattr(sampling_module, "_write_png", write_png)
-    save_samples(images, None, str(tmp_path), save_png=True)  # the rerun replaces the partial one
-    assert len(list((tmp_path / "samples_4x8x8x3").iterdir())) == 4
-    assert not (tmp_path / "samples_4x8x8x3.partial").exists()
-
-
-def _npz(tmp_path, name, **arrays):
-    path = tmp_path / name
-    np.savez(path, **arrays)
-    return str(path)
-
-
-def test_read_base_samples(tmp_path):
-    images = np.zeros((3, 4, 4, 3), np.uint8)
-    good = _npz(tmp_path, "good.npz", arr_0=images, arr_1=np.array([0, 1, 2]))
-    read_images, read_labels = read_base_samples(good, 4, class_cond=True)
-    assert np.array_equal(read_images, images) and read_labels.tolist() == [0, 1, 2]
-    assert read_base_samples(good, 4, class_cond=False)[1] is None
-    cases = [
-        (_npz(tmp_path, "float.npz", arr_0=images.astype(np.float32)), False, "dtype float32"),
-        (_npz(tmp_path, "size.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8)), False,
-         "expected uint8 \\[N x 4 x 4 x 3\\]"),
-        (_npz(tmp_path, "nchw.npz", arr_0=np.zeros((3, 3, 4, 4), np.uint8)), False, "shape \\(3, 3, 4, 4\\)"),
-        (_npz(tmp_path, "nolabels.npz", arr_0=images), True, "needs arr_1 with 3 integer labels, found no arr_1"),
-        (_npz(tmp_path, "badlabels.npz", arr_0=images, arr_1=np.zeros(2)), True, "arr_1 of shape \\(2,\\)"),
-    ]
-    for path, class_cond, message in cases:
-        with pytest.raises(ValueError, match=message):
-            read_base_samples(path, 4, class_cond=class_cond)
-    (tmp_path / "text.npz").write_text("not an archive")
-    with pytest.raises(ValueError, match="not a readable .npz"):
-        read_base_samples(str(tmp_path / "text.npz"), 4, class_cond=False)
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        read_base_samples(str(tmp_path / "missing.npz"), 4, class_cond=False)
-    with pytest.raises(ValueError, match="--base_samples is empty"):
-        read_base_samples("", 4, class_cond=False)
-
-
-def test_load_for_sampling(tmp_path):
-    model, _ = tiny_model(class_cond=True)
-    path = str(tmp_path / "model.pt")
-    th.save(model.state_dict(), path)
-    fresh, _ = create_model_and_diffusion(**tiny_flags(class_cond=True))
-    load_for_sampling(fresh, path, tiny_flags(class_cond=True), device="cpu")
-    assert not fresh.training
-    blocks = [module for module in fresh.modules() if isinstance(module, AttentionBlock)]
-    assert blocks and not any(block.recompute for block in blocks)  # guidance gradients: faster
-    assert all(th.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
-    with pytest.raises(ValueError, match="--model_path is empty"):
-        load_for_sampling(fresh, "", {}, device="cpu")
-    with pytest.raises(FileNotFoundError, match="nothing.pt"):
-        load_for_sampling(fresh, str(tmp_path / "nothing.pt"), {}, device="cpu")
-    unconditional, _ = create_model_and_diffusion(**tiny_flags())
-    with pytest.raises(ValueError, match="class_cond"):
-        load_for_sampling(unconditional, path, tiny_flags(), device="cpu")
 
 
 # ----------------------------------------------------------------------------- speed-ups

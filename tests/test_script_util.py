@@ -3,6 +3,7 @@ import argparse
 import pytest
 
 from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion.acceleration import acceleration_defaults, configure_runtime
 from guided_diffusion import script_util as su
 
 
@@ -135,23 +136,18 @@ def test_num_classes_and_class_dropout_shape_the_label_embedding():
         su.num_label_embeddings(True, 0.0, 0)
 
 
-def test_fast_attention_is_a_flag_of_every_factory():
+def test_fast_attention_is_a_runtime_switch_not_an_architecture_flag():
     for defaults in (su.model_and_diffusion_defaults(), su.classifier_defaults(),
                      su.sr_model_and_diffusion_defaults()):
-        assert defaults["fast_attention"] is True
+        assert "fast_attention" not in defaults
+    assert acceleration_defaults()["fast_attention"] is True
     flags = dict(su.model_and_diffusion_defaults(), image_size=8, num_channels=32,
-                 num_res_blocks=1, attention_resolutions="4", fast_attention=False)
+                 num_res_blocks=1, attention_resolutions="4")
     model, _ = su.create_model_and_diffusion(**flags)
     attentions = [m for m in model.modules() if hasattr(m, "fast")]
-    assert attentions and not any(m.fast for m in attentions)
-
-
-def test_flags_for_picks_the_flags_a_function_takes():
-    def target(lr, batch_size=1, **kwargs):
-        return lr, batch_size
-
-    args = argparse.Namespace(lr=0.1, batch_size=4, data_dir="x", kwargs=None)
-    assert su.flags_for(target, args) == {"lr": 0.1, "batch_size": 4, "kwargs": None}
+    assert attentions and all(m.fast for m in attentions)  # the networks' default
+    configure_runtime(model, fast_attention=False)
+    assert not any(m.fast for m in attentions)
 
 
 def _tiny_classifier_flags(**changes):

@@ -11,7 +11,6 @@ from PIL import Image
 
 from guided_diffusion import logger, train_util
 from guided_diffusion.attention import AttentionBlock
-from guided_diffusion.classifier_train_util import ClassifierTrainLoop
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
     create_model_and_diffusion,
@@ -201,7 +200,7 @@ def test_resuming_needs_the_model_file_its_step_and_its_opt_file(tmp_path, tiny_
         _train(run, tiny_image_dir, 4, resume_checkpoint=str(run / "ema_0.9_000002.pt"))
     plain = run / "weights.pt"
     shutil.copy(run / "model000002.pt", plain)
-    with pytest.raises(ValueError, match="has no step .*--init_checkpoint .*weights.pt"):
+    with pytest.raises(ValueError, match="has no step .*init_checkpoint=.*weights.pt"):
         _train(run, tiny_image_dir, 4, resume_checkpoint=str(plain))
     lonely = tmp_path / "alone"
     lonely.mkdir()
@@ -273,7 +272,7 @@ def test_log_loss_dict_splits_losses_by_quarter_of_the_timesteps(tmp_path):
 def test_ema_rate_parsing():
     assert parse_ema_rates("0.9999,0.9999432") == [0.9999, 0.9999432]
     assert parse_ema_rates(0.99) == [0.99] and parse_ema_rates("") == []
-    with pytest.raises(ValueError, match='--ema_rate "0.9;0.99"'):
+    with pytest.raises(ValueError, match='ema_rate="0.9;0.99"'):
         parse_ema_rates("0.9;0.99")
 
 
@@ -295,7 +294,7 @@ def test_label_dropout_uses_the_null_label(tmp_path):
 
 def test_intervals_must_be_positive(tmp_path, tiny_model):
     logger.configure(str(tmp_path), ["log"])
-    with pytest.raises(ValueError, match="--save_interval 0: expected a positive number of steps"):
+    with pytest.raises(ValueError, match="save_interval=0: expected a positive number of steps"):
         TrainLoop(
             model=tiny_model(), diffusion=_SquaredError(), data=None, batch_size=1, microbatch=-1,
             lr=0.1, ema_rate="", log_interval=1, save_interval=0, resume_checkpoint="",
@@ -339,27 +338,12 @@ def test_compile_channels_last_and_kept_attention_keep_the_training_gradients(tm
     assert all(th.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_loop_kwargs_take_the_flags_named_like_loop_arguments():
-    args = train_util.training_argparser("Train.", dict(
-        train_util.training_defaults(), **model_and_diffusion_defaults()
-    )).parse_args(["--lr", "0.5", "--schedule_sampler", "loss-second-moment", "--compile", "True"])
-    _, diffusion = _build()
-    kwargs = train_util.loop_kwargs(args, diffusion, TrainLoop)
-    assert kwargs["lr"] == 0.5 and kwargs["compile"] is True and kwargs["channels_last"] is True
-    assert kwargs["recompute_attention"] is True  # the original's memory use
-    assert type(kwargs["schedule_sampler"]).__name__ == "LossSecondMomentResampler"
-    assert kwargs["flags"]["lr"] == 0.5 and kwargs["class_dropout_prob"] == 0.0
-    assert "data_dir" not in kwargs and "image_size" not in kwargs
-    classifier = train_util.loop_kwargs(args, diffusion, ClassifierTrainLoop)
-    assert classifier["lr"] == 0.5  # TrainLoop's arguments pass through ClassifierTrainLoop
-
-
 def test_a_new_run_into_a_log_dir_holding_a_run_is_refused(tmp_path, tiny_image_dir, two_step_run):
     run = _copy_run(two_step_run, tmp_path / "run")
     before = sorted(os.listdir(run))
     with pytest.raises(ValueError, match=(
-        f"--log_dir {run} already holds a run .*--resume_checkpoint {run / 'model000002.pt'}, "
-        "start a new run in a new --log_dir, or pass --overwrite_log_dir True"
+        f"log_dir={run} already holds a run .*resume_checkpoint={run / 'model000002.pt'}, "
+        "start a new run in another log directory, or pass overwrite_log_dir=True"
     )):
         _train(run, tiny_image_dir, 2)
     assert sorted(os.listdir(run)) == before
@@ -386,9 +370,9 @@ def test_a_run_removes_stale_temporaries_of_its_saves_at_start(tmp_path, tiny_im
 
 
 @pytest.mark.parametrize("argument, value, message", [
-    ("lr_anneal_steps", -5, "--lr_anneal_steps -5: expected a positive number of steps"),
-    ("batch_size", 0, "--batch_size 0: expected a positive number of images"),
-    ("batch_size", -2, "--batch_size -2: expected a positive number of images"),
+    ("lr_anneal_steps", -5, "lr_anneal_steps=-5: expected a positive number of steps"),
+    ("batch_size", 0, "batch_size=0: expected a positive number of images"),
+    ("batch_size", -2, "batch_size=-2: expected a positive number of images"),
 ])
 def test_negative_anneal_steps_and_empty_batches_are_refused(tmp_path, tiny_model, argument,
                                                              value, message):

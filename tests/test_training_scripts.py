@@ -106,10 +106,10 @@ def test_mpiexec_ranks_end_with_identical_weights_after_a_resume(mpiexec_run):
     # The resumed run continued the interrupted run's table.
     assert steps_and_samples == [("0", "4"), ("1", "8"), ("2", "12"), ("3", "16")]
     assert (mpiexec_run / "interrupted" / "log-rank001.txt").exists()
-    # A new run into the same --log_dir is refused on both ranks alike (no deadlock).
+    # A new run into the same log_dir is refused on both ranks alike (no deadlock).
     refusals = [(mpiexec_run / f"refused_rank{r}.txt").read_text() for r in (0, 1)]
-    assert refusals[0] == refusals[1] and "--resume_checkpoint" in refusals[0]
-    assert refusals[0].endswith("--overwrite_log_dir True to write over it")
+    assert refusals[0] == refusals[1] and "resume_checkpoint=" in refusals[0]
+    assert refusals[0].endswith("overwrite_log_dir=True to write over it")
     assert str(mpiexec_run / "interrupted" / "model000004.pt") in refusals[0]
 
 

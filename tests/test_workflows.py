@@ -20,7 +20,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion.script_util import parse_args_with_config
+from guided_diffusion.command_line import parse_args_with_config
 from launchers import find_mpiexec
 from test_inception import random_state_dict
 from test_sample_scripts import run_script
@@ -282,6 +282,48 @@ def test_make_reference_and_evaluate_samples(tmp_path, data_dir, unconditional, 
     assert sorted(scores) == ["fid", "inception_score", "precision", "recall", "sfid"]
     assert all(np.isfinite(value) for value in scores.values())
     assert scores["fid"] > 0 and 0 <= scores["precision"] <= 1 and scores["inception_score"] >= 1
+
+
+# ---------------------------------------------------------------------- flags
+
+
+def flag_usage_runs(tmp_path, data_dir, unconditional, classifier, super_res):
+    """One tiny run of every training, sampling and evaluation script: (script, argv)."""
+    model = unconditional[0] / "ema_0.9999_000004.pt"
+    base = tmp_path / "base.npz"
+    np.savez(base, np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]))
+    short = ["--num_samples", "2", "--batch_size", "2", "--timestep_respacing", "2", "--seed", "0"]
+    return [
+        ("image_train.py", ["--data_dir", data_dir, *TINY_MODEL, *TRAIN, "--max_steps", "1"]),
+        ("classifier_train.py", ["--data_dir", data_dir, "--val_data_dir", data_dir,
+                                 *CLASSIFIER_MODEL, *CLASSIFIER_TRAIN, "--iterations", "1"]),
+        ("super_res_train.py", ["--data_dir", data_dir, *SUPER_RES_MODEL, *TRAIN,
+                                "--max_steps", "1"]),
+        ("image_sample.py", [*TINY_MODEL, *short, "--model_path", model]),
+        ("classifier_sample.py", [*TINY_MODEL, *CLASSIFIER_MODEL, *short, "--model_path", model,
+                                  "--classifier_path", classifier[0] / "model000004.pt"]),
+        ("super_res_sample.py", [*SUPER_RES_MODEL, *short, "--base_samples", base,
+                                 "--model_path", super_res[0] / "model000004.pt"]),
+        ("image_nll.py", ["--data_dir", data_dir, *TINY_MODEL, "--num_samples", "1",
+                          "--model_path", model]),
+    ]
+
+
+def test_every_parsed_flag_of_every_script_is_used(tmp_path, data_dir, unconditional, classifier,
+                                                   super_res):
+    # The quickstart passes all its flags to run_quickstart(**options), which refuses an
+    # unknown one (test_quickstart.py); the benchmark's flags are its measurement's.
+    runs = flag_usage_runs(tmp_path, data_dir, unconditional, classifier, super_res)
+    unused = {}
+    for index, (script, argv) in enumerate(runs):
+        report = tmp_path / f"{index}.json"
+        run_script("../tests/flag_usage_driver.py", [
+            REPO / "scripts" / script, report, *argv, "--log_dir", tmp_path / f"run{index}"])
+        usage = json.loads(report.read_text())
+        assert len(usage["parsed"]) > 20, script
+        if set(usage["parsed"]) - set(usage["read"]):
+            unused[script] = sorted(set(usage["parsed"]) - set(usage["read"]))
+    assert not unused, f"flags parsed but never read: {unused}"
 
 
 # ---------------------------------------------------------------------- the README

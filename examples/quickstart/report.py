@@ -2,7 +2,7 @@
 The quickstart's report: the results table (results.md, results.csv), the words on
 how recognition, precision and recall move with the classifier scale, the sample
 grids (one row per class), the trade-off plot (tradeoff.png) and the composite
-picture of grids and plot (quickstart.png). quickstart.py runs the job and hands
+picture of grids and plot (quickstart.png). pipeline.py runs the job and hands
 its numbers and samples here.
 """
 
@@ -15,9 +15,8 @@ import numpy as np
 import torch as th
 from PIL import Image, ImageDraw, ImageFont
 
-from .image_grid import make_image_grid
-from .sampling import write_npz
-from .training_state import atomic_write
+from guided_diffusion.file_writing import atomic_write, write_npz
+from guided_diffusion.image_grid import make_image_grid
 
 # The result columns: key and title.
 TABLE_COLUMNS = (

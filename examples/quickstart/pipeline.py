@@ -14,7 +14,7 @@ Outputs under out_dir: data/train and data/heldout (the digits as CLASS_INDEX.pn
 diffusion/ and classifier/ (logs, progress.csv, checkpoints); samples/scale_S.npz (arr_0
 uint8 NHWC samples, arr_1 requested labels) and samples/scale_S.png (one row per class);
 results.md and results.csv; tradeoff.png (the plot); quickstart.png (grids and plot).
-quickstart_report writes everything from samples/ on.
+report.py writes everything from samples/ on.
 
 The judge is a scikit-learn MLP fitted on the real training images area-downsampled to
 judge_size x judge_size; samples are downsampled the same way. Precision and recall
@@ -40,10 +40,30 @@ from tqdm.auto import tqdm
 
 from evaluations.manifold import ManifoldEstimator
 
-from . import dist_util, logger
-from .classifier_train_util import ClassifierTrainLoop
-from .image_datasets import center_crop_arr, class_labels, list_image_files, load_data, read_image
-from .quickstart_report import (
+from guided_diffusion import dist_util, logger
+from guided_diffusion.checkpoint import load_for_inference
+from guided_diffusion.classifier_train_util import ClassifierTrainLoop
+from guided_diffusion.image_datasets import (
+    center_crop_arr,
+    class_labels,
+    list_image_files,
+    load_data,
+    read_image,
+)
+from guided_diffusion.sampling import sample
+from guided_diffusion.script_util import (
+    architecture_flags,
+    classifier_and_diffusion_defaults,
+    classifier_defaults,
+    create_classifier,
+    create_classifier_and_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import TrainLoop, set_seed
+from guided_diffusion.training_state import ema_filename, model_filename
+
+from .report import (
     describe_trends,
     png_bytes,
     results_markdown,
@@ -52,17 +72,6 @@ from .quickstart_report import (
     write_pictures,
     write_results_csv,
 )
-from .sampling import load_for_sampling, sample
-from .script_util import (
-    classifier_and_diffusion_defaults,
-    classifier_defaults,
-    create_classifier,
-    create_classifier_and_diffusion,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
-from .train_util import TrainLoop, set_seed
-from .training_state import ema_filename, model_filename
 
 # Pixel values of scikit-learn's digits run from 0 to this.
 DIGITS_MAX_VALUE = 16
@@ -495,10 +504,12 @@ def _load_sampling_models(model_flags, model_path, classifier_flags, classifier_
     """
     sampling_flags = dict(model_flags, timestep_respacing=f"ddim{sample_steps}")
     model, diffusion = create_model_and_diffusion(**sampling_flags)
-    load_for_sampling(model, model_path, sampling_flags)
+    load_for_inference(model, model_path, flags=architecture_flags(sampling_flags),
+                       device=dist_util.dev())
     classifier_only = {name: classifier_flags[name] for name in classifier_defaults()}
-    classifier = load_for_sampling(create_classifier(**classifier_only), classifier_path,
-                                   classifier_only, flag_name="classifier checkpoint")
+    classifier = load_for_inference(create_classifier(**classifier_only), classifier_path,
+                                    flags=architecture_flags(classifier_only),
+                                    device=dist_util.dev())
     return model, diffusion, classifier
 
 

@@ -1,0 +1,3 @@
+"""
+Applications built on guided_diffusion (not part of the installed package).
+"""

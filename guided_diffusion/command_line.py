@@ -1,0 +1,457 @@
+"""
+What the scripts in scripts/ share: their parsers (the original's flags, then this
+project's), `--config` presets, the start and finish of a run, the translation of
+flags into the library's plain arguments, and of the library's errors back into
+flag terms.
+
+The library names its arguments in errors (`batch_size=0: expected a positive
+integer`); run_script shows such a message as `--batch_size 0: ...`, without a
+traceback.
+"""
+
+import argparse
+import io
+import os
+import re
+import sys
+
+import blobfile as bf
+import numpy as np
+import torch.distributed as dist
+
+from . import dist_util, logger
+from .acceleration import acceleration_defaults, configure_runtime, training_acceleration_defaults
+from .checkpoint import load_for_inference
+from .file_writing import save_samples
+from .presets import load_config, read_preset
+from .resample import create_named_schedule_sampler
+from .sampling_state import PartialSamples
+from .script_util import add_dict_to_argparser, architecture_flags, args_to_dict, str2bool
+from .train_util import TrainLoop, set_seed
+from .work_split import check_counts, check_seed
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def parse_args_with_config(parser, purpose="train", argv=None):
+    """
+    Parse command-line flags where `--config NAME_OR_PATH` supplies defaults and
+    explicit flags override them.
+
+    :param parser: an argparse.ArgumentParser with the script's flags.
+    :param purpose: "train" or "sample" (see presets.load_config).
+    :param argv: the arguments (default: sys.argv[1:]).
+    :return: the parsed argparse.Namespace (with a `config` attribute).
+    """
+    if not any("--config" in action.option_strings for action in parser._actions):
+        parser.add_argument(
+            "--config", default="", help="preset name (see configs/) or path to a JSON file"
+        )
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        try:
+            flags = load_config(known.config, purpose=purpose)
+            preset = read_preset(known.config)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"--config {known.config}: {error}") from None
+        accepted = {action.dest for action in parser._actions}
+        unknown = sorted(set(preset.get("flags", {})) - accepted)
+        if unknown:
+            raise ValueError(
+                f"--config {known.config}: flags {unknown} are not flags of this script; "
+                f"it is a {preset.get('kind', 'different')} preset, use it with the matching script"
+            )
+        parser.set_defaults(**{k: v for k, v in flags.items() if k in accepted})
+    return parser.parse_args(argv)
+
+
+def in_flag_terms(message, flag_names):
+    """
+    :param message: an error message of the library, naming arguments as `name=value`.
+    :param flag_names: the script's flag names.
+    :return: the message with each `name=value` of a flag written `--name value` (as
+        typed), and a `name=` without a value `--name`.
+    """
+    names = sorted(flag_names, key=len, reverse=True)
+    if not names:
+        return message
+    alternatives = "|".join(map(re.escape, names))
+    bare = re.sub(r"(?<![\w.-])(" + alternatives + r")=(?=[\s,;:)]|$)", r"--\1", message)
+    return re.sub(r"(?<![\w.-])(" + alternatives + r")=", r"--\1 ", bare)
+
+
+def run_script(main, parser):
+    """
+    Run a script's main function; a ValueError or FileNotFoundError (bad flags or
+    files) ends the process with its message in flag terms and exit status 1, without
+    a traceback.
+
+    :param main: the script's main function (no arguments).
+    :param parser: the script's parser, whose flag names the message is written in.
+    """
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        names = [action.dest for action in parser._actions if action.option_strings]
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {in_flag_terms(str(error), names)}")
+
+
+def apply_runtime_flags(model, args):
+    """
+    Set the model's attention kernel from --fast_attention (acceleration.configure_runtime).
+
+    :param model: a built model.
+    :param args: the parsed flags.
+    :return: the model.
+    """
+    return configure_runtime(model, fast_attention=args.fast_attention)
+
+
+# ------------------------------------------------------------------ training
+
+
+def training_defaults():
+    """
+    :return: the flag defaults of scripts/image_train.py and super_res_train.py besides
+        the model's (the original's, then the new ones); --seed is added separately.
+    """
+    return dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA values
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        # Not in the original:
+        log_dir="",  # default: $OPENAI_LOGDIR, else a new folder in the temp directory
+        max_steps=0,  # stop with a final save at this step (0: never)
+        sample_interval=0,  # write an EMA sample grid every N steps (0: never)
+        class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
+        num_workers=1,
+        init_checkpoint="",  # start a new run from these weights
+        overwrite_log_dir=False,  # let a new run write over the checkpoints in --log_dir
+    )
+
+
+def training_argparser(doc, defaults):
+    """
+    The flags of a training script: one per entry of `defaults`, the speed-up flags
+    (training_acceleration_defaults) and --seed.
+
+    :param doc: the script's docstring; its first line describes the script.
+    :param defaults: the script's flag defaults.
+    :return: an argparse.ArgumentParser.
+    """
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    add_dict_to_argparser(parser, {**defaults, **training_acceleration_defaults()})
+    parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
+    return parser
+
+
+def start_training(args):
+    """
+    Set up the processes, the log directory (--log_dir) and, with --seed, the generators.
+
+    :param args: the parsed flags.
+    """
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
+    if args.seed is not None:
+        set_seed(args.seed)
+
+
+def data_kwargs(args, image_size=True, class_cond=None):
+    """
+    :param args: the parsed flags of a training script.
+    :param image_size: include --image_size (super-resolution passes its sizes itself).
+    :param class_cond: whether batches carry labels (default: --class_cond).
+    :return: the image_datasets.load_data arguments the flags set.
+    """
+    kwargs = dict(
+        data_dir=args.data_dir, batch_size=args.batch_size,
+        class_cond=args.class_cond if class_cond is None else class_cond,
+        class_from=args.class_from, num_classes=args.num_classes, seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    if image_size:
+        kwargs["image_size"] = args.image_size
+    return kwargs
+
+
+def training_loop_kwargs(args, diffusion):
+    """
+    :param args: the parsed flags of any training script.
+    :param diffusion: the diffusion the schedule sampler draws timesteps for.
+    :return: the TrainLoop arguments that every training script's flags set, with the
+        run's flags recorded in checkpoints and the architecture flags compared with a
+        loaded checkpoint's.
+    """
+    return dict(
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        init_checkpoint=args.init_checkpoint,
+        overwrite_log_dir=args.overwrite_log_dir,
+        seed=args.seed,
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        use_bf16=args.use_bf16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        recompute_attention=args.recompute_attention,
+        flags=vars(args),
+        model_flags=architecture_flags(vars(args)),
+    )
+
+
+def diffusion_loop_kwargs(args):
+    """
+    :param args: the parsed flags of image_train.py or super_res_train.py.
+    :return: the TrainLoop arguments that only diffusion training has.
+    """
+    return dict(
+        ema_rate=args.ema_rate,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        lr_anneal_steps=args.lr_anneal_steps,
+        max_steps=args.max_steps,
+        sample_interval=args.sample_interval,
+        class_dropout_prob=getattr(args, "class_dropout_prob", 0.0),
+    )
+
+
+def run_training(args, model, diffusion, data, loop_class=TrainLoop, **loop_kwargs):
+    """
+    Move the model to this process's device, set its attention kernel and train it.
+
+    :param args: the parsed flags.
+    :param model: the network.
+    :param diffusion: its diffusion.
+    :param data: the batch iterator.
+    :param loop_class: TrainLoop or a subclass (classifier_train_util.ClassifierTrainLoop).
+    :param loop_kwargs: the loop's other arguments (training_loop_kwargs and more).
+    """
+    model.to(dist_util.dev())
+    apply_runtime_flags(model, args)
+    logger.log("training...")
+    loop_class(model=model, diffusion=diffusion, data=data, **loop_kwargs).run_loop()
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def sampling_defaults():
+    """
+    :return: the flag defaults image_sample.py, classifier_sample.py and
+        super_res_sample.py share (the original's).
+    """
+    return dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="")
+
+
+def sampling_argparser(doc, defaults, guidance=True, images=True):
+    """
+    The flags of a sampling script: one per entry of `defaults`, then add_sampling_flags.
+
+    :param doc: the script's docstring; its first line describes the script.
+    :param defaults: the script's flag defaults.
+    :param guidance: add --cfg_scale and --class_balanced.
+    :param images: add --save_png.
+    :return: an argparse.ArgumentParser.
+    """
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    add_sampling_flags(parser, guidance=guidance, images=images)
+    return parser
+
+
+def add_sampling_flags(parser, guidance=True, images=True):
+    """
+    Add the flags this project adds to the original sampling scripts: --seed,
+    --log_dir, the speed-ups (acceleration_defaults) and those below.
+
+    :param parser: an argparse.ArgumentParser.
+    :param guidance: add --cfg_scale and --class_balanced.
+    :param images: add --save_png.
+    """
+    parser.add_argument("--seed", type=int, default=None,
+                        help="same seed, same images whatever the batch size and process count")
+    parser.add_argument("--log_dir", default="", help="output folder (default: $OPENAI_LOGDIR)")
+    add_dict_to_argparser(parser, acceleration_defaults())
+    if images:
+        parser.add_argument("--save_png", type=str2bool, nargs="?", const=True, default=False,
+                            help="also write every sample as a PNG")
+    if guidance:
+        parser.add_argument("--cfg_scale", type=float, default=None,
+                            help="classifier-free guidance weight (needs --class_dropout_prob > 0)")
+        parser.add_argument("--class_balanced", type=str2bool, nargs="?", const=True, default=False,
+                            help="exactly num_samples / num_classes samples per class")
+
+
+def start_sampling(args):
+    """
+    Check --num_samples, --batch_size, --seed and the precision flags, then set up the
+    processes and the log directory (--log_dir).
+
+    :param args: the parsed flags.
+    """
+    check_counts(num_samples=args.num_samples, batch_size=args.batch_size)
+    check_seed(args.seed)
+    if args.use_fp16 and args.use_bf16:
+        raise ValueError("--use_fp16 and --use_bf16 are exclusive: choose one precision")
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
+
+
+def sample_kwargs(args):
+    """
+    :param args: the parsed flags of a sampling script.
+    :return: the sampling.sample arguments the flags set (classifier_scale, cfg_scale and
+        class_balanced where the script has them).
+    """
+    kwargs = dict(
+        num_samples=args.num_samples, batch_size=args.batch_size, use_ddim=args.use_ddim,
+        clip_denoised=args.clip_denoised, seed=args.seed, num_classes=args.num_classes,
+        use_bf16=args.use_bf16, compile=args.compile,
+    )
+    for name in ("classifier_scale", "cfg_scale", "class_balanced"):
+        if hasattr(args, name):
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def load_for_sampling(model, args, path_flag="model_path", use_fp16=None, defaults=None):
+    """
+    Load the checkpoint a flag names into a model built from the flags
+    (checkpoint.load_for_inference, on this process's device, with --channels_last and
+    --fast_attention).
+
+    :param model: the model built from the flags.
+    :param args: the parsed flags.
+    :param path_flag: the flag naming the checkpoint, e.g. "classifier_path".
+    :param use_fp16: convert to float16 (default: --use_fp16).
+    :param defaults: the flag defaults the model was built from (their architecture flags
+        are compared with the checkpoint's record; default: all flags).
+    :return: the model.
+    """
+    path = getattr(args, path_flag)
+    if not path:
+        raise ValueError(
+            f"--{path_flag} is empty: pass the checkpoint file (e.g. --{path_flag} models/"
+            "256x256_diffusion.pt), or --config NAME, whose preset sets it"
+        )
+    flags = vars(args) if defaults is None else args_to_dict(args, defaults.keys())
+    load_for_inference(
+        model, path, flags=architecture_flags(flags),
+        use_fp16=args.use_fp16 if use_fp16 is None else use_fp16,
+        device=dist_util.dev(), channels_last=args.channels_last,
+    )
+    return apply_runtime_flags(model, args)
+
+
+def load_model_and_diffusion(args, factory, defaults):
+    """
+    Build a model and its diffusion from flags, then load --model_path into it
+    (load_for_sampling).
+
+    :param args: the parsed flags.
+    :param factory: e.g. script_util.create_model_and_diffusion.
+    :param defaults: the factory's flag defaults; the flags of these names build the model.
+    :return: (model, diffusion).
+    """
+    model, diffusion = factory(**args_to_dict(args, defaults.keys()))
+    load_for_sampling(model, args, defaults=defaults)
+    return model, diffusion
+
+
+def read_base_samples(path, small_size, class_cond):
+    """
+    Read the low-resolution images (and labels) that super-resolution starts
+    from: a .npz whose arr_0 is uint8 [N x small_size x small_size x 3] and,
+    for a class-conditional model, arr_1 the N integer labels.
+
+    :param path: the .npz path or blobfile URL (--base_samples).
+    :param small_size: the side the model expects.
+    :param class_cond: whether labels are needed.
+    :return: (images, labels or None) as numpy arrays.
+    """
+    if not path:
+        raise ValueError("--base_samples is empty: pass a samples_NxHxWx3.npz of low-resolution images")
+    if not bf.exists(path):
+        raise FileNotFoundError(f"--base_samples {path!r} does not exist")
+    with bf.BlobFile(path, "rb") as f:
+        data = f.read()
+    try:
+        arrays = np.load(io.BytesIO(data), allow_pickle=False)
+        contents = {name: arrays[name] for name in arrays.files}
+    except (ValueError, OSError, AttributeError) as error:
+        raise ValueError(f"--base_samples {path!r} is not a readable .npz file ({error})") from None
+    if "arr_0" not in contents:
+        raise ValueError(
+            f"--base_samples {path!r} has arrays {sorted(contents)}; expected arr_0 (images)"
+        )
+    images = contents["arr_0"]
+    expected = (small_size, small_size, 3)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected or not len(images):
+        raise ValueError(
+            f"--base_samples {path!r}: arr_0 has shape {images.shape} and dtype {images.dtype}; "
+            f"expected uint8 [N x {small_size} x {small_size} x 3] with N > 0 "
+            f"(--small_size {small_size})"
+        )
+    if not class_cond:
+        return images, None
+    labels = contents.get("arr_1")
+    if labels is None or labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        found = "no arr_1" if labels is None else f"arr_1 of shape {labels.shape}, dtype {labels.dtype}"
+        raise ValueError(
+            f"--base_samples {path!r}: a class-conditional model needs arr_1 with {len(images)} "
+            f"integer labels, found {found}"
+        )
+    return images, labels
+
+
+def partial_samples(args):
+    """
+    Where a seeded run keeps its finished rounds: `partial_samples/` in the log directory,
+    recording every flag but --log_dir and --save_png, and the number of processes.
+    Without --seed, warn that an interrupted run cannot be continued.
+
+    :param args: the parsed flags (after start_sampling).
+    :return: a sampling_state.PartialSamples, or None without --seed.
+    """
+    if args.seed is None:
+        logger.warn("no --seed: an interrupted run cannot be continued (with --seed S a rerun "
+                    "with the same flags continues from the finished samples)")
+        return None
+    record = {name: value for name, value in vars(args).items() if name not in ("log_dir", "save_png")}
+    record["world_size"] = dist_util.get_world_size()
+    return PartialSamples(bf.join(logger.get_dir(), "partial_samples"), record)
+
+
+def finish_sampling(images, labels, save_png=False, partial=None):
+    """
+    Save the samples from rank 0 (file_writing.save_samples) and remove the partial
+    samples, then wait for every process.
+
+    :param images: uint8 numpy array [N x H x W x 3].
+    :param labels: int numpy array [N], or None.
+    :param save_png: also write one PNG per sample.
+    :param partial: the run's PartialSamples, or None.
+    """
+    if dist_util.get_rank() == 0:
+        path = save_samples(images, labels, logger.get_dir(), save_png=save_png)
+        logger.log(f"saved {len(images)} samples to {path}")
+        if partial is not None:
+            partial.remove()
+    dist.barrier()
+    logger.log("sampling complete")
