@@ -13,7 +13,6 @@ same way.
 import torch as th
 import torch.nn.functional as F
 
-from . import dist_util
 from .train_util import TrainLoop, log_loss_dict
 
 
@@ -44,7 +43,7 @@ class ClassifierTrainLoop(TrainLoop):
     def __init__(
         self,
         *,
-        model,                      # an EncoderUNetModel, already on dist_util.dev()
+        model,                      # an EncoderUNetModel, on its device (batches follow it)
         diffusion,                  # gives q_sample and num_timesteps
         data,                       # iterator of (images, {"y": labels}) batches
         val_data=None,              # same for validation, or None
@@ -109,10 +108,10 @@ class ClassifierTrainLoop(TrainLoop):
         """
         labels = micro_cond["y"]
         if self.noised:
-            t, _ = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+            t, _ = self.schedule_sampler.sample(micro.shape[0], self.device)
             micro = self.diffusion.q_sample(micro, t)
         else:
-            t = th.zeros(micro.shape[0], dtype=th.long, device=dist_util.dev())
+            t = th.zeros(micro.shape[0], dtype=th.long, device=self.device)
         with self.mp_trainer.autocast():
             logits = model(micro, timesteps=t)
         losses = F.cross_entropy(logits.float(), labels, reduction="none")

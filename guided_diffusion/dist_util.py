@@ -9,16 +9,19 @@ torch.distributed group (NCCL on GPU, gloo on CPU) and selects this process's GP
 - mpiexec/mpirun: rank, size and local rank come from mpi4py, which is imported
   only in this case; rank 0 publishes its address and a free port;
 - srun (SLURM): SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, with
-  MASTER_ADDR defaulting to the launch node and MASTER_PORT derived from the job id;
+  MASTER_ADDR defaulting to the step's first node and MASTER_PORT derived from the job
+  and step ids;
 - nothing: a one-process group backed by an in-memory store (no port, no MPI).
 
 The GPU of a process is number LOCAL_RANK among the devices that
-CUDA_VISIBLE_DEVICES exposes; that variable is never changed.
+CUDA_VISIBLE_DEVICES exposes, or the only visible one when each process sees one;
+that variable is never changed.
 """
 
 import datetime
 import io
 import os
+import re
 import socket
 
 import blobfile as bf
@@ -94,7 +97,7 @@ def _detect_launch():
             launcher="torchrun",
             rank=int(env["RANK"]),
             world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+            local_rank=_local_rank_from_environment(fallback_rank=int(env["RANK"])),
             master_addr=env["MASTER_ADDR"],
             master_port=int(env["MASTER_PORT"]),
         )
@@ -106,14 +109,36 @@ def _detect_launch():
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_STEP_NUM_TASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", "0")),
-            master_addr=env.get("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")),
-            master_port=int(
-                env.get("MASTER_PORT", _SLURM_BASE_PORT + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-            ),
+            master_addr=env.get("MASTER_ADDR") or _slurm_first_host(env),
+            master_port=int(env.get("MASTER_PORT") or _slurm_port(env)),
         )
     return dict(
         launcher="none", rank=0, world_size=1, local_rank=0, master_addr=None, master_port=None
     )
+
+
+def _slurm_first_host(env):
+    """
+    :return: the first node of the SLURM step (where its rank 0 runs), from the step's
+        node list (e.g. "gpu[07-09,12],cpu1" -> "gpu07"); the launch node under salloc is
+        often a login node where no rank listens.
+    """
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodes:
+        return "127.0.0.1"
+    prefix, ranges, suffix = re.match(r"([^,\[]+)(?:\[([^\]]+)\]([^,]*))?", nodes).groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def _slurm_port(env):
+    """
+    :return: a port for the step's rendezvous, different for the concurrent steps of a job
+        (up to 16) and for most concurrent jobs.
+    """
+    job, step = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_STEP_ID", "0"))
+    return _SLURM_BASE_PORT + (job * 16 + step % 16) % 20000
 
 
 def _detect_mpi_launch():
@@ -138,7 +163,7 @@ def _detect_mpi_launch():
     if rank == 0:
         single_node = local_size == world_size
         address = os.environ.get("MASTER_ADDR") or (
-            "127.0.0.1" if single_node else socket.gethostbyname(socket.getfqdn())
+            "127.0.0.1" if single_node else _reachable_address()
         )
         port = int(os.environ.get("MASTER_PORT") or _find_free_port())
         rendezvous = (address, port)
@@ -155,32 +180,66 @@ def _detect_mpi_launch():
     )
 
 
-def _local_rank_from_environment():
+def _reachable_address():
     """
-    :return: this process's rank on its node, as the launcher reports it (0 if none does).
+    :return: an IPv4 address of this host that other nodes can reach: a non-loopback
+        address of its name, else the address of the interface that routes outwards
+        (stock Debian and Ubuntu map the host name to 127.0.1.1).
+    """
+    try:
+        infos = socket.getaddrinfo(socket.getfqdn(), None, socket.AF_INET)
+    except OSError:
+        infos = []
+    for *_, (address, _) in infos:
+        if not address.startswith("127."):
+            return address
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+            address = probe.getsockname()[0]
+        except OSError:
+            address = "127.0.0.1"
+    if address.startswith("127.") or address == "0.0.0.0":
+        raise ValueError(
+            f"no address of this host ({socket.getfqdn()}) other than loopback: set MASTER_ADDR "
+            "to an address of rank 0's node that the other nodes can reach"
+        )
+    return address
+
+
+def _local_rank_from_environment(fallback_rank=0):
+    """
+    :param fallback_rank: the global rank, used when no launcher variable tells the local
+        one: its remainder by the number of visible GPUs (nodes of equal size, ranks
+        numbered node by node), 0 without GPUs.
+    :return: this process's rank on its node, as the launcher reports it.
     """
     for name in ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"):
         if name in os.environ:
             return int(os.environ[name])
-    return 0
+    count = th.cuda.device_count() if th.cuda.is_available() else 0
+    return fallback_rank % count if count else 0
 
 
 def _select_device(local_rank):
     """
-    Make GPU number `local_rank` (among the visible ones) the current device.
+    Make this process's GPU the current device: number `local_rank` among the visible
+    ones, or the only one when the launcher gives each process one GPU (SLURM
+    --gpus-per-task=1, MPI wrappers that set CUDA_VISIBLE_DEVICES per rank).
 
     :param local_rank: this process's rank on its node.
     :return: local_rank.
     """
     if th.cuda.is_available():
         count = th.cuda.device_count()
-        if local_rank >= count:
+        if local_rank >= count > 1:
             raise ValueError(
                 f"local rank {local_rank} needs GPU {local_rank} but only {count} are visible "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start "
-                "at most one process per visible GPU on each node"
+                "at most one process per visible GPU on each node, or make one GPU visible to "
+                "each process"
             )
-        th.cuda.set_device(local_rank)
+        th.cuda.set_device(local_rank if local_rank < count else 0)
     return local_rank
 
 

@@ -24,11 +24,14 @@ def make_image_grid(images_uint8_nhwc, nrow, padding=2):
     """
     Tile images row by row on a black background.
 
-    :param images_uint8_nhwc: an [N x H x W x C] uint8 array or tensor (C is 1 or 3).
+    :param images_uint8_nhwc: an [N x H x W x C] uint8 array or tensor (C is 1 or 3), on
+        any device (a GPU tensor is copied to the host).
     :param nrow: images per row.
     :param padding: pixels between images and around the border.
     :return: a [rows * (H + padding) + padding, nrow * (W + padding) + padding, C] uint8 array.
     """
+    if isinstance(images_uint8_nhwc, th.Tensor):
+        images_uint8_nhwc = images_uint8_nhwc.detach().cpu()
     images = np.asarray(images_uint8_nhwc)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(

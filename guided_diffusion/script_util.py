@@ -646,10 +646,12 @@ def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
         raise ValueError(f"preset {name!r} has kind {kind!r}; expected one of {sorted(builders)}")
     defaults, factory, fp16_flag = builders[kind]
     args = {**defaults, **preset.get("flags", {}), **overrides}
+    if use_fp16 is not None:  # the network is built for the precision it is converted to
+        args[fp16_flag] = use_fp16
     built = factory(**{flag: args[flag] for flag in defaults})
     load_for_inference(
         built if kind == "classifier" else built[0], path, flags=architecture_flags(args),
-        use_fp16=args[fp16_flag] if use_fp16 is None else use_fp16, device=device,
+        use_fp16=args[fp16_flag], device=device,
     )
     return built
 

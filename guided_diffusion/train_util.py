@@ -15,7 +15,6 @@ the model's dropout (torch's global generator).
 import contextlib
 import copy
 import inspect
-import math
 import random
 
 import blobfile as bf
@@ -163,7 +162,7 @@ class TrainLoop:
     def __init__(
         self,
         *,
-        model,                      # the network, already on dist_util.dev()
+        model,                      # the network, on its device (batches follow it)
         diffusion,                  # a GaussianDiffusion providing training_losses
         data,                       # iterator of (images, kwargs) batches (load_data)
         batch_size,                 # images per rank per step
@@ -204,6 +203,7 @@ class TrainLoop:
         _prepare_log_dir(logger.get_dir(), new_run=not resume_checkpoint,
                          overwrite=overwrite_log_dir)
         self.model = model
+        self.device = next(model.parameters()).device
         self.diffusion = diffusion
         self.data = data
         self.batch_size = batch_size
@@ -254,11 +254,11 @@ class TrainLoop:
         """
         self.use_ddp = dist_util.get_world_size() > 1
         if self.use_ddp:
-            on_gpu = dist_util.dev().type == "cuda"
+            on_gpu = self.device.type == "cuda"
             self.ddp_model = DDP(
                 self.model,
-                device_ids=[dist_util.dev()] if on_gpu else None,
-                output_device=dist_util.dev() if on_gpu else None,
+                device_ids=[self.device] if on_gpu else None,
+                output_device=self.device if on_gpu else None,
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
                 **_NO_BUFFER_SYNC,
@@ -292,7 +292,7 @@ class TrainLoop:
         if plan is not None:
             path = find_ema_checkpoint(plan["model"], plan["step"], rate)
             if path is not None:
-                state_dict = read_state_dict(path, map_location=dist_util.dev())
+                state_dict = read_state_dict(path, map_location=self.device)
                 return self.mp_trainer.state_dict_to_master_params(state_dict)
             logger.warn(
                 f"no {training_state.ema_filename(rate, plan['step'])} next to {plan['model']}: "
@@ -383,8 +383,8 @@ class TrainLoop:
         """
         for start in range(0, batch.shape[0], self.microbatch):
             end = start + self.microbatch
-            micro_cond = {key: value[start:end].to(dist_util.dev()) for key, value in cond.items()}
-            yield batch[start:end].to(dist_util.dev()), micro_cond, end >= batch.shape[0]
+            micro_cond = {key: value[start:end].to(self.device) for key, value in cond.items()}
+            yield batch[start:end].to(self.device), micro_cond, end >= batch.shape[0]
 
     def forward_backward(self, batch, cond):
         """
@@ -407,7 +407,7 @@ class TrainLoop:
         :param micro_cond: its model kwargs.
         :return: the importance-weighted mean diffusion loss (logged per quartile of t).
         """
-        t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+        t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
         if self.class_dropout_prob > 0:
             micro_cond = dict(micro_cond, y=self._drop_labels(micro_cond["y"]))
         with self.mp_trainer.autocast():
@@ -511,8 +511,8 @@ class TrainLoop:
         preview_model = copy.deepcopy(self.model)
         preview_model.load_state_dict(self.mp_trainer.master_params_to_state_dict(params))
         preview_model.eval()
-        model_kwargs = {key: value[:count].to(dist_util.dev()) for key, value in cond.items()}
-        devices = [dist_util.dev()] if dist_util.dev().type == "cuda" else []
+        model_kwargs = {key: value[:count].to(self.device) for key, value in cond.items()}
+        devices = [self.device] if self.device.type == "cuda" else []
         with th.random.fork_rng(devices=devices):
             th.manual_seed(PREVIEW_SEED)
             with self.mp_trainer.autocast():
@@ -521,7 +521,7 @@ class TrainLoop:
                     steps=PREVIEW_STEPS,
                 )
         path = bf.join(logger.get_dir(), f"samples_{self.step:06d}.png")
-        save_image_grid(to_uint8_nhwc(images.float()), path, nrow=math.ceil(math.sqrt(count)))
+        save_image_grid(to_uint8_nhwc(images.float()).cpu(), path)
         logger.log(f"wrote {path}")
 
 
@@ -550,7 +550,7 @@ def sample_preview(model, diffusion, shape, model_kwargs=None, steps=PREVIEW_STE
         loss_type=diffusion.loss_type,
         rescale_timesteps=rescale,
     )
-    noise = th.randn(*shape, device=dist_util.dev())
+    noise = th.randn(*shape, device=next(model.parameters()).device)
     return preview_diffusion.ddim_sample_loop(
         lambda x, t, **kwargs: base_model(x, t, **kwargs),
         shape,

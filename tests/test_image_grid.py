@@ -28,3 +28,21 @@ def test_wrong_inputs_are_errors():
         make_image_grid(np.zeros((2, 4, 4, 3), dtype=np.float32), nrow=2)
     with pytest.raises(ValueError, match="nrow=0"):
         make_image_grid(np.zeros((2, 4, 4, 3), dtype=np.uint8), nrow=0)
+
+
+class DeviceTensor(th.Tensor):
+    """Stands in for a GPU tensor: numpy refuses it until it is copied to the host."""
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu()")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(th.Tensor)
+
+
+def test_a_grid_of_device_tensors_is_copied_to_the_host_first():
+    images = th.randint(0, 256, (3, 2, 2, 3), dtype=th.uint8)
+    on_device = images.as_subclass(DeviceTensor)
+    with pytest.raises(TypeError, match="cuda"):
+        np.asarray(on_device)
+    assert np.array_equal(make_image_grid(on_device, nrow=2), make_image_grid(images.numpy(), nrow=2))

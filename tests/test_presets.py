@@ -146,3 +146,18 @@ def test_create_pretrained_classifier_returns_classifier_alone(tmp_path):
     th.save(classifier.state_dict(), tmp_path / "clf.pt")
     loaded = su.create_pretrained(str(path), str(tmp_path / "clf.pt"))
     assert isinstance(loaded, type(classifier)) and not loaded.training
+
+
+@pytest.mark.parametrize("preset_fp16, use_fp16", [(True, False), (False, True), (True, None)])
+def test_create_pretrained_precision_override_builds_and_converts_alike(tmp_path, preset_fp16,
+                                                                        use_fp16):
+    config, flags = tiny_preset(tmp_path, use_fp16=preset_fp16)
+    model, _ = su.create_model_and_diffusion(**{**su.model_and_diffusion_defaults(), **flags})
+    th.save(model.state_dict(), tmp_path / "tiny.pt")
+    loaded, _ = su.create_pretrained(config, str(tmp_path / "tiny.pt"), use_fp16=use_fp16)
+    half = preset_fp16 if use_fp16 is None else use_fp16
+    assert loaded.dtype == (th.float16 if half else th.float32)
+    assert loaded.input_blocks[1][0].in_layers[2].weight.dtype == loaded.dtype
+    if not half:  # float16 convolutions need a GPU; float32 runs here
+        out = loaded(th.randn(1, 3, 16, 16), th.tensor([3]), y=th.tensor([1]))
+        assert out.dtype == th.float32 and out.shape == (1, 6, 16, 16)

@@ -9,7 +9,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import logger, train_util
+from guided_diffusion import dist_util, logger, train_util
 from guided_diffusion.attention import AttentionBlock
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
@@ -383,3 +383,13 @@ def test_negative_anneal_steps_and_empty_batches_are_refused(tmp_path, tiny_mode
     )
     with pytest.raises(ValueError, match=message):
         TrainLoop(**dict(options, **{argument: value}))
+
+
+def test_the_loop_follows_the_models_device_not_the_process_default(tmp_path, tiny_image_dir,
+                                                                    monkeypatch):
+    # E.g. benchmark.py --device cpu on a CUDA host: dist_util.dev() is cuda:0, the model
+    # is on the CPU. A meta device stands in for the other device.
+    monkeypatch.setattr(dist_util, "dev", lambda: th.device("meta"))
+    loop = _train(tmp_path, tiny_image_dir, 2, sample_interval=2)
+    assert loop.device == th.device("cpu") and loop.step == 2
+    assert (tmp_path / "model000002.pt").exists() and (tmp_path / "samples_000002.png").exists()
