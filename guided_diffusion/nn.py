@@ -4,6 +4,7 @@ the sinusoidal timestep embedding, gradient checkpointing and the float16 casts
 of convolutions.
 """
 
+import contextlib
 import math
 
 import torch as th
@@ -145,6 +146,25 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     if dim % 2:
         embedding = th.cat([embedding, th.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+def float32_region(tensor):
+    """
+    A context in which autocast is off on tensor's device: the layers the float16 path
+    keeps in float32 (the time and label embeddings, their projections in the residual
+    blocks, the output head) stay float32 under bfloat16 autocast too.
+
+    :param tensor: a tensor on the device the layers run on.
+    :return: a context manager (a no-op without autocast).
+    """
+    device_type = tensor.device.type
+    try:
+        enabled = th.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device without autocast (meta tensors)
+        enabled = False
+    if enabled:
+        return th.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def checkpoint(func, inputs, params, flag):

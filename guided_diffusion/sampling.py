@@ -188,9 +188,10 @@ def _count_samples(num_samples, labels, low_res):
 
 def _check_low_res(low_res):
     """
-    :return: low_res as a uint8 numpy array [N x h x w x 3], checked.
+    :return: low_res as a uint8 numpy array [N x h x w x 3], checked (a GPU tensor is
+        copied to the host).
     """
-    low_res = np.asarray(low_res)
+    low_res = np.asarray(low_res.detach().cpu() if isinstance(low_res, th.Tensor) else low_res)
     if low_res.dtype != np.uint8 or low_res.ndim != 4 or low_res.shape[-1] != 3:
         raise ValueError(
             f"low_res of shape {low_res.shape} and dtype {low_res.dtype}: expected uint8 images "

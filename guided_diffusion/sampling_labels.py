@@ -72,6 +72,8 @@ def check_labels(labels, uses_labels, num_classes):
         return None
     if not uses_labels:
         raise ValueError("labels were given but the model is unconditional and there is no classifier")
+    if isinstance(labels, th.Tensor):
+        labels = labels.detach().cpu()  # numpy refuses GPU tensors
     labels = th.as_tensor(np.asarray(labels)).long().reshape(-1)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(

@@ -26,6 +26,7 @@ from .nn import (
     conv_nd,
     convert_module_to_f16,
     convert_module_to_f32,
+    float32_region,
     linear,
     normalization,
     timestep_embedding,
@@ -214,7 +215,9 @@ class ResBlock(TimestepBlock):
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).type(h.dtype)
+        with float32_region(emb):
+            emb_out = self.emb_layers(emb)
+        emb_out = emb_out.type(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2)))
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
@@ -461,11 +464,12 @@ class UNetModel(_EncoderMixin, nn.Module):
                 "this model is unconditional (num_classes=None, class_cond=False) but "
                 "labels y were passed"
             )
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        if y is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-            emb = emb + self.label_emb(y)
+        if y is not None and y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        with float32_region(x):
+            emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+            if y is not None:
+                emb = emb + self.label_emb(y)
 
         skips = []
         h = x.type(self.dtype)
@@ -475,7 +479,8 @@ class UNetModel(_EncoderMixin, nn.Module):
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(th.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.type(x.dtype))
+        with float32_region(x):
+            return self.out(h.type(x.dtype))
 
     def _torso(self):
         return [self.input_blocks, self.middle_block, self.output_blocks]
@@ -582,7 +587,8 @@ class EncoderUNetModel(_EncoderMixin, nn.Module):
         :return: an [N x K] tensor of outputs.
         """
         self._check_input(x, timesteps)
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        with float32_region(x):
+            emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         spatial = self.pool.startswith("spatial")
         spatial_means = []
         h = x.type(self.dtype)
@@ -593,5 +599,6 @@ class EncoderUNetModel(_EncoderMixin, nn.Module):
         h = self.middle_block(h, emb)
         if spatial:
             spatial_means.append(h.type(x.dtype).mean(dim=(2, 3)))
-            return self.out(th.cat(spatial_means, dim=-1))
-        return self.out(h.type(x.dtype))
+            h = th.cat(spatial_means, dim=-1)
+        with float32_region(x):
+            return self.out(h.type(x.dtype))

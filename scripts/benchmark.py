@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -77,9 +78,19 @@ DEFAULT_MODEL = dict(
     num_head_channels=32, resblock_updown=True, use_scale_shift_norm=True, learn_sigma=True,
     class_cond=True, classifier_width=64, classifier_attention_resolutions="16,8",
 )
-# Dense 16-bit tensor-core peaks (TFLOP/s) for model FLOP utilisation, by device name.
+# Dense peaks (TFLOP/s, no sparsity) for model FLOP utilisation: 16-bit tensor cores, TF32
+# tensor cores and plain float32, by device model. A name matches when all its words are
+# words of torch.cuda.get_device_name; the most specific match wins ("H100 PCIe" before "H100").
 PEAK_TFLOPS = {
-    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0,
+    "H200 NVL": dict(bf16=835.5, tf32=417.5, fp32=60.0),
+    "H200": dict(bf16=989.4, tf32=494.7, fp32=66.9),
+    "H100 NVL": dict(bf16=835.5, tf32=417.5, fp32=60.0),
+    "H100 PCIe": dict(bf16=756.5, tf32=378.0, fp32=51.2),
+    "H100": dict(bf16=989.4, tf32=494.7, fp32=66.9),  # SXM
+    "A100": dict(bf16=312.0, tf32=156.0, fp32=19.5),
+    "L40S": dict(bf16=362.1, tf32=183.0, fp32=91.6),
+    "A10": dict(bf16=125.0, tf32=62.5, fp32=31.2),
+    "V100": dict(bf16=125.0, tf32=None, fp32=15.7),  # 16 bits: float16 only
 }
 PEAK_MEMORY_METHOD = {
     "cpu": "torch CPU allocations above those live at the step's start (profiler memory events)",
@@ -172,6 +183,8 @@ class Benchmark:
         classifier.to(self.device)
         if key == "fp16" and self.args.classifier_use_fp16:
             classifier.convert_to_fp16()
+        if key == "fp32":  # built from the --use_fp16 flags: do not round inputs to fp16
+            model.dtype = classifier.dtype = th.float32
         loop = TrainLoop(
             model=model, diffusion=self.diffusion, data=None, batch_size=self.args.batch_size,
             microbatch=-1, lr=1e-4, ema_rate="0.9999", log_interval=10**9, save_interval=10**9,
@@ -238,6 +251,7 @@ class Benchmark:
             results[name] = dict(zip(("loss", "grads"), self._loss_and_gradient(name)),
                                  output=self._output(name), sample=self.sample_steps(name, False),
                                  guided=self.sample_steps(name, True))
+            self._synchronize()
             self.first_calls_s[name] = round(time.perf_counter() - start, 3)
         exact = results.pop("exact")
         return {
@@ -310,7 +324,8 @@ class Benchmark:
                 isinstance(runner, CompiledModel) and runner.compiled is not None
                 for runner in self.runners[name]
             )
-            result.update(utilisation(self.flops, result, args, self.device))
+            kind = peak_kind(result["switches"], self._group_key(result["switches"]) == "fp16")
+            result.update(utilisation(self.flops, result, args, self.device, kind))
         return paths
 
     def _timed(self, run, name):
@@ -406,19 +421,39 @@ def count_flops(model_flags, args):
     )
 
 
-def utilisation(flops, result, args, device):
-    """Achieved TFLOP/s and model FLOP utilisation (with a known or given peak)."""
+def device_peaks(device_name):
+    """
+    :param device_name: e.g. "NVIDIA H100 PCIe".
+    :return: the PEAK_TFLOPS entry of the most specific matching model, or None.
+    """
+    words = set(re.findall(r"[A-Za-z0-9]+", device_name.upper()))
+    matches = [name for name in PEAK_TFLOPS if set(name.upper().split()) <= words]
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
+def peak_kind(switches, use_fp16):
+    """
+    :return: the peak a path is measured against: "bf16" (16-bit tensor cores) for the
+        fp16 and bf16 paths, "tf32" for float32 when cuDNN may use TF32 (torch's default
+        for convolutions, which dominate the UNet), else "fp32".
+    """
+    if switches.get("use_bf16") or use_fp16:
+        return "bf16"
+    return "tf32" if th.backends.cudnn.allow_tf32 else "fp32"
+
+
+def utilisation(flops, result, args, device, kind):
+    """Achieved TFLOP/s and model FLOP utilisation (with a known or given peak of `kind`)."""
     achieved = {
         "train_tflops": flops["model_forward_backward"] / result["train_step_s"] / 1e12,
         "sample_tflops": flops["model_forward"] / result["sample_s_per_step"] / 1e12,
         "guided_tflops": (flops["model_forward"] + flops["classifier_forward_input_grad"])
         / result["guided_s_per_step"] / 1e12,
     }
-    peak = args.peak_tflops or next(
-        (value for key, value in PEAK_TFLOPS.items()
-         if device.type == "cuda" and key in th.cuda.get_device_name(device)), None
-    )
+    peaks = device_peaks(th.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = args.peak_tflops or (peaks or {}).get(kind)
     out = {key: round(value, 4) for key, value in achieved.items()}
+    out["peak_kind"], out["peak_tflops"] = kind, peak
     for key, value in achieved.items():
         out[key.replace("tflops", "mfu")] = round(value / peak, 4) if peak else None
     return out

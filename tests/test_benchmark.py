@@ -23,7 +23,8 @@ TINY = [
 PATH_KEYS = {
     "switches", "first_calls_s", "warmup_s", "train_step_s", "train_images_per_s", "sample_s_per_step",
     "guided_s_per_step", "peak_train_mb", "peak_sample_mb", "compiled", "train_tflops",
-    "sample_tflops", "guided_tflops", "train_mfu", "sample_mfu", "guided_mfu",
+    "sample_tflops", "guided_tflops", "train_mfu", "sample_mfu", "guided_mfu", "peak_kind",
+    "peak_tflops",
 }
 
 
@@ -87,3 +88,44 @@ def test_too_few_sampling_steps_are_refused():
     main = runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="benchmark")["main"]
     with pytest.raises(ValueError, match="--sample_steps 1: expected at least 2"):
         main(["--sample_steps", "1"])
+
+
+@pytest.fixture(scope="module")
+def benchmark_module():
+    return runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="benchmark")
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0),
+    ("NVIDIA L40S", 362.1), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_device_peaks_match_the_model_not_a_substring(benchmark_module, name, peak):
+    peaks = benchmark_module["device_peaks"](name)
+    assert (peaks and peaks["bf16"]) == peak
+
+
+def test_float32_paths_are_measured_against_a_float32_peak(benchmark_module, monkeypatch):
+    peak_kind = benchmark_module["peak_kind"]
+    assert peak_kind({"use_bf16": True}, use_fp16=False) == "bf16"
+    assert peak_kind({}, use_fp16=True) == "bf16"
+    monkeypatch.setattr(th.backends.cudnn, "allow_tf32", True)
+    assert peak_kind({}, use_fp16=False) == "tf32"
+    monkeypatch.setattr(th.backends.cudnn, "allow_tf32", False)
+    assert peak_kind({}, use_fp16=False) == "fp32"
+
+
+def test_the_bf16_path_of_an_fp16_run_does_not_round_its_input_to_fp16(benchmark_module, tmp_path):
+    from guided_diffusion import logger
+
+    args = benchmark_module["create_argparser"]().parse_args(TINY + ["--use_fp16", "True"])
+    previous = logger.Logger.CURRENT
+    logger.configure(str(tmp_path), ["log"])
+    try:
+        bench = benchmark_module["Benchmark"](args, th.device("cpu"))
+    finally:
+        logger.Logger.CURRENT.close()
+        logger.Logger.CURRENT = previous
+    assert bench.groups["fp16"]["model"].dtype == th.float16
+    assert bench.groups["fp32"]["model"].dtype == th.float32
+    assert bench.groups["fp32"]["classifier"].dtype == th.float32

@@ -379,3 +379,11 @@ def test_non_finite_samples_raise_instead_of_black_images(conditional):
         model.out[-1].bias.fill_(float("nan"))
     with pytest.raises(ValueError, match=r"samples \[0, 1\] hold NaN or inf values"):
         sample(model, diffusion, labels=[0, 1, 2], batch_size=2, seed=0, progress=False)
+
+
+def test_low_res_images_on_a_device_are_copied_to_the_host():
+    from test_image_grid import DeviceTensor
+    from guided_diffusion.sampling import _check_low_res
+
+    images = th.randint(0, 256, (2, 4, 4, 3), dtype=th.uint8)
+    assert np.array_equal(_check_low_res(images.as_subclass(DeviceTensor)), images.numpy())

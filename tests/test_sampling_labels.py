@@ -5,7 +5,7 @@ Tests for guided_diffusion/sampling_labels.py: the labels a sampling run draws.
 import pytest
 import torch as th
 
-from guided_diffusion.sampling_labels import balanced_labels, choose_labels
+from guided_diffusion.sampling_labels import balanced_labels, check_labels, choose_labels
 
 
 @pytest.mark.parametrize("num_samples, num_classes, counts", [
@@ -26,3 +26,11 @@ def test_choose_labels():
     assert seeded.min() == 0 and seeded.max() == 3
     assert th.equal(choose_labels(10, 4, class_balanced=True), choose_labels(10, 4, class_balanced=True))
     assert th.bincount(choose_labels(1000, 1000, class_balanced=True, seed=1)).tolist() == [1] * 1000
+
+
+def test_labels_on_a_device_are_copied_to_the_host():
+    from test_image_grid import DeviceTensor
+
+    labels = th.tensor([0, 3, 1]).as_subclass(DeviceTensor)
+    checked = check_labels(labels, uses_labels=True, num_classes=4)
+    assert type(checked) is th.Tensor and checked.tolist() == [0, 3, 1]

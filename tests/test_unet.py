@@ -274,3 +274,30 @@ def test_bad_constructor_arguments_raise_clear_errors():
         EncoderUNetModel(16, 3, 32, 10, 1, (2,), channel_mult=(1, 2), pool="max")
     with pytest.warns(UserWarning, match=r"\[8\]"):
         tiny_unet(attention_resolutions=(2, 8))
+
+
+def test_bf16_autocast_keeps_the_layers_the_fp16_path_keeps_in_float32():
+    # The fp16 path converts only the torso's convolutions: the embeddings, their
+    # projections in the residual blocks and the output head stay float32 (the variance
+    # channels feed bits per dimension). Under bf16 autocast they must too.
+    model = UNetModel(image_size=8, in_channels=3, model_channels=32, out_channels=6,
+                      num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
+                      num_classes=3)
+    dtypes = {}
+    watched = {"time_embed": model.time_embed[-1], "label_emb": model.label_emb,
+               "emb_layers": model.input_blocks[1][0].emb_layers[-1], "out": model.out[-1],
+               "torso": model.input_blocks[1][0].in_layers[-1]}
+    def record(name):
+        def hook(module, inputs, output):
+            dtypes.setdefault(name, output.dtype)
+        return hook
+
+    for name, module in watched.items():
+        module.register_forward_hook(record(name))
+    x, t, y = th.randn(2, 3, 8, 8), th.tensor([1, 5]), th.tensor([0, 2])
+    with th.autocast("cpu", dtype=th.bfloat16):
+        out = model(x, t, y=y)
+    assert out.dtype == th.float32 and dtypes.pop("torso") == th.bfloat16
+    assert dtypes == dict.fromkeys(["time_embed", "label_emb", "emb_layers", "out"], th.float32)
+    reference = model(x, t, y=y)  # without autocast nothing changes
+    assert reference.dtype == th.float32 and th.allclose(out, reference, atol=0.1)
