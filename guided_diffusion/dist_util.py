@@ -18,6 +18,7 @@ CUDA_VISIBLE_DEVICES exposes, or the only visible one when each process sees one
 that variable is never changed.
 """
 
+import atexit
 import datetime
 import io
 import os
@@ -70,6 +71,7 @@ def setup_dist(timeout_minutes=30):
             world_size=launch["world_size"],
             timeout=timeout,
         )
+    atexit.register(_destroy_process_group)
     return dict(
         launcher=launch["launcher"],
         rank=launch["rank"],
@@ -77,6 +79,15 @@ def setup_dist(timeout_minutes=30):
         local_rank=local_rank,
         backend=backend,
     )
+
+
+def _destroy_process_group():
+    """
+    Tear the group down before the interpreter exits: left to static destructors, gloo's
+    threads can abort the process ("terminate called without an active exception").
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _detect_launch():
