@@ -324,7 +324,8 @@ class Benchmark:
                 isinstance(runner, CompiledModel) and runner.compiled is not None
                 for runner in self.runners[name]
             )
-            kind = peak_kind(result["switches"], self._group_key(result["switches"]) == "fp16")
+            kind = peak_kind(result["switches"], self._group_key(result["switches"]) == "fp16",
+                             self.device)
             result.update(utilisation(self.flops, result, args, self.device, kind))
         return paths
 
@@ -431,15 +432,15 @@ def device_peaks(device_name):
     return PEAK_TFLOPS[max(matches, key=len)] if matches else None
 
 
-def peak_kind(switches, use_fp16):
+def peak_kind(switches, use_fp16, device):
     """
     :return: the peak a path is measured against: "bf16" (16-bit tensor cores) for the
-        fp16 and bf16 paths, "tf32" for float32 when cuDNN may use TF32 (torch's default
-        for convolutions, which dominate the UNet), else "fp32".
+        fp16 and bf16 paths, "tf32" for float32 on CUDA when cuDNN may use TF32 (torch's
+        default for convolutions, which dominate the UNet), else "fp32".
     """
     if switches.get("use_bf16") or use_fp16:
         return "bf16"
-    return "tf32" if th.backends.cudnn.allow_tf32 else "fp32"
+    return "tf32" if device.type == "cuda" and th.backends.cudnn.allow_tf32 else "fp32"
 
 
 def utilisation(flops, result, args, device, kind):

@@ -56,6 +56,8 @@ def test_json_line_has_every_measurement(tiny_run):
         assert result["train_images_per_s"] > 0 and result["sample_s_per_step"] > 0
         assert result["guided_s_per_step"] > 0 and result["peak_train_mb"] > 0
         assert result["train_mfu"] is None  # no known peak for a CPU
+    assert [tiny_run["paths"][name]["peak_kind"] for name in ("exact", "fast", "fast_bf16")] == [
+        "fp32", "fp32", "bf16"]
     assert set(tiny_run["speedup"]) == {"fast", "fast_bf16"}
     assert set(tiny_run["speedup"]["fast"]) == {
         "train", "sample", "guided", "peak_train_memory", "peak_sample_memory"
@@ -107,12 +109,14 @@ def test_device_peaks_match_the_model_not_a_substring(benchmark_module, name, pe
 
 def test_float32_paths_are_measured_against_a_float32_peak(benchmark_module, monkeypatch):
     peak_kind = benchmark_module["peak_kind"]
-    assert peak_kind({"use_bf16": True}, use_fp16=False) == "bf16"
-    assert peak_kind({}, use_fp16=True) == "bf16"
+    cuda, cpu = th.device("cuda"), th.device("cpu")
+    assert peak_kind({"use_bf16": True}, use_fp16=False, device=cuda) == "bf16"
+    assert peak_kind({}, use_fp16=True, device=cuda) == "bf16"
     monkeypatch.setattr(th.backends.cudnn, "allow_tf32", True)
-    assert peak_kind({}, use_fp16=False) == "tf32"
+    assert peak_kind({}, use_fp16=False, device=cuda) == "tf32"
+    assert peak_kind({}, use_fp16=False, device=cpu) == "fp32"  # no TF32 on a CPU
     monkeypatch.setattr(th.backends.cudnn, "allow_tf32", False)
-    assert peak_kind({}, use_fp16=False) == "fp32"
+    assert peak_kind({}, use_fp16=False, device=cuda) == "fp32"
 
 
 def test_the_bf16_path_of_an_fp16_run_does_not_round_its_input_to_fp16(benchmark_module, tmp_path):
