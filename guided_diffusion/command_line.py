@@ -22,7 +22,7 @@ import torch.distributed as dist
 from . import dist_util, logger
 from .acceleration import acceleration_defaults, configure_runtime, training_acceleration_defaults
 from .checkpoint import load_for_inference
-from .file_writing import save_samples
+from .file_writing import SamplesWriter
 from .presets import load_config, read_preset
 from .resample import create_named_schedule_sampler
 from .sampling_state import PartialSamples
@@ -438,20 +438,26 @@ def partial_samples(args):
     return PartialSamples(bf.join(logger.get_dir(), "partial_samples"), record)
 
 
-def finish_sampling(images, labels, save_png=False, partial=None):
+def write_samples(run, save_png=False):
     """
-    Save the samples from rank 0 (file_writing.save_samples) and remove the partial
-    samples, then wait for every process.
+    Sample every round of a run and write the samples on rank 0 as they arrive
+    (file_writing.SamplesWriter: one round in memory, PNGs written per round, so that
+    no rank waits long while rank 0 writes alone), remove the partial samples, then
+    wait for every process.
 
-    :param images: uint8 numpy array [N x H x W x 3].
-    :param labels: int numpy array [N], or None.
+    :param run: a sampling.SamplingRun.
     :param save_png: also write one PNG per sample.
-    :param partial: the run's PartialSamples, or None.
     """
-    if dist_util.get_rank() == 0:
-        path = save_samples(images, labels, logger.get_dir(), save_png=save_png)
-        logger.log(f"saved {len(images)} samples to {path}")
-        if partial is not None:
-            partial.remove()
+    if dist_util.get_rank() > 0:
+        for _ in run.new_rounds():
+            pass
+    else:
+        writer = SamplesWriter(logger.get_dir(), run.num_samples, run.image_shape, run.labelled, save_png)
+        with writer:
+            for images, labels in run.rounds():
+                writer.add(images.numpy(), None if labels is None else labels.numpy())
+        logger.log(f"saved {run.num_samples} samples to {writer.path}")
+        if run.partial is not None:
+            run.partial.remove()
     dist.barrier()
     logger.log("sampling complete")

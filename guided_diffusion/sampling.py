@@ -31,106 +31,164 @@ from .unet import SuperResModel
 from .work_split import PerSampleNoise, check_counts, check_seed, gather_in_order, rounds
 
 
-def sample(
-    model,
-    diffusion,
-    classifier=None,        # noised-image classifier for classifier guidance (ADM-G)
-    classifier_scale=1.0,   # classifier guidance scale
-    labels=None,            # target labels, one per sample (an int: all the same)
-    num_samples=None,       # default: len(labels) or len(low_res)
-    batch_size=16,          # samples per forward pass on each process
-    use_ddim=False,         # DDIM (eta = 0) instead of ancestral sampling
-    clip_denoised=True,     # clamp x_0 predictions to [-1, 1]
-    cfg_scale=None,         # classifier-free guidance weight (None: off)
-    seed=None,              # per-sample seeded noise and labels (None: global RNG)
-    low_res=None,           # super-resolution: uint8 NHWC images, one per sample
-    device=None,            # default: the model's device
-    progress=True,          # tqdm bar (on rank 0)
-    num_classes=None,       # real classes (default: the model's or classifier's)
-    class_balanced=False,   # exactly num_samples / num_classes labels per class
-    use_bf16=False,         # bfloat16 autocast for the model and classifier (other numbers)
-    compile=False,          # torch.compile them (eager if compilation fails)
-    partial=None,           # a PartialSamples: continue from its finished samples, add each round
-):
+class SamplingRun:
     """
-    Sample images in one call, optionally guided; over all processes when a
-    process group with several ranks exists (every rank gets all samples).
+    One sampling run, set up and checked, optionally guided: over all processes when a
+    process group with several ranks exists. Iterate rounds() for all the samples (every
+    rank gets them), or new_rounds() for those sampled now; sample() collects them.
 
     With `partial` (which needs a seed), the samples it holds are not drawn again and
-    rank 0 adds each finished round to it, so an interrupted call continues where it
+    rank 0 adds each new round to it, so an interrupted run continues where it
     stopped, with the same images as an uninterrupted one.
 
+    Attributes: num_samples, image_shape (H, W, C), labelled (whether the samples have
+    labels: a class-conditional model or classifier guidance).
+    """
+
+    def __init__(
+        self,
+        model,
+        diffusion,
+        classifier=None,        # noised-image classifier for classifier guidance (ADM-G)
+        classifier_scale=1.0,   # classifier guidance scale
+        labels=None,            # target labels, one per sample (an int: all the same)
+        num_samples=None,       # default: len(labels) or len(low_res)
+        batch_size=16,          # samples per forward pass on each process
+        use_ddim=False,         # DDIM (eta = 0) instead of ancestral sampling
+        clip_denoised=True,     # clamp x_0 predictions to [-1, 1]
+        cfg_scale=None,         # classifier-free guidance weight (None: off)
+        seed=None,              # per-sample seeded noise and labels (None: global RNG)
+        low_res=None,           # super-resolution: uint8 NHWC images, one per sample
+        device=None,            # default: the model's device
+        progress=True,          # tqdm bar (on rank 0)
+        num_classes=None,       # real classes (default: the model's or classifier's)
+        class_balanced=False,   # exactly num_samples / num_classes labels per class
+        use_bf16=False,         # bfloat16 autocast for the model and classifier (other numbers)
+        compile=False,          # torch.compile them (eager if compilation fails)
+        partial=None,           # a PartialSamples: continue from its finished samples, add each round
+    ):
+        if device is None:
+            device = next(model.parameters()).device
+        conditional = getattr(model, "num_classes", None) is not None
+        self.labelled = conditional or classifier is not None
+        num_classes = resolve_num_classes(model, classifier, num_classes, cfg_scale)
+        if labels is not None and np.ndim(labels) == 0:
+            if num_samples is None:
+                raise ValueError(f"labels={labels}: one label for all samples needs num_samples")
+            labels = [int(labels)] * num_samples
+        labels = check_labels(labels, self.labelled, num_classes)
+        low_res = None if low_res is None else _check_low_res(low_res)
+        num_samples = _count_samples(num_samples, labels, low_res)
+        check_counts(num_samples=num_samples, batch_size=batch_size)
+        check_seed(seed)
+        shape = _sample_shape(model, low_res)
+        for name, scale in (("classifier_scale", classifier_scale), ("cfg_scale", cfg_scale)):
+            if scale is not None and not math.isfinite(scale):
+                raise ValueError(f"{name}={scale}: expected a finite number")
+        if classifier is None and classifier_scale != 1.0:
+            raise ValueError(
+                f"classifier_scale={classifier_scale} without a classifier: classifier guidance needs "
+                "a classifier (or use cfg_scale with a model trained for classifier-free guidance)"
+            )
+        if class_balanced and (not self.labelled or labels is not None):
+            raise ValueError("class_balanced needs labels to choose: a class-conditional model or a "
+                             "classifier, and no explicit labels")
+        if labels is None and self.labelled:
+            labels = choose_labels(num_samples, num_classes, class_balanced, seed)
+        if partial is not None and seed is None:
+            raise ValueError("partial samples need a seed: without one an interrupted run cannot be continued")
+
+        speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
+        run = accelerate(model, **speed_ups)
+        self._model_fn = _model_function(model, run, conditional, cfg_scale, num_classes)
+        self._cond_fn = None
+        if classifier is not None:
+            check_classifier(classifier, shape[-1], num_classes)
+            self._cond_fn = classifier_cond_fn(accelerate(classifier, **speed_ups), classifier_scale)
+        self.num_samples, self.image_shape = num_samples, (shape[2], shape[3], shape[1])
+        self._shape, self._diffusion, self._labels, self._num_classes = shape, diffusion, labels, num_classes
+        self._low_res, self._batch_size, self._seed, self._device = low_res, batch_size, seed, device
+        self._use_ddim, self._clip_denoised, self._progress = use_ddim, clip_denoised, progress
+        self.partial = partial
+        self.finished = partial.finished() if partial is not None else 0
+
+    def rounds(self):
+        """
+        :return: a generator of every round's (images, labels) in sample order: the partial
+                 samples' finished rounds (read from disk) and then new_rounds().
+        """
+        if self.finished:
+            yield from self.partial.rounds()
+        yield from self.new_rounds()
+
+    def new_rounds(self):
+        """
+        Sample the rounds not finished yet; a collective: every rank must iterate it to the end.
+
+        :return: a generator of (images, labels) per round, gathered from all ranks in order:
+                 a uint8 CPU tensor [n x H x W x C] and the int64 CPU labels [n], or None
+                 without labels.
+        """
+        world_size, rank = dist_util.get_world_size(), dist_util.get_rank()
+        if self.finished:
+            logger.log(f"continuing after {self.finished} finished samples in {self.partial.folder}")
+        plan = rounds(self.num_samples, self._batch_size, world_size, first=self.finished)
+        steps = sum(len(work[rank]) > 0 for work in plan) * self._diffusion.num_timesteps
+        disable = not self._progress or rank > 0
+        with tqdm(total=steps, unit="step", desc="sampling", disable=disable) as bar:
+            for work in plan:
+                images, labels = self._sample_round(work, work[rank], bar)
+                if self.partial is not None and rank == 0:
+                    self.partial.save(work[0].start, images, labels)
+                logger.debug(f"created {work[-1].stop} samples")
+                yield images, labels
+
+    def _sample_round(self, work, indices, bar):
+        """
+        :return: one round's (images, labels), gathered from all ranks, checked to be finite.
+        """
+        model_kwargs = _batch_kwargs(indices, self.labelled, self._labels, self._num_classes,
+                                     self._low_res, self._device)
+        images = th.zeros((0, *self.image_shape), dtype=th.uint8, device=self._device)
+        finite = th.ones(0, dtype=th.uint8, device=self._device)
+        if len(indices):
+            batch = _sample_batch(
+                self._diffusion, self._model_fn, self._cond_fn, (len(indices), *self._shape[1:]),
+                model_kwargs, indices, self._seed, self._use_ddim, self._clip_denoised, self._device,
+                bar,
+            )
+            images = to_uint8_nhwc(batch)
+            finite = th.isfinite(batch).flatten(1).all(1).to(th.uint8)
+        _check_finite_samples(gather_in_order(finite, work, self._batch_size), work)
+        images = gather_in_order(images, work, self._batch_size).cpu()
+        if not self.labelled:
+            return images, None
+        return images, gather_in_order(model_kwargs["y"], work, self._batch_size).cpu()
+
+
+def sample(model, diffusion, **options):
+    """
+    Sample images in one call, optionally guided; over all processes when a process
+    group with several ranks exists (every rank gets all samples).
+
+    :param model: the diffusion model.
+    :param diffusion: its GaussianDiffusion (or SpacedDiffusion).
+    :param options: SamplingRun's keyword arguments (classifier, labels, num_samples,
+        batch_size, seed, partial, ...).
     :return: (images, labels): a uint8 numpy array [N x H x W x 3], and the int64
              labels [N] when the samples have labels (class-conditional model or
              classifier guidance), else None.
     """
-    if device is None:
-        device = next(model.parameters()).device
-    conditional = getattr(model, "num_classes", None) is not None
-    uses_labels = conditional or classifier is not None
-    num_classes = resolve_num_classes(model, classifier, num_classes, cfg_scale)
-    if labels is not None and np.ndim(labels) == 0:
-        if num_samples is None:
-            raise ValueError(f"labels={labels}: one label for all samples needs num_samples")
-        labels = [int(labels)] * num_samples
-    labels = check_labels(labels, uses_labels, num_classes)
-    low_res = None if low_res is None else _check_low_res(low_res)
-    num_samples = _count_samples(num_samples, labels, low_res)
-    check_counts(num_samples=num_samples, batch_size=batch_size)
-    check_seed(seed)
-    shape = _sample_shape(model, low_res)
-    for name, scale in (("classifier_scale", classifier_scale), ("cfg_scale", cfg_scale)):
-        if scale is not None and not math.isfinite(scale):
-            raise ValueError(f"{name}={scale}: expected a finite number")
-    if classifier is None and classifier_scale != 1.0:
-        raise ValueError(
-            f"classifier_scale={classifier_scale} without a classifier: classifier guidance needs "
-            "a classifier (or use cfg_scale with a model trained for classifier-free guidance)"
-        )
-    if class_balanced and (not uses_labels or labels is not None):
-        raise ValueError("class_balanced needs labels to choose: a class-conditional model or a "
-                         "classifier, and no explicit labels")
-    if labels is None and uses_labels:
-        labels = choose_labels(num_samples, num_classes, class_balanced, seed)
-    if partial is not None and seed is None:
-        raise ValueError("partial samples need a seed: without one an interrupted run cannot be continued")
-    all_images, all_labels = partial.load() if partial is not None else ([], [])
-
-    speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
-    run = accelerate(model, **speed_ups)
-    model_fn = _model_function(model, run, conditional, cfg_scale, num_classes)
-    cond_fn = None
-    if classifier is not None:
-        check_classifier(classifier, shape[-1], num_classes)
-        cond_fn = classifier_cond_fn(accelerate(classifier, **speed_ups), classifier_scale)
-
-    world_size, rank = dist_util.get_world_size(), dist_util.get_rank()
-    finished = sum(len(part) for part in all_images)
-    if finished:
-        logger.log(f"continuing after {finished} finished samples in {partial.folder}")
-    plan = rounds(num_samples, batch_size, world_size, first=finished)
-    steps = sum(len(work[rank]) > 0 for work in plan) * diffusion.num_timesteps
-    with tqdm(total=steps, unit="step", desc="sampling", disable=not progress or rank > 0) as bar:
-        for work in plan:
-            indices = work[rank]
-            model_kwargs = _batch_kwargs(indices, uses_labels, labels, num_classes, low_res, device)
-            images = th.zeros((0, shape[2], shape[3], shape[1]), dtype=th.uint8, device=device)
-            finite = th.ones(0, dtype=th.uint8, device=device)
-            if len(indices):
-                batch = _sample_batch(
-                    diffusion, model_fn, cond_fn, (len(indices), *shape[1:]), model_kwargs,
-                    indices, seed, use_ddim, clip_denoised, device, bar,
-                )
-                images = to_uint8_nhwc(batch)
-                finite = th.isfinite(batch).flatten(1).all(1).to(th.uint8)
-            _check_finite_samples(gather_in_order(finite, work, batch_size), work)
-            all_images.append(gather_in_order(images, work, batch_size).cpu())
-            if uses_labels:
-                all_labels.append(gather_in_order(model_kwargs["y"], work, batch_size).cpu())
-            if partial is not None and rank == 0:
-                partial.save(work[0].start, all_images[-1], all_labels[-1] if uses_labels else None)
-            logger.debug(f"created {sum(len(part) for part in all_images)} samples")
-    return th.cat(all_images).numpy(), (th.cat(all_labels).numpy() if uses_labels else None)
+    run = SamplingRun(model, diffusion, **options)
+    images = np.empty((run.num_samples, *run.image_shape), dtype=np.uint8)
+    labels = np.empty(run.num_samples, dtype=np.int64) if run.labelled else None
+    start = 0
+    for round_images, round_labels in run.rounds():
+        images[start: start + len(round_images)] = round_images.numpy()
+        if labels is not None:
+            labels[start: start + len(round_images)] = round_labels.numpy()
+        start += len(round_images)
+    return images, labels
 
 
 def _check_finite_samples(finite, work):

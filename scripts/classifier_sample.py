@@ -31,12 +31,12 @@ def main(argv=None):
         args, "classifier_path", use_fp16=args.classifier_use_fp16, defaults=classifier_defaults,
     )
     logger.log("sampling...")
-    images, labels = sampling.sample(
+    run = sampling.SamplingRun(
         model, diffusion, classifier=classifier, device=dist_util.dev(),
         partial=partial,
         **command_line.sample_kwargs(args),
     )
-    command_line.finish_sampling(images, labels, args.save_png, partial)
+    command_line.write_samples(run, args.save_png)
 
 
 def create_argparser():

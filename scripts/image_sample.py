@@ -18,11 +18,11 @@ def main(argv=None):
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
     )
     logger.log("sampling...")
-    images, labels = sampling.sample(
+    run = sampling.SamplingRun(
         model, diffusion, device=dist_util.dev(), partial=partial,
         **command_line.sample_kwargs(args)
     )
-    command_line.finish_sampling(images, labels, args.save_png, partial)
+    command_line.write_samples(run, args.save_png)
 
 
 def create_argparser():

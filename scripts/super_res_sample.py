@@ -29,7 +29,7 @@ def main(argv=None):
     )
     logger.log(f"upsampling {len(base_images)} base samples...")
     order = np.arange(args.num_samples) % len(base_images)
-    images, labels = sampling.sample(
+    run = sampling.SamplingRun(
         model,
         diffusion,
         low_res=base_images[order],
@@ -38,7 +38,7 @@ def main(argv=None):
         partial=partial,
         **command_line.sample_kwargs(args),
     )
-    command_line.finish_sampling(images, labels, args.save_png, partial)
+    command_line.write_samples(run, args.save_png)
 
 
 def create_argparser():

@@ -4,6 +4,7 @@ sampling outputs in the evaluator's layout.
 """
 
 import os
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -88,3 +89,50 @@ def test_png_folder_appears_only_when_complete(tmp_path, monkeypatch):
     save_samples(images, None, str(tmp_path), save_png=True)  # the rerun replaces the partial one
     assert len(list((tmp_path / "samples_4x8x8x3").iterdir())) == 4
     assert not (tmp_path / "samples_4x8x8x3.partial").exists()
+
+
+def test_samples_writer_holds_one_round_and_writes_pngs_as_rounds_arrive(tmp_path):
+    rng = np.random.default_rng(2)
+    rounds = [rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8) for _ in range(40)]
+    labels = [rng.integers(0, 10, len(r)) for r in rounds]
+    folder = tmp_path / "samples_2000x32x32x3.partial"
+    tracemalloc.start()
+    with file_writing.SamplesWriter(str(tmp_path), 2000, (32, 32, 3), True, save_png=True) as writer:
+        for number, (images, round_labels) in enumerate(zip(rounds, labels)):
+            writer.add(images, round_labels)
+            if number in (0, 39):
+                assert len(list(folder.iterdir())) == 50 * (number + 1)
+                assert not (tmp_path / "samples_2000x32x32x3.npz").exists()  # published once complete
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    all_bytes = sum(r.nbytes for r in rounds)
+    assert peak < all_bytes / 3  # one copy of every sample would need all_bytes
+    with np.load(writer.path) as data:
+        assert np.array_equal(data["arr_0"], np.concatenate(rounds))
+        assert np.array_equal(data["arr_1"], np.concatenate(labels))
+    grid = np.array(Image.open(tmp_path / "samples_2000x32x32x3.png"))
+    assert np.array_equal(grid, make_image_grid(np.concatenate(rounds)[:64], nrow=8))
+    assert len(list((tmp_path / "samples_2000x32x32x3").iterdir())) == 2000
+
+
+def test_samples_writer_publishes_nothing_when_incomplete_or_interrupted(tmp_path):
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    old = save_samples(np.ones((4, 4, 4, 3), np.uint8), None, str(tmp_path))
+    with pytest.raises(ValueError, match=r"3 of 4 samples were added to .*samples_4x4x4x3.npz"):
+        with file_writing.SamplesWriter(str(tmp_path), 4, (4, 4, 3), False) as writer:
+            writer.add(images)
+    with pytest.raises(KeyboardInterrupt):
+        with file_writing.SamplesWriter(str(tmp_path), 4, (4, 4, 3), False) as writer:
+            writer.add(images)
+            raise KeyboardInterrupt
+    with np.load(old) as data:
+        assert np.array_equal(data["arr_0"], np.ones((4, 4, 4, 3), np.uint8))  # unchanged
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    with file_writing.SamplesWriter(str(tmp_path), 4, (4, 4, 3), True) as writer:
+        with pytest.raises(ValueError, match="3 samples with no labels: expected one label per sample"):
+            writer.add(images)
+        with pytest.raises(ValueError, match=r"expected uint8 \[n x 4 x 4 x 3\]"):
+            writer.add(images.astype(np.float32), np.zeros(3))
+        with pytest.raises(ValueError, match="5 samples for a file of 4"):
+            writer.add(np.zeros((5, 4, 4, 3), np.uint8), np.zeros(5))
+        writer.add(np.zeros((4, 4, 4, 3), np.uint8), np.zeros(4, np.int64))

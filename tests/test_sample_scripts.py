@@ -137,6 +137,47 @@ def test_image_sample_same_seed_same_images_for_one_and_two_processes(checkpoint
         assert not (tmp_path / folder / "partial_samples").exists()  # removed once the npz is written
 
 
+CRASH_AFTER_FIRST_ROUND = """
+import os, runpy, sys
+from guided_diffusion import sampling_state
+save = sampling_state.PartialSamples.save
+
+def save_then_crash(self, *args):
+    save(self, *args)
+    os._exit(9)  # as a killed job: no cleanup, no exception handling
+
+sampling_state.PartialSamples.save = save_then_crash
+script = sys.argv.pop(1)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_a_killed_seeded_image_sample_continues_with_the_same_images(checkpoints, tmp_path, launcher):
+    if launcher == "mpiexec" and find_mpiexec() is None:
+        pytest.skip("mpiexec is not installed (pip install mpich mpi4py)")
+    common = MODEL_FLAGS + COND + ["--model_path", checkpoints["cond"], "--num_samples", 7, "--seed", 5,
+                                   "--batch_size", 2]
+    run_script("image_sample.py", common + ["--log_dir", tmp_path / "whole"])
+    wrapper = tmp_path / "crash_after_first_round.py"
+    wrapper.write_text(CRASH_AFTER_FIRST_ROUND)
+    folder = tmp_path / "continued"
+    args = [str(REPO / "scripts" / "image_sample.py"), *common, "--log_dir", folder, "--save_png"]
+    crashed = run_script(wrapper, args, processes=2, launcher=launcher, check=False)
+    assert crashed.returncode != 0
+    rounds = sorted(p.name for p in (folder / "partial_samples").iterdir())
+    assert rounds == ["000000000-000000004.npz", "record.json"]
+    run_script("image_sample.py", common + ["--log_dir", folder, "--save_png"], processes=2,
+               launcher=launcher)
+    whole, whole_labels = read_samples(tmp_path / "whole", 7)
+    continued, continued_labels = read_samples(folder, 7)
+    assert continued_labels.tolist() == whole_labels.tolist()
+    assert_same_images(whole, continued)
+    assert len(list((folder / "samples_7x8x8x3").iterdir())) == 7
+    assert not (folder / "partial_samples").exists()
+
+
 def test_image_sample_from_a_config_file_unconditional_ddim(checkpoints, tmp_path):
     preset = tmp_path / "tiny.json"
     preset.write_text(
