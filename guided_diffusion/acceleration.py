@@ -1,8 +1,8 @@
 """
 Runtime switches of a built model, none of which changes its architecture or its
 checkpoints: the attention kernel, recomputing the attention blocks' activations in
-backward, the channels_last memory format (all set by configure_runtime), and the
-wrappers around a model's call: torch.compile with a fallback to eager execution, and
+backward, the channels_last memory format (all set by configure_runtime), the
+process's CUDA arithmetic (set_cuda_math), and the wrappers around a model's call: torch.compile with a fallback to eager execution, and
 bfloat16 autocast.
 
 fast attention, compile and channels_last keep the numbers within float32 rounding;
@@ -30,6 +30,8 @@ def acceleration_defaults():
         compile=False,  # torch.compile the model; eager when compilation fails
         channels_last=True,  # channels_last weights (sampling ~7% faster on our CPU)
         fast_attention=True,  # scaled_dot_product_attention (False: the original's einsum)
+        tf32=True,  # TF32 float32 matmuls and convolutions on CUDA (the original's PyTorch default)
+        cudnn_benchmark=False,  # let cuDNN time its convolution algorithms per shape
     )
 
 
@@ -61,6 +63,23 @@ def configure_runtime(model, fast_attention=None, recompute_attention=None, chan
     if channels_last:
         to_channels_last(model)
     return model
+
+
+def set_cuda_math(tf32=True, cudnn_benchmark=False):
+    """
+    Set this process's CUDA arithmetic explicitly (no effect without a GPU), rather than
+    leave it to torch's defaults, which changed between versions.
+
+    :param tf32: float32 matmuls and convolutions may use TF32 tensor cores on Ampere and
+        later GPUs (10 mantissa bits in the products), as PyTorch 1.7-1.11, the versions
+        the original ran on, did by default; False: full float32 (for agreement checks).
+    :param cudnn_benchmark: cuDNN times its convolution algorithms at the first call of
+        each shape and keeps the fastest (faster with fixed shapes; the low bits may then
+        differ from run to run).
+    """
+    th.backends.cuda.matmul.allow_tf32 = tf32
+    th.backends.cudnn.allow_tf32 = tf32
+    th.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def set_fast_attention(model, enabled):

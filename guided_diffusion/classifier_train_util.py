@@ -13,7 +13,7 @@ same way.
 import torch as th
 import torch.nn.functional as F
 
-from .train_util import TrainLoop, log_loss_dict
+from .train_util import TrainLoop
 
 
 def compute_top_k(logits, labels, k, reduction="mean"):
@@ -116,7 +116,7 @@ class ClassifierTrainLoop(TrainLoop):
             logits = model(micro, timesteps=t)
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
         top5 = min(5, logits.shape[-1])
-        log_loss_dict(self.diffusion, t, {
+        self.loss_log.add(self.diffusion, t, {
             f"{prefix}_loss": losses.detach(),
             f"{prefix}_acc@1": compute_top_k(logits, labels, k=1, reduction="none"),
             f"{prefix}_acc@5": compute_top_k(logits, labels, k=top5, reduction="none"),

@@ -20,7 +20,9 @@ import numpy as np
 import torch.distributed as dist
 
 from . import dist_util, logger
-from .acceleration import acceleration_defaults, configure_runtime, training_acceleration_defaults
+from .acceleration import (
+    acceleration_defaults, configure_runtime, set_cuda_math, training_acceleration_defaults,
+)
 from .checkpoint import load_for_inference
 from .file_writing import SamplesWriter
 from .presets import load_config, read_preset
@@ -158,10 +160,12 @@ def training_argparser(doc, defaults):
 
 def start_training(args):
     """
-    Set up the processes, the log directory (--log_dir) and, with --seed, the generators.
+    Set the CUDA arithmetic (--tf32, --cudnn_benchmark), the processes, the log directory
+    (--log_dir) and, with --seed, the generators.
 
     :param args: the parsed flags.
     """
+    set_cuda_math(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
     if args.seed is not None:
@@ -300,8 +304,8 @@ def add_sampling_flags(parser, guidance=True, images=True):
 
 def start_sampling(args):
     """
-    Check --num_samples, --batch_size, --seed and the precision flags, then set up the
-    processes and the log directory (--log_dir).
+    Check --num_samples, --batch_size, --seed and the precision flags, then set the CUDA
+    arithmetic (--tf32, --cudnn_benchmark), the processes and the log directory (--log_dir).
 
     :param args: the parsed flags.
     """
@@ -309,6 +313,7 @@ def start_sampling(args):
     check_seed(args.seed)
     if args.use_fp16 and args.use_bf16:
         raise ValueError("--use_fp16 and --use_bf16 are exclusive: choose one precision")
+    set_cuda_math(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
 
@@ -334,7 +339,8 @@ def load_for_sampling(model, args, path_flag="model_path", use_fp16=None, defaul
     """
     Load the checkpoint a flag names into a model built from the flags
     (checkpoint.load_for_inference, on this process's device, with --channels_last and
-    --fast_attention).
+    --fast_attention), its parameters frozen: guidance differentiates with respect to the
+    image only, and a compiled classifier would otherwise compute weight gradients too.
 
     :param model: the model built from the flags.
     :param args: the parsed flags.
@@ -356,6 +362,7 @@ def load_for_sampling(model, args, path_flag="model_path", use_fp16=None, defaul
         use_fp16=args.use_fp16 if use_fp16 is None else use_fp16,
         device=dist_util.dev(), channels_last=args.channels_last,
     )
+    model.requires_grad_(False)
     return apply_runtime_flags(model, args)
 
 

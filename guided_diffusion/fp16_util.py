@@ -167,7 +167,14 @@ def zero_grad(model_params):
 
     :param model_params: an iterable of parameters.
     """
-    grads = [param.grad.detach_() for param in model_params if param.grad is not None]
+    grads = [param.grad for param in model_params if param.grad is not None]
+    for grad in grads:
+        # Not detach_() on a gradient without history: DDP's gradients are views of its
+        # communication buckets (gradient_as_bucket_view), which cannot be detached in place.
+        if grad.grad_fn is not None:
+            grad.detach_()
+        else:
+            grad.requires_grad_(False)
     if grads:
         th._foreach_zero_(grads)
 

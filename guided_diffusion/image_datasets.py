@@ -349,7 +349,7 @@ class ImageLoader:
     saved (state_dict) and restored (load_state_dict) for exact resumption.
     """
 
-    def __init__(self, dataset, batch_size, shuffle=True, seed=None, num_workers=1):
+    def __init__(self, dataset, batch_size, shuffle=True, seed=None, num_workers=1, pin_memory=None):
         """
         :param dataset: an ImageDataset (or any dataset with set_epoch and seed and
             class_names attributes).
@@ -357,8 +357,11 @@ class ImageLoader:
         :param shuffle: visit each epoch in a new random order.
         :param seed: seed of the order and of the dataset's draws (None: drawn at random).
         :param num_workers: DataLoader worker processes.
+        :param pin_memory: batches in page-locked memory, so that copies to the GPU can
+            overlap computation (None: when CUDA is available).
         """
         self.dataset = dataset
+        self.pin_memory = th.cuda.is_available() if pin_memory is None else pin_memory
         self.class_names = dataset.class_names
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -407,6 +410,7 @@ class ImageLoader:
             self.dataset,
             batch_sampler=batches[self.batch_index :].tolist(),
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             # Its own generator: starting an epoch must not draw from torch's global one.
             generator=th.Generator().manual_seed(self.seed),
         )

@@ -221,11 +221,16 @@ class TrainLoop:
         self.flags = training_state.plain_flags(flags)
         self.model_flags = training_state.plain_flags(model_flags) if model_flags else None
         self.global_batch = batch_size * dist_util.get_world_size()
+        self.loss_log = LossLog()
 
         plan = training_state.resume_plan(resume_checkpoint) if resume_checkpoint else None
         self.resume_step = plan["step"] if plan else 0
         self.step = self.resume_step
         self._load_and_sync_parameters(plan["model"] if plan else init_checkpoint)
+        # Before the masters and EMAs are copied, so that they share the weights' memory
+        # format (the foreach EMA update and optimizer step stay on their fast path).
+        configure_runtime(model, recompute_attention=recompute_attention,
+                          channels_last=channels_last)
         self._build_optimizer(use_fp16, fp16_scale_growth, initial_lg_loss_scale, use_bf16)
         self.ema_params = [self._load_ema_parameters(rate, plan) for rate in self.ema_rate]
         if plan is not None:
@@ -233,8 +238,6 @@ class TrainLoop:
         elif seed is not None:
             set_seed(seed)
         self.last_saved_step = self.step if plan else None
-        configure_runtime(model, recompute_attention=recompute_attention,
-                          channels_last=channels_last)
         self._wrap_for_processes(compile)
 
     def _build_optimizer(self, use_fp16, fp16_scale_growth, initial_lg_loss_scale, use_bf16):
@@ -261,6 +264,7 @@ class TrainLoop:
                 output_device=self.device if on_gpu else None,
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
+                gradient_as_bucket_view=True,  # the gradients live in the buckets: no copy
                 **_NO_BUFFER_SYNC,
             )
         else:
@@ -355,6 +359,7 @@ class TrainLoop:
             batch, cond = next(self.data)
             self.run_step(batch, cond)
             if self.step % self.log_interval == 0:
+                self.loss_log.flush()
                 logger.dumpkvs()
             self.step += 1
             if self.sample_interval and self.step % self.sample_interval == 0:
@@ -383,8 +388,9 @@ class TrainLoop:
         """
         for start in range(0, batch.shape[0], self.microbatch):
             end = start + self.microbatch
-            micro_cond = {key: value[start:end].to(self.device) for key, value in cond.items()}
-            yield batch[start:end].to(self.device), micro_cond, end >= batch.shape[0]
+            micro_cond = {key: value[start:end].to(self.device, non_blocking=True)
+                          for key, value in cond.items()}
+            yield batch[start:end].to(self.device, non_blocking=True), micro_cond, end >= batch.shape[0]
 
     def forward_backward(self, batch, cond):
         """
@@ -416,7 +422,7 @@ class TrainLoop:
             )
         if isinstance(self.schedule_sampler, LossAwareSampler):
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
-        log_loss_dict(self.diffusion, t, {key: value * weights for key, value in losses.items()})
+        self.loss_log.add(self.diffusion, t, {key: value * weights for key, value in losses.items()})
         return (losses["loss"] * weights).mean()
 
     def _drop_labels(self, labels):
@@ -567,8 +573,40 @@ def log_loss_dict(diffusion, ts, losses):
     :param ts: the [N] timesteps.
     :param losses: a dict of [N] tensors.
     """
-    for key, values in losses.items():
-        logger.logkv_mean(key, values.mean().item())
-        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().float().cpu().numpy()):
-            quartile = int(4 * sub_t / diffusion.num_timesteps)
-            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+    LossLog().add(diffusion, ts, losses).flush()
+
+
+class LossLog:
+    """
+    Losses to log as log_loss_dict does, kept on their device until flush(), so that
+    training does not wait for the GPU to log every microbatch: the values and the order
+    of the logger's running means are those of logging at once.
+    """
+
+    MAX_PENDING = 256  # microbatches held before a flush regardless (bounded memory)
+
+    def __init__(self):
+        self._pending = []
+
+    def add(self, diffusion, ts, losses):
+        """
+        Take one microbatch's losses (arguments as log_loss_dict).
+
+        :return: self.
+        """
+        means = {key: values.detach().mean() for key, values in losses.items()}
+        values = {key: values.detach().float() for key, values in losses.items()}
+        self._pending.append((diffusion.num_timesteps, ts.detach(), means, values))
+        if len(self._pending) >= self.MAX_PENDING:
+            self.flush()
+        return self
+
+    def flush(self):
+        """Copy the pending losses to the host and log them in the order they came."""
+        pending, self._pending = self._pending, []
+        for num_timesteps, ts, means, values in pending:
+            for key in means:
+                logger.logkv_mean(key, means[key].item())
+                for sub_t, sub_loss in zip(ts.cpu().numpy(), values[key].cpu().numpy()):
+                    quartile = int(4 * sub_t / num_timesteps)
+                    logger.logkv_mean(f"{key}_q{quartile}", sub_loss)

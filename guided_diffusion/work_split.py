@@ -61,7 +61,11 @@ class PerSampleNoise:
         if shape[0] != len(self.generators):
             raise ValueError(f"noise for shape {tuple(shape)} but {len(self.generators)} generators")
         rows = [th.randn(tuple(shape[1:]), generator=generator) for generator in self.generators]
-        return th.stack(rows).to(device)
+        noise = th.stack(rows)
+        if th.device(device).type == "cuda":
+            # Page-locked, so that the copy overlaps the GPU's work instead of waiting for it.
+            return noise.pin_memory().to(device, non_blocking=True)
+        return noise.to(device)
 
     def __call__(self, x):
         return self.draw(x.shape, x.device).to(x.dtype)

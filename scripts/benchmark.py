@@ -50,6 +50,7 @@ from guided_diffusion.acceleration import (
     CompiledModel,
     accelerate,
     configure_runtime,
+    set_cuda_math,
     set_fast_attention,
     training_acceleration_defaults,
 )
@@ -109,6 +110,7 @@ def main(argv=None):
     if args.threads > 0:
         th.set_num_threads(args.threads)
     device = th.device(args.device or ("cuda" if th.cuda.is_available() else "cpu"))
+    set_cuda_math(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     if device.type == "cpu":  # the original's fp16 path needs a GPU: compare in float32
         args.use_fp16 = args.classifier_use_fp16 = False
     logger.configure(dir=tempfile.mkdtemp(prefix="benchmark-"), format_strs=["log"])
@@ -119,6 +121,8 @@ def main(argv=None):
         model_flags={name: getattr(args, name) for name in MODEL_KEYS},
         batch_size=args.batch_size,
         precision="float16 (original fp16 path)" if args.use_fp16 else "float32",
+        tf32=args.tf32,
+        cudnn_benchmark=args.cudnn_benchmark,
         **machine(device),
         repeats=args.repeats,
         train_steps=args.train_steps,
@@ -435,8 +439,8 @@ def device_peaks(device_name):
 def peak_kind(switches, use_fp16, device):
     """
     :return: the peak a path is measured against: "bf16" (16-bit tensor cores) for the
-        fp16 and bf16 paths, "tf32" for float32 on CUDA when cuDNN may use TF32 (torch's
-        default for convolutions, which dominate the UNet), else "fp32".
+        fp16 and bf16 paths, "tf32" for float32 on CUDA when cuDNN may use TF32 (--tf32,
+        for the convolutions, which dominate the UNet), else "fp32".
     """
     if switches.get("use_bf16") or use_fp16:
         return "bf16"

@@ -10,8 +10,9 @@ Steps, each a subprocess of the real scripts on tiny generated images (torchrun 
 its resume, bf16 training, a classifier, 25-step DDIM classifier-guided sampling, the
 evaluator on the samples (random Inception weights unless --inception_path: the same
 cost), and scripts/benchmark.py at the 256x256 flags (fp16 exact path against bf16 +
-compile + fast attention: images/s, memory, MFU). Prints one line per step and the
-benchmark's figures; exits 1 if a step failed.
+compile + fast attention: images/s, memory, MFU), then three short eager bf16 runs that
+settle the defaults of --channels_last and --cudnn_benchmark (each changes one switch).
+Prints one line per step and the benchmarks' figures; exits 1 if a step failed.
 """
 
 import argparse
@@ -43,6 +44,15 @@ TRAIN = ["--batch_size", "4", "--save_interval", "2", "--log_interval", "1", "--
 BENCHMARK = ["--config", "256x256_diffusion", "--batch_size", "16", "--use_fp16", "True",
              "--use_bf16", "True", "--compile", "True", "--repeats", "3", "--eval_images", "256",
              "--eval_batch_size", "64"]
+# Short eager bf16 runs that settle the defaults of the switches tuned on a CPU only:
+# each changes one switch from its default; their fast paths are compared.
+SWITCH_RUN = ["--config", "256x256_diffusion", "--batch_size", "8", "--use_bf16", "True",
+              "--repeats", "1", "--eval_images", "0"]
+SWITCHES = {
+    "defaults": [],
+    "channels_last False": ["--channels_last", "False"],
+    "cudnn_benchmark True": ["--cudnn_benchmark", "True"],
+}
 
 
 def write_images(folder, count=16, size=16):
@@ -90,8 +100,11 @@ def steps(work, args):
                        "--json", "--device", args.device]),
     ]
     if not args.skip_benchmark:
-        listed.append(("benchmark", [sys.executable, script("benchmark.py"), "--device", args.device,
-                                     *BENCHMARK, *args.benchmark_flags.split()]))
+        benchmark = [sys.executable, script("benchmark.py"), "--device", args.device]
+        listed.append(("benchmark", [*benchmark, *BENCHMARK, *args.benchmark_flags.split()]))
+        for name, flags in SWITCHES.items():
+            listed.append((f"switches: {name}",
+                           [*benchmark, *SWITCH_RUN, *flags, *args.benchmark_flags.split()]))
     return listed
 
 
@@ -119,6 +132,13 @@ def benchmark_summary(stdout):
     return lines
 
 
+def switch_summary(stdout):
+    """One line of a switch run's figures: its fast path's speeds."""
+    fast = json.loads(stdout.strip().splitlines()[-1])["paths"]["fast"]
+    return [f"  fast path: train {fast['train_images_per_s']:8.2f} img/s, sample "
+            f"{fast['sample_s_per_step']:.4f} s/step, guided {fast['guided_s_per_step']:.4f} s/step"]
+
+
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     if args.device == "cuda" and not th.cuda.is_available():
@@ -141,6 +161,8 @@ def main(argv=None):
             summary.append(f"{'ok  ' if ok else 'FAIL'} {seconds:7.1f} s  {name}")
             if ok and name == "benchmark":
                 summary.extend(benchmark_summary(stdout))
+            elif ok and name.startswith("switches: "):
+                summary.extend(switch_summary(stdout))
     print("\n".join(summary + [f"log: {work / 'gpu_check.log'}"]), flush=True)
     return 1 if failed else 0
 

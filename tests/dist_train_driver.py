@@ -7,8 +7,8 @@ Multi-process training driver for tests/test_training_scripts.py (not a test its
 "full" trains a tiny model for 4 steps; "interrupted" trains 2 steps, then starts
 again from the step-2 checkpoint and trains to step 4, then tries a new run in the same
 log directory (every rank writes the refusal to OUT_DIR/refused_rank<R>.txt). Every rank
-writes its final weights to OUT_DIR/<run>_rank<R>.pt and what setup_dist reported to
-OUT_DIR/setup_rank<R>.json.
+writes its final weights to OUT_DIR/<run>_rank<R>.pt, how DDP held the gradients to
+OUT_DIR/<run>_ddp_rank<R>.json and what setup_dist reported to OUT_DIR/setup_rank<R>.json.
 """
 
 import json
@@ -41,11 +41,13 @@ def train(image_dir, logdir, max_steps, resume_checkpoint=""):
     model, diffusion = create_model_and_diffusion(**FLAGS)
     model.to(dist_util.dev())
     data = load_data(data_dir=image_dir, batch_size=2, image_size=8, num_workers=0, seed=1)
-    TrainLoop(
+    loop = TrainLoop(
         model=model, diffusion=diffusion, data=data, batch_size=2, microbatch=1, lr=1e-3,
         ema_rate="0.9", log_interval=1, save_interval=2, resume_checkpoint=resume_checkpoint,
         max_steps=max_steps, seed=3, flags=FLAGS,
-    ).run_loop()
+    )
+    loop.run_loop()
+    model.gradient_as_bucket_view = loop.ddp_model.gradient_as_bucket_view
     return model
 
 
@@ -64,6 +66,8 @@ def main():
         logdir = os.path.join(out_dir, "full" if name == "full" else "interrupted")
         model = train(image_dir, logdir, max_steps, resume_checkpoint)
         th.save(model.state_dict(), os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+        with open(os.path.join(out_dir, f"{name}_ddp_rank{rank}.json"), "w") as f:
+            json.dump({"gradient_as_bucket_view": model.gradient_as_bucket_view}, f)
     if mode == "interrupted":
         try:
             train(image_dir, os.path.join(out_dir, "interrupted"), 4)

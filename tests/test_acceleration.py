@@ -180,3 +180,18 @@ def test_channels_last_keeps_the_unets_numbers():
     assert to_channels_last(unet) is unet
     assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=th.channels_last)
     assert th.allclose(unet(x, t, y=y), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_math_is_set_explicitly():
+    from guided_diffusion.acceleration import set_cuda_math
+
+    saved = (th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32, th.backends.cudnn.benchmark)
+    try:
+        set_cuda_math(tf32=False, cudnn_benchmark=True)
+        assert not th.backends.cuda.matmul.allow_tf32 and not th.backends.cudnn.allow_tf32
+        assert th.backends.cudnn.benchmark
+        set_cuda_math()  # the defaults: TF32 as the original's PyTorch had it, no autotuning
+        assert th.backends.cuda.matmul.allow_tf32 and th.backends.cudnn.allow_tf32
+        assert not th.backends.cudnn.benchmark
+    finally:
+        th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32, th.backends.cudnn.benchmark = saved

@@ -26,7 +26,7 @@ from guided_diffusion.command_line import (
     training_defaults,
     training_loop_kwargs,
 )
-from guided_diffusion.sampling import sample
+from guided_diffusion.sampling import SamplingRun
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.train_util import TrainLoop
 
@@ -100,6 +100,7 @@ def test_load_for_sampling(tmp_path):
     args = _sampling_args(path)
     load_for_sampling(fresh, args, defaults=model_and_diffusion_defaults())
     assert not fresh.training
+    assert not any(p.requires_grad for p in fresh.parameters())  # no weight gradients in guidance
     blocks = [module for module in fresh.modules() if isinstance(module, AttentionBlock)]
     assert blocks and not any(block.recompute for block in blocks)  # guidance gradients: faster
     assert not any(block.attention.fast for block in blocks)  # --fast_attention False
@@ -114,11 +115,11 @@ def test_load_for_sampling(tmp_path):
         load_for_sampling(unconditional, _sampling_args(path, class_cond=False))
 
 
-def test_every_sampling_flag_reaches_sample():
+def test_every_sampling_flag_reaches_the_sampling_run():
     parser = runpy.run_path(str(REPO / "scripts" / "classifier_sample.py"))["create_argparser"]()
     args = parser.parse_args([])
     kwargs = sample_kwargs(args)
-    accepted = set(inspect.signature(sample).parameters)
+    accepted = set(inspect.signature(SamplingRun).parameters)
     assert set(kwargs) <= accepted
     assert set(kwargs) == accepted & {action.dest for action in parser._actions}
 

@@ -54,3 +54,16 @@ def test_the_summary_shows_each_paths_figures(tiny_run):  # noqa: F811
     assert lines[0].startswith("benchmark on ") and "batch 2" in lines[0]
     assert [line.split()[0] for line in lines[1:-1]] == list(tiny_run["paths"])
     assert "img/s" in lines[1] and "MFU" in lines[1] and lines[-1].startswith("  speedup over exact")
+
+
+def test_the_switch_runs_change_one_switch_each_and_are_summarised(tmp_path, tiny_run):  # noqa: F811
+    check = runpy.run_path(str(REPO / "scripts" / "gpu_check.py"), run_name="gpu_check")
+    args = check["create_argparser"]().parse_args(["--device", "cpu", "--processes", "1"])
+    listed = dict(check["steps"](tmp_path, args))
+    runs = {name: command for name, command in listed.items() if name.startswith("switches: ")}
+    base = runs["switches: defaults"]
+    assert "--use_bf16" in base and "--compile" not in base
+    assert runs["switches: channels_last False"][len(base):] == ["--channels_last", "False"]
+    assert runs["switches: cudnn_benchmark True"][len(base):] == ["--cudnn_benchmark", "True"]
+    line, = check["switch_summary"](json.dumps(tiny_run) + "\n")
+    assert line.startswith("  fast path: train") and "s/step" in line

@@ -247,3 +247,20 @@ def test_validation_labels_follow_the_training_class_map(tmp_path):
     with pytest.raises(ValueError, match="classes fox, gnu are not among the 3 given classes "
                                          "\\(cat, dog, emu\\), e.g. .*fox_6.png"):
         load_data(data_dir=str(val), class_names=training.class_names, **options)
+
+
+def test_batches_are_pinned_for_the_gpu_only_when_cuda_is_available(tmp_path, monkeypatch):
+    from guided_diffusion import image_datasets
+
+    _write_images(tmp_path, ["a.png", "b.png"])
+    options = dict(data_dir=str(tmp_path), batch_size=2, image_size=8, num_workers=0)
+    assert load_data(**options).pin_memory is False  # no CUDA here
+    made = []
+    monkeypatch.setattr(image_datasets.th.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(image_datasets, "DataLoader",
+                        lambda *args, **kwargs: made.append(kwargs) or iter([]))
+    loader = load_data(**options)
+    assert loader.pin_memory is True
+    with pytest.raises(StopIteration):
+        next(loader)
+    assert made and made[0]["pin_memory"] is True

@@ -269,6 +269,30 @@ def test_log_loss_dict_splits_losses_by_quarter_of_the_timesteps(tmp_path):
     assert "loss_q2" not in values
 
 
+def test_training_logs_the_losses_at_the_log_step_not_at_every_microbatch(tmp_path, monkeypatch):
+    logger.configure(str(tmp_path), ["log"])
+    model, diffusion = _build(dict(FLAGS, dropout=0.0))
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=None, batch_size=4, microbatch=2, lr=0.1,
+        ema_rate="", log_interval=1, save_interval=10, resume_checkpoint="",
+    )
+    copies = []
+    item = th.Tensor.item
+    monkeypatch.setattr(th.Tensor, "item", lambda tensor: copies.append(1) or item(tensor))
+    th.manual_seed(5)
+    loop.forward_backward(th.randn(4, 3, 8, 8), {})
+    assert not copies and "loss" not in logger.getkvs()  # nothing waited for the device
+    pending = [(ts.clone(), {k: v.clone() for k, v in values.items()})
+               for _, ts, _, values in loop.loss_log._pending]
+    loop.loss_log.flush()
+    deferred = dict(logger.getkvs())
+    assert len(pending) == 2 and len(copies) == 2 * len(pending[0][1])
+    logger.configure(str(tmp_path / "at_once"), ["log"])
+    for ts, values in pending:
+        log_loss_dict(diffusion, ts, values)
+    assert deferred == logger.getkvs()
+
+
 def test_ema_rate_parsing():
     assert parse_ema_rates("0.9999,0.9999432") == [0.9999, 0.9999432]
     assert parse_ema_rates(0.99) == [0.99] and parse_ema_rates("") == []
@@ -393,3 +417,19 @@ def test_the_loop_follows_the_models_device_not_the_process_default(tmp_path, ti
     loop = _train(tmp_path, tiny_image_dir, 2, sample_interval=2)
     assert loop.device == th.device("cpu") and loop.step == 2
     assert (tmp_path / "model000002.pt").exists() and (tmp_path / "samples_000002.png").exists()
+
+
+@pytest.mark.parametrize("precision", [{}, dict(use_bf16=True)])
+def test_emas_and_optimizer_state_share_the_channels_last_weights_memory_format(tmp_path, precision):
+    logger.configure(str(tmp_path), ["log"])
+    model, diffusion = _build(dict(FLAGS, dropout=0.0))
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=0.1,
+        ema_rate="0.9,0.99", log_interval=1, save_interval=10, resume_checkpoint="",
+        channels_last=True, **precision,
+    )
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=th.channels_last) for p in weights)
+    for params in [loop.mp_trainer.master_params, *loop.ema_params]:
+        four_d = [p for p in params if p.dim() == 4]
+        assert [p.stride() for p in four_d] == [p.stride() for p in weights]

@@ -117,6 +117,8 @@ def test_torchrun_ranks_end_with_identical_weights(torchrun_run):
     setups = [json.loads((torchrun_run / f"setup_rank{r}.json").read_text()) for r in (0, 1)]
     summaries = [(s["launcher"], s["rank"], s["local_rank"]) for s in setups]
     assert summaries == [("torchrun", 0, 0), ("torchrun", 1, 1)]
+    ddp = [json.loads((torchrun_run / f"full_ddp_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(d["gradient_as_bucket_view"] for d in ddp)  # the gradients are the buckets: no copy
     assert _identical(_weights(torchrun_run / "full_rank0.pt"), _weights(torchrun_run / "full_rank1.pt"))
     saved = _weights(torchrun_run / "full" / "model000004.pt")
     assert _identical(saved, _weights(torchrun_run / "full_rank0.pt"))
