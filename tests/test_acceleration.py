@@ -34,7 +34,7 @@ def warnings_logged(monkeypatch):
 
 def test_defaults_keep_the_numbers():
     assert acceleration_defaults() == dict(use_bf16=False, compile=False, channels_last=True,
-                                          fast_attention=True)
+                                          fast_attention=True, tf32=True, cudnn_benchmark=False)
 
 
 def test_training_recomputes_attention_by_default_like_the_original():
