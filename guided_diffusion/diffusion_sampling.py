@@ -1,8 +1,9 @@
 """
 The sampling half of GaussianDiffusion: classifier guidance (condition_mean,
 condition_score), ancestral steps and loops (p_sample, p_sample_loop,
-p_sample_loop_progressive) and DDIM steps and loops (ddim_sample,
-ddim_reverse_sample and their loops).
+p_sample_loop_progressive), DDIM steps and loops (ddim_sample,
+ddim_reverse_sample and their loops), and the fast samplers' loop (sample_loop,
+solvers.py).
 
 SamplingMixin holds these methods; gaussian_diffusion.GaussianDiffusion
 inherits it, so they are called as diffusion.p_sample_loop(...) as in the
@@ -18,6 +19,8 @@ docstring and on each step below.
 import functools
 
 import torch as th
+
+from .solvers import Denoiser, check_sampler, run_sampler
 
 
 class SamplingMixin:
@@ -238,6 +241,40 @@ class SamplingMixin:
         )
         img = self._initial_image(model, shape, noise, device, noise_fn)
         yield from _loop(step, img, self._descending(), progress)
+
+    def sample_loop(
+        self, model, shape, sampler="dpmpp_2m", steps=10, noise=None, clip_denoised=True,
+        model_kwargs=None, cond_fn=None, device=None, progress=False, noise_fn=None,
+        time_grid=None, dynamic_threshold=None, **options,
+    ):
+        """
+        Sample with one of the fast samplers of solvers.py (ddim, ddpm, dpmpp_2m,
+        dpmpp_2m_sde, unipc, heun) in `steps` model evaluations per sample.
+
+        The model is evaluated between the trained timesteps too, given fractional
+        timesteps, with log alpha_bar interpolated linearly in t (solver_schedule.py). On a
+        respaced diffusion the kept timesteps are the schedule's knots, so for the new
+        samplers respacing only coarsens the schedule: build the diffusion without
+        timestep_respacing and choose `steps` instead.
+
+        :param sampler: the sampler's name.
+        :param steps: model evaluations per sample (heun: 2 * points - 1 of them).
+        :param noise: x_T, else drawn (with noise_fn if given).
+        :param noise_fn: the noise of x_T and of the stochastic samplers' steps.
+        :param time_grid: None (the sampler's default) or "time_uniform", "logSNR", "karras".
+        :param dynamic_threshold: None or a percentile such as 0.995 (Saharia et al. 2022).
+        :param options: the sampler's own options (ddim: eta; heun: s_churn, s_tmin, s_tmax,
+            s_noise; dpmpp_2m, dpmpp_2m_sde, unipc: lower_order_final; unipc: order, corrector).
+        :return: the final samples (the x_0 estimate at timestep 0), without gradients.
+
+        Other arguments as p_sample_loop.
+        """
+        check_sampler(sampler, steps, time_grid, options)  # before any draw
+        denoiser = Denoiser(model, self, model_kwargs=model_kwargs, cond_fn=cond_fn,
+                            clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+        x = self._initial_image(model, shape, noise, device, noise_fn)
+        return run_sampler(denoiser, x, sampler, steps, grid=time_grid, noise_fn=noise_fn,
+                           progress=progress, **options)
 
     def ddim_reverse_sample_loop(
         self, model, x, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False

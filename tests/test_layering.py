@@ -16,6 +16,7 @@ MAX_LINES = 700
 
 LAYERS = {
     "core": ["nn", "losses", "attention", "unet", "gaussian_diffusion", "diffusion_sampling",
+             "solver_schedule", "solvers",
              "respace", "resample", "guidance"],
     "runtime": ["dist_util", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
                 "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state"],

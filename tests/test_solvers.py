@@ -1,0 +1,170 @@
+"""
+Tests for guided_diffusion/solvers.py and solver_schedule.py: convergence orders on an
+analytic model with a closed-form answer, the existing loops' numbers for ddim and ddpm,
+guidance, the continuous schedule, and the errors.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch as th
+
+from test_sampling import NUM_CLASSES, tiny_classifier_flags, tiny_model
+from guided_diffusion.guidance import classifier_cond_fn
+from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion
+from guided_diffusion.solver_schedule import DEFAULT_GRIDS, ContinuousSchedule, time_grid
+from guided_diffusion.solvers import SAMPLERS, Denoiser, grid_points, run_sampler
+
+DATA_STD = 0.5  # x_0 ~ N(0, DATA_STD^2 I)
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    """A 1000-step linear-schedule diffusion, its exact eps model for Gaussian data, x_T
+    and the exact x_0 estimate at timestep 0 along the probability-flow ODE."""
+    diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=False, noise_schedule="linear")
+    schedule = ContinuousSchedule(diffusion)
+
+    def exact_eps(x, t):
+        a = th.from_numpy(schedule.alpha_bar(t.numpy())).view(-1, 1, 1, 1)
+        return th.sqrt(1 - a) * x / (a * DATA_STD**2 + 1 - a)
+
+    x_T = th.randn(64, 1, 4, 4, generator=th.Generator().manual_seed(0), dtype=th.float64)
+    first, last = schedule.alpha_bar(schedule.t_max), schedule.alpha_bar(schedule.t_min)
+    # x_t / sqrt(a_t s^2 + 1 - a_t) is constant along the ODE; then E[x_0 | x_t].
+    x_0 = x_T * math.sqrt(last * DATA_STD**2 + 1 - last) / math.sqrt(first * DATA_STD**2 + 1 - first)
+    expected = math.sqrt(last) * DATA_STD**2 * x_0 / (last * DATA_STD**2 + 1 - last)
+    return diffusion, exact_eps, x_T, expected
+
+
+def error(gaussian, sampler, steps, grid=None, **options):
+    diffusion, exact_eps, x_T, expected = gaussian
+    denoiser = Denoiser(exact_eps, diffusion, clip_denoised=False)
+    out = run_sampler(denoiser, x_T.clone(), sampler, steps, grid=grid, **options)
+    assert denoiser.evaluations == (2 * grid_points(sampler, steps) - 1 if sampler == "heun" else steps)
+    return float((out - expected).abs().max())
+
+
+@pytest.mark.parametrize("sampler, order", [("ddim", 1), ("dpmpp_2m", 2), ("unipc", 3), ("heun", 2)])
+def test_each_ode_sampler_converges_at_its_order(gaussian, sampler, order):
+    errors = [error(gaussian, sampler, steps, grid="logSNR") for steps in (20, 40, 80, 160)]
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert all(abs(rate - order) < 0.35 for rate in rates[1:]), (errors, rates)
+    assert errors[-1] < 0.05
+
+
+def test_at_ten_evaluations_the_multistep_solvers_beat_ddim_many_times(gaussian):
+    ddim = error(gaussian, "ddim", 10)
+    assert error(gaussian, "dpmpp_2m", 10) < ddim / 10
+    assert error(gaussian, "unipc", 10) < ddim / 5
+    assert error(gaussian, "unipc", 40) < error(gaussian, "unipc", 40, corrector=False) / 2
+
+
+def test_the_continuous_schedule_interpolates_log_alpha_bar_and_inverts_lambda():
+    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine")
+    schedule = ContinuousSchedule(diffusion)
+    assert np.allclose(schedule.alpha_bar(np.arange(100.0)), diffusion.alphas_cumprod, rtol=1e-12)
+    middle = schedule.alpha_bar(10.25)
+    expected = np.exp(0.75 * np.log(diffusion.alphas_cumprod[10]) + 0.25 * np.log(diffusion.alphas_cumprod[11]))
+    assert middle == pytest.approx(expected, rel=1e-12)
+    times = np.array([99.0, 50.5, 3.2, 0.0])
+    assert np.allclose(schedule.time_of_half_log_snr(schedule.half_log_snr(times)), times, atol=1e-9)
+    for kind in ("time_uniform", "logSNR", "karras"):
+        grid = time_grid(schedule, 7, kind)
+        assert grid[0] == 99.0 and grid[-1] == 0.0 and np.all(np.diff(grid) < 0)
+    lambdas = schedule.half_log_snr(time_grid(schedule, 7, "logSNR"))
+    assert np.allclose(np.diff(lambdas), np.diff(lambdas)[0])
+    spaced = SpacedDiffusion(space_timesteps(100, "ddim10"), **_diffusion_kwargs(diffusion))
+    knots = ContinuousSchedule(spaced)
+    assert knots.t_max == 90.0 and knots.alpha_bar(40.0) == pytest.approx(diffusion.alphas_cumprod[40])
+
+
+def _diffusion_kwargs(diffusion):
+    return dict(betas=diffusion.betas, model_mean_type=diffusion.model_mean_type,
+                model_var_type=diffusion.model_var_type, loss_type=diffusion.loss_type)
+
+
+@pytest.fixture(scope="module")
+def guided():
+    """A tiny learned-sigma model on a 40-step diffusion respaced to 6, and a classifier."""
+    model, diffusion = tiny_model(class_cond=True)
+    th.manual_seed(1)
+    classifier = create_classifier(**tiny_classifier_flags())
+    labels = th.arange(3) % NUM_CLASSES
+    return model, diffusion, classifier_cond_fn(classifier, 2.0), labels
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_ddim_and_ddpm_give_the_existing_loops_numbers_on_their_grid(guided, sampler, guidance):
+    model, diffusion, cond_fn, labels = guided
+    options = dict(model_kwargs={"y": labels}, cond_fn=cond_fn if guidance else None)
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    th.manual_seed(3)
+    expected = loop(model, (3, 3, 8, 8), **options)
+    th.manual_seed(3)
+    x_T = th.randn(3, 3, 8, 8)
+    times = np.array(diffusion.timestep_map[::-1], np.float64)
+    got = SAMPLERS[sampler](Denoiser(model, diffusion, **options), x_T, times)
+    # float32 rounding of two forms of the same step, amplified by 1 / alpha at high noise
+    assert th.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_the_guided_prediction_is_condition_scores(guided):
+    model, diffusion, cond_fn, labels = guided
+    x, t = th.randn(3, 3, 8, 8), th.full((3,), 4)
+    kwargs = {"y": labels}
+    out = diffusion.condition_score(cond_fn, diffusion.p_mean_variance(model, x, t, model_kwargs=kwargs),
+                                    x, t, model_kwargs=kwargs)
+    denoiser = Denoiser(model, diffusion, model_kwargs=kwargs, cond_fn=cond_fn)
+    x0 = denoiser(x, float(diffusion.timestep_map[4]))["x0"]
+    assert th.allclose(x0, out["pred_xstart"], atol=1e-5)
+    unguided = Denoiser(model, diffusion, model_kwargs=kwargs)(x, float(diffusion.timestep_map[4]))["x0"]
+    assert not th.allclose(x0, unguided, atol=1e-3)  # the guidance does something
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_guidance_at_scale_zero_is_the_unguided_run(guided, sampler):
+    model, diffusion, _, labels = guided
+    th.manual_seed(1)
+    classifier = create_classifier(**tiny_classifier_flags())
+    runs = []
+    for cond_fn in (None, classifier_cond_fn(classifier, 0.0)):
+        th.manual_seed(4)
+        runs.append(diffusion.sample_loop(model, (3, 3, 8, 8), sampler=sampler, steps=5,
+                                          model_kwargs={"y": labels}, cond_fn=cond_fn))
+    assert th.allclose(*runs, atol=1e-5)
+    assert runs[0].abs().max() <= 1.0 + 1e-5  # clipped x_0
+
+
+def test_dynamic_thresholding_keeps_the_samples_in_range(guided):
+    model, diffusion, cond_fn, labels = guided
+    th.manual_seed(4)
+    out = diffusion.sample_loop(model, (3, 3, 8, 8), sampler="dpmpp_2m", steps=4, clip_denoised=False,
+                                model_kwargs={"y": labels}, cond_fn=classifier_cond_fn(
+                                    create_classifier(**tiny_classifier_flags()), 50.0),
+                                dynamic_threshold=0.995)
+    assert out.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(sampler="euler"), "sampler='euler': expected one of ddim, ddpm, dpmpp_2m"),
+    (dict(steps=0), "steps=0: expected a positive number of model evaluations"),
+    (dict(sampler="dpmpp_2m", eta=0.5), r"eta is not an option of sampler='dpmpp_2m' .*option of ddim"),
+    (dict(sampler="unipc", s_churn=1.0), r"s_churn is not an option of sampler='unipc'.*of heun"),
+    (dict(time_grid="cosine"), "time_grid='cosine': expected one of time_uniform, logSNR, karras"),
+    (dict(dynamic_threshold=1.5), r"dynamic_threshold=1.5: expected a percentile in \(0, 1\]"),
+])
+def test_bad_sampler_arguments_are_named(guided, arguments, message):
+    model, diffusion, _, labels = guided
+    options = dict(dict(sampler="ddim", steps=3), **arguments)
+    with pytest.raises(ValueError, match=message):
+        diffusion.sample_loop(model, (3, 3, 8, 8), model_kwargs={"y": labels}, **options)
+
+
+def test_every_sampler_has_a_default_grid_and_a_docstring_naming_its_paper():
+    assert set(DEFAULT_GRIDS) == set(SAMPLERS)
+    for sampler in SAMPLERS.values():
+        assert "(" in sampler.__doc__.strip().splitlines()[0] or "et al." in sampler.__doc__
