@@ -27,7 +27,9 @@ from .checkpoint import load_for_inference
 from .file_writing import SamplesWriter
 from .presets import load_config, read_preset
 from .resample import create_named_schedule_sampler
+from .sampling import DEFAULT_STEPS
 from .sampling_state import PartialSamples
+from .solvers import SAMPLERS
 from .script_util import add_dict_to_argparser, architecture_flags, args_to_dict, str2bool
 from .train_util import TrainLoop, set_seed
 from .work_split import check_counts, check_seed
@@ -295,6 +297,10 @@ def add_sampling_flags(parser, guidance=True, images=True):
     if images:
         parser.add_argument("--save_png", type=str2bool, nargs="?", const=True, default=False,
                             help="also write every sample as a PNG")
+        parser.add_argument("--sampler", default="", help=f"a fast sampler: {', '.join(SAMPLERS)} "
+                            "(default: the original's DDPM / --use_ddim loops)")
+        parser.add_argument("--steps", type=int, default=0,
+                            help=f"the sampler's model evaluations per sample (default {DEFAULT_STEPS})")
     if guidance:
         parser.add_argument("--cfg_scale", type=float, default=None,
                             help="classifier-free guidance weight (needs --class_dropout_prob > 0)")
@@ -316,6 +322,10 @@ def start_sampling(args):
     set_cuda_math(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
+    if getattr(args, "sampler", "") and args.timestep_respacing:
+        logger.warn(f"--timestep_respacing {args.timestep_respacing} is not used with --sampler "
+                    f"{args.sampler}: the sampler chooses its own times of the full schedule (--steps)")
+        args.timestep_respacing = ""
 
 
 def sample_kwargs(args):
@@ -332,6 +342,8 @@ def sample_kwargs(args):
     for name in ("classifier_scale", "cfg_scale", "class_balanced"):
         if hasattr(args, name):
             kwargs[name] = getattr(args, name)
+    if hasattr(args, "sampler"):
+        kwargs.update(sampler=args.sampler or None, steps=args.steps or None)
     return kwargs
 
 

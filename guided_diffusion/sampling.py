@@ -27,8 +27,11 @@ from .acceleration import accelerate
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import to_uint8_nhwc
 from .sampling_labels import check_labels, choose_labels, resolve_num_classes
+from .solvers import SAMPLERS, check_sampler, grid_points
 from .unet import SuperResModel
 from .work_split import PerSampleNoise, check_counts, check_seed, gather_in_order, rounds
+
+DEFAULT_STEPS = 15  # a fast sampler's model evaluations per sample when steps is not given
 
 
 class SamplingRun:
@@ -66,6 +69,11 @@ class SamplingRun:
         use_bf16=False,         # bfloat16 autocast for the model and classifier (other numbers)
         compile=False,          # torch.compile them (eager if compilation fails)
         partial=None,           # a PartialSamples: continue from its finished samples, add each round
+        sampler=None,           # a fast sampler of solvers.py (e.g. "dpmpp_2m"; None: DDPM / DDIM loops)
+        steps=None,             # the sampler's model evaluations per sample (default DEFAULT_STEPS)
+        time_grid=None,         # the sampler's time grid (None: its default)
+        dynamic_threshold=None,  # the sampler's dynamic thresholding percentile (e.g. 0.995)
+        sampler_options=None,   # the sampler's own options, e.g. {"eta": 0.5} for "ddim"
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -97,6 +105,8 @@ class SamplingRun:
             labels = choose_labels(num_samples, num_classes, class_balanced, seed)
         if partial is not None and seed is None:
             raise ValueError("partial samples need a seed: without one an interrupted run cannot be continued")
+        self._solver = _solver_options(sampler, steps, time_grid, dynamic_threshold, sampler_options,
+                                       use_ddim)
 
         speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
         run = accelerate(model, **speed_ups)
@@ -133,7 +143,8 @@ class SamplingRun:
         if self.finished:
             logger.log(f"continuing after {self.finished} finished samples in {self.partial.folder}")
         plan = rounds(self.num_samples, self._batch_size, world_size, first=self.finished)
-        steps = sum(len(work[rank]) > 0 for work in plan) * self._diffusion.num_timesteps
+        per_batch = self._solver["steps"] if self._solver else self._diffusion.num_timesteps
+        steps = sum(len(work[rank]) > 0 for work in plan) * per_batch
         disable = not self._progress or rank > 0
         with tqdm(total=steps, unit="step", desc="sampling", disable=disable) as bar:
             for work in plan:
@@ -155,7 +166,7 @@ class SamplingRun:
             batch = _sample_batch(
                 self._diffusion, self._model_fn, self._cond_fn, (len(indices), *self._shape[1:]),
                 model_kwargs, indices, self._seed, self._use_ddim, self._clip_denoised, self._device,
-                bar,
+                bar, self._solver,
             )
             images = to_uint8_nhwc(batch)
             finite = th.isfinite(batch).flatten(1).all(1).to(th.uint8)
@@ -300,21 +311,52 @@ def _to_model_range(images_uint8, device):
 
 def _sample_batch(
     diffusion, model_fn, cond_fn, shape, model_kwargs, indices, seed, use_ddim, clip_denoised,
-    device, bar,
+    device, bar, solver,
 ):
     """
-    Run one batch through the sampling loop, advancing the progress bar per step.
+    Run one batch through the sampling loop (or the fast sampler of `solver`), advancing
+    the progress bar per step (per model evaluation for a fast sampler).
 
     :return: the float [N x C x H x W] samples.
     """
-    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
     options = dict(
         clip_denoised=clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
         progress=False,
     )
     if seed is not None:
         options["noise_fn"] = PerSampleNoise(seed, indices)  # draws x_T first, then each step
+    if solver:
+        samples = diffusion.sample_loop(model_fn, shape, **solver, **options)
+        bar.update(solver["steps"])
+        return samples
+    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
     for out in loop(model_fn, shape, **options):
         bar.update(1)
     return out["sample"]
+
+
+def _solver_options(sampler, steps, time_grid, dynamic_threshold, sampler_options, use_ddim):
+    """
+    Check the fast sampler's arguments and log its model evaluations per sample.
+
+    :return: the sample_loop keyword arguments of the sampler, or None without one.
+    """
+    if sampler is None:
+        given = [f"{name}={value}" for name, value in (("steps", steps), ("time_grid", time_grid),
+                 ("dynamic_threshold", dynamic_threshold), ("sampler_options", sampler_options))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} without a sampler: pass sampler= "
+                             f"(one of {', '.join(SAMPLERS)})")
+        return None
+    if use_ddim:
+        raise ValueError(f"use_ddim=True and sampler={sampler}: choose one (sampler=ddim is DDIM "
+                         "on the sampler's time grid)")
+    steps = DEFAULT_STEPS if steps is None else steps
+    options = dict(sampler_options or {})
+    check_sampler(sampler, steps, time_grid, options)
+    evaluations = 2 * grid_points(sampler, steps) - 1 if sampler == "heun" else steps
+    logger.log(f"sampler {sampler}: {evaluations} model evaluations per sample")
+    return dict(sampler=sampler, steps=steps, time_grid=time_grid,
+                dynamic_threshold=dynamic_threshold, **options)
 

@@ -178,6 +178,45 @@ def test_a_killed_seeded_image_sample_continues_with_the_same_images(checkpoints
     assert not (folder / "partial_samples").exists()
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc"])
+def test_fast_guided_sampler_same_seed_same_images_for_one_and_two_processes(checkpoints, tmp_path,
+                                                                             sampler):
+    common = MODEL_FLAGS + CLASSIFIER_FLAGS + [
+        "--model_path", checkpoints["uncond"], "--classifier_path", checkpoints["classifier"],
+        "--classifier_scale", 2.0, "--num_samples", 5, "--seed", 2, "--sampler", sampler,
+        "--steps", 4,
+    ]
+    run_script("classifier_sample.py", common + ["--batch_size", 5, "--log_dir", tmp_path / "one"])
+    run_script("classifier_sample.py", common + ["--batch_size", 2, "--log_dir", tmp_path / "two"],
+               processes=2, launcher="torchrun")
+    one, one_labels = read_samples(tmp_path / "one", 5)
+    two, two_labels = read_samples(tmp_path / "two", 5)
+    assert one_labels.tolist() == two_labels.tolist()
+    assert_same_images(one, two)
+    log = (tmp_path / "one" / "log.txt").read_text()
+    assert f"sampler {sampler}: 4 model evaluations per sample" in log
+    assert "--timestep_respacing 6 is not used with --sampler" in log  # MODEL_FLAGS respace
+    run_script("classifier_sample.py", common[:-4] + ["--batch_size", 5, "--log_dir", tmp_path / "ddpm"])
+    assert not np.array_equal(read_samples(tmp_path / "ddpm", 5)[0], one)  # another sampler
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "euler"], "--sampler 'euler': expected one of ddim, ddpm, dpmpp_2m"),
+    (["--steps", 4], "--steps 4 without a sampler: pass --sampler"),
+    (["--sampler", "dpmpp_2m", "--use_ddim", "True"], "--use_ddim True and --sampler dpmpp_2m: choose one"),
+    (["--sampler", "heun", "--steps", 0, "--num_samples", 1], None),  # 0: the default 15
+])
+def test_fast_sampler_flag_errors(checkpoints, tmp_path, args, message):
+    result = run_script("image_sample.py", MODEL_FLAGS + COND + [
+        "--model_path", checkpoints["cond"], "--num_samples", 2, "--log_dir", tmp_path, *args,
+    ], check=message is None)
+    if message is None:
+        assert "sampler heun: 15 model evaluations per sample" in (tmp_path / "log.txt").read_text()
+        return
+    assert result.returncode == 1
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+
+
 def test_image_sample_from_a_config_file_unconditional_ddim(checkpoints, tmp_path):
     preset = tmp_path / "tiny.json"
     preset.write_text(
