@@ -605,12 +605,9 @@ def create_gaussian_diffusion(
 
 def architecture_flags(flags):
     """
-    Pick the flags that shape a network and its diffusion process: the arguments of
-    create_model_and_diffusion, create_classifier_and_diffusion and
-    sr_create_model_and_diffusion, less the runtime switches and training objective of
-    checkpoint.NON_ARCHITECTURE_FLAGS. These are what a checkpoint's recorded flags
-    are compared with; every other flag (lr, max_steps, log_dir, ...) may change
-    between a checkpoint and the run that loads it.
+    Pick the flags that shape a network and its diffusion: the arguments of the three
+    model-and-diffusion factories less checkpoint.NON_ARCHITECTURE_FLAGS. A checkpoint's
+    recorded flags are compared with these; others (lr, log_dir, ...) may change.
 
     :param flags: a dict of any script's flags.
     :return: the dict of those of its flags that are architecture flags.
@@ -625,10 +622,10 @@ def architecture_flags(flags):
 def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
     """
     Build a released model from its preset and load its weights for inference
-    (checkpoint.load_for_inference: strict, eval mode).
+    (checkpoint.load_for_inference: strict, eval mode); with path None, random weights.
 
     :param name: a preset name or JSON path (e.g. "256x256_diffusion").
-    :param path: the checkpoint file (e.g. "models/256x256_diffusion.pt").
+    :param path: the checkpoint file (e.g. "models/256x256_diffusion.pt"), or None.
     :param device: where to put the model.
     :param use_fp16: convert the torso to float16; None follows the preset.
     :param overrides: flags that replace the preset's (e.g. timestep_respacing="250").
@@ -649,10 +646,14 @@ def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
     if use_fp16 is not None:  # the network is built for the precision it is converted to
         args[fp16_flag] = use_fp16
     built = factory(**{flag: args[flag] for flag in defaults})
-    load_for_inference(
-        built if kind == "classifier" else built[0], path, flags=architecture_flags(args),
-        use_fp16=args[fp16_flag], device=device,
-    )
+    network = built if kind == "classifier" else built[0]
+    if path is None:
+        network.to(device)
+        if args[fp16_flag]:
+            network.convert_to_fp16()
+        return built
+    load_for_inference(network, path, flags=architecture_flags(args), use_fp16=args[fp16_flag],
+                       device=device)
     return built
 
 

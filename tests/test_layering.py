@@ -21,7 +21,7 @@ LAYERS = {
     "runtime": ["dist_util", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
                 "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state"],
     "jobs": ["train_util", "classifier_train_util", "sampling", "sampling_labels", "bpd"],
-    "command_line": ["script_util", "presets", "command_line"],
+    "command_line": ["script_util", "presets", "command_line", "adm"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 

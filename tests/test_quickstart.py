@@ -227,3 +227,27 @@ def test_a_rerun_into_the_same_folder_gives_the_same_results(script_run, tiny_fo
         assert np.array_equal(first, np.load(script_run / "samples" / f"scale_{scale}.npz")["arr_0"])
     second = th.load(script_run / "diffusion" / "model000002.pt", weights_only=True)
     assert all(th.equal(first_weights[key], second[key]) for key in first_weights)
+
+def test_the_job_writes_the_sampler_study(script_run):
+    with open(script_run / "samplers.csv") as f:
+        rows = list(csv.DictReader(f))
+    combos = {(float(row["classifier_scale"]), row["sampler"], int(row["evaluations"])) for row in rows}
+    assert combos == {(scale, sampler, count) for scale in (0.0, 2.0)
+                      for sampler in ("ddim", "dpmpp_2m", "unipc") for count in (10, 25)}
+    assert all(float(row["frechet"]) >= 0 and 0 <= float(row["recall"]) <= 1 for row in rows)
+    report = (script_run / "samplers.md").read_text()
+    assert "Classifier scale 2:" in report and "Fewest evaluations within 5% of DDIM-25's" in report
+    assert Image.open(script_run / "samplers.png").size == (520, 320)
+
+
+def test_the_fewest_evaluations_that_match_ddim_25():
+    from examples.quickstart.sampler_study import fewest_evaluations_to_match
+
+    rows = [dict(classifier_scale=3.0, sampler=sampler, evaluations=count, frechet=value)
+            for sampler, count, value in [("ddim", 10, 2.0), ("ddim", 25, 1.0), ("unipc", 5, 1.2),
+                                          ("unipc", 10, 1.04), ("unipc", 25, 0.9), ("ddpm", 10, 3.0)]]
+    baseline, fewest = fewest_evaluations_to_match(rows, 3.0)
+    assert baseline == 1.0 and fewest == {"unipc": 10, "ddim": 25, "ddpm": None}
+    assert fewest_evaluations_to_match(rows, 0.0) == (None, {})
+    with pytest.raises(ValueError, match="sampler_study='fast': expected none, quick, full"):
+        quickstart.run_quickstart(sampler_study="fast")

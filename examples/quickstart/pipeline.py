@@ -57,12 +57,15 @@ from guided_diffusion.script_util import (
     classifier_defaults,
     create_classifier,
     create_classifier_and_diffusion,
+    create_gaussian_diffusion,
     create_model_and_diffusion,
+    diffusion_defaults,
     model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import TrainLoop, set_seed
 from guided_diffusion.training_state import ema_filename, model_filename
 
+from .sampler_study import check_study, frechet_distance, run_sampler_study, write_study
 from .report import (
     describe_trends,
     png_bytes,
@@ -108,6 +111,8 @@ def quickstart_defaults():
         classifier_lr=1e-3,             # classifier learning rate, decayed linearly to 0
         classifier_scales="0,1,3,10",   # guidance scales to sample and compare
         sample_steps=25,                # DDIM steps per sample
+        sampler_study="quick",          # quality per model evaluation of the fast samplers:
+                                        # "quick" (3 samplers, 10 and 25), "full" (all, 5-50), "none"
         samples_per_class=30,           # samples of each class at each scale
         sample_batch_size=100,          # samples per forward pass
         judge_size=8,                   # side the judge sees images at
@@ -434,6 +439,7 @@ def _check_options(options):
     if unknown:
         raise ValueError(f"unknown quickstart options {unknown}; expected some of {sorted(merged)}")
     merged.update(options)
+    check_study(merged["sampler_study"])
     if merged["heldout_dir"] and not merged["data_dir"]:
         raise ValueError("--heldout_dir needs --data_dir (the digits bring their own held-out images)")
     for name in ("train_steps", "classifier_steps", "sample_steps", "samples_per_class",
@@ -513,6 +519,27 @@ def _load_sampling_models(model_flags, model_path, classifier_flags, classifier_
     return model, diffusion, classifier
 
 
+def _sampler_study(options, model_flags, model, classifier, scales, labels, judge, real_features):
+    """
+    Run the sampler study (sampler_study.py) on the full diffusion, without guidance and
+    at the middle classifier scale.
+
+    :return: its result rows.
+    """
+    diffusion_flags = {name: model_flags[name] for name in diffusion_defaults()}
+    diffusion_flags.update(timestep_respacing="", steps=diffusion_flags.pop("diffusion_steps"))
+    diffusion = create_gaussian_diffusion(**diffusion_flags)
+    middle = scales[len(scales) // 2]
+
+    def score(images):
+        return dict(frechet=frechet_distance(real_features, judge.features(images)),
+                    **score_images(judge, real_features, images, labels))
+
+    return run_sampler_study(model, diffusion, classifier, sorted({0.0, middle}), labels,
+                             options["sample_batch_size"], options["seed"], score,
+                             options["sampler_study"])
+
+
 def run_quickstart(progress=True, **options):
     """
     Run the whole job (see the module docstring). It configures `logger`: stdout and
@@ -568,6 +595,12 @@ def run_quickstart(progress=True, **options):
             f"images. Real training images (the same number per class as the samples) against the "
             f"held-out ones: precision {real['precision']:.3f}, recall {real['recall']:.3f}."
         )
+    study_rows = []
+    if options["sampler_study"] != "none":
+        with _timed(seconds, "sampler study"):
+            study_rows = _sampler_study(options, model_flags, model, classifier, scales, labels,
+                                        judge, real_features)
+        write_study(out_dir, study_rows, seconds["sampler study"])
     with _timed(seconds, "report"):
         columns = min(options["grid_columns"], options["samples_per_class"])
         write_pictures(out_dir, rows, samples, labels, len(names), columns,
@@ -580,5 +613,6 @@ def run_quickstart(progress=True, **options):
                      classifier, judge_line, rows, times)
     write_bytes(bf.join(out_dir, "results.md"), report.encode("utf-8"))
     logger.log(results_table(rows) + "\n" + describe_trends(rows))
-    logger.log(f"wall time: {times}; outputs in {out_dir} (results.md, quickstart.png)")
+    logger.log(f"wall time: {times}; outputs in {out_dir} (results.md, quickstart.png"
+               + (", samplers.md)" if study_rows else ")"))
     return rows
