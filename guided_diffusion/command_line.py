@@ -31,7 +31,7 @@ from .sampling import DEFAULT_STEPS
 from .sampling_state import PartialSamples
 from .solvers import SAMPLERS
 from .script_util import add_dict_to_argparser, architecture_flags, args_to_dict, str2bool
-from .train_util import TrainLoop, set_seed
+from .train_util import PREVIEW_STEPS, TrainLoop, set_seed
 from .work_split import check_counts, check_seed
 
 
@@ -138,6 +138,8 @@ def training_defaults():
         log_dir="",  # default: $OPENAI_LOGDIR, else a new folder in the temp directory
         max_steps=0,  # stop with a final save at this step (0: never)
         sample_interval=0,  # write an EMA sample grid every N steps (0: never)
+        sampler="",  # the preview's fast sampler (default: DDIM over 25 steps)
+        steps=0,  # the preview sampler's model evaluations per sample (0: 25)
         class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
         num_workers=1,
         init_checkpoint="",  # start a new run from these weights
@@ -233,6 +235,8 @@ def diffusion_loop_kwargs(args):
         lr_anneal_steps=args.lr_anneal_steps,
         max_steps=args.max_steps,
         sample_interval=args.sample_interval,
+        preview_sampler=args.sampler or None,
+        preview_steps=args.steps or PREVIEW_STEPS,
         class_dropout_prob=getattr(args, "class_dropout_prob", 0.0),
     )
 

@@ -33,6 +33,7 @@ from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
 from .file_writing import save_image_grid
 from .image_grid import to_uint8_nhwc
 from .nn import update_ema
+from .solvers import check_sampler
 from .resample import LossAwareSampler, UniformSampler
 from .respace import SpacedDiffusion, space_timesteps
 
@@ -181,6 +182,8 @@ class TrainLoop:
         max_steps=0,                # stop (with a final save) at this step (0: never)
         seed=None,                  # seed of the training draws for a fresh run (None: unseeded)
         sample_interval=0,          # write an EMA sample grid every this many steps (0: never)
+        preview_sampler=None,       # the grid's fast sampler (solvers.py; None: DDIM)
+        preview_steps=PREVIEW_STEPS,  # its DDIM steps or the sampler's model evaluations
         flags=None,                 # the run's flags, recorded in checkpoints
         model_flags=None,           # the flags that shaped the model and diffusion, compared
                                     # with a loaded checkpoint's record (None: not compared)
@@ -217,6 +220,9 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
         self.sample_interval = sample_interval
+        if preview_sampler is not None:
+            check_sampler(preview_sampler, preview_steps)
+        self.preview_sampler, self.preview_steps = preview_sampler, preview_steps
         self.class_dropout_prob = class_dropout_prob
         self.flags = training_state.plain_flags(flags)
         self.model_flags = training_state.plain_flags(model_flags) if model_flags else None
@@ -524,24 +530,30 @@ class TrainLoop:
             with self.mp_trainer.autocast():
                 images = sample_preview(
                     preview_model, self.diffusion, (count, *batch.shape[1:]), model_kwargs,
-                    steps=PREVIEW_STEPS,
+                    steps=self.preview_steps, sampler=self.preview_sampler,
                 )
         path = bf.join(logger.get_dir(), f"samples_{self.step:06d}.png")
         save_image_grid(to_uint8_nhwc(images.float()).cpu(), path)
         logger.log(f"wrote {path}")
 
 
-def sample_preview(model, diffusion, shape, model_kwargs=None, steps=PREVIEW_STEPS):
+def sample_preview(model, diffusion, shape, model_kwargs=None, steps=PREVIEW_STEPS, sampler=None):
     """
-    Deterministic DDIM samples (eta = 0) over `steps` evenly spaced steps of a diffusion.
+    Deterministic DDIM samples (eta = 0) over `steps` evenly spaced steps of a diffusion,
+    or a fast sampler's (GaussianDiffusion.sample_loop) in `steps` model evaluations.
 
     :param model: the denoising model.
     :param diffusion: the (training) diffusion; may itself be a SpacedDiffusion.
     :param shape: the [N x C x H x W] shape of the samples.
     :param model_kwargs: extra model inputs, e.g. {"y": labels}.
-    :param steps: the number of DDIM steps.
+    :param steps: the number of DDIM steps (or the sampler's evaluations).
+    :param sampler: None (DDIM), or a solvers.py sampler.
     :return: an [N x C x H x W] tensor in [-1, 1].
     """
+    noise = th.randn(*shape, device=next(model.parameters()).device)
+    if sampler is not None:
+        return diffusion.sample_loop(model, shape, sampler=sampler, steps=steps, noise=noise,
+                                     model_kwargs=model_kwargs)
     if isinstance(diffusion, SpacedDiffusion):
         base_model, rescale = diffusion._wrap_model(model), False
     else:
@@ -556,7 +568,6 @@ def sample_preview(model, diffusion, shape, model_kwargs=None, steps=PREVIEW_STE
         loss_type=diffusion.loss_type,
         rescale_timesteps=rescale,
     )
-    noise = th.randn(*shape, device=next(model.parameters()).device)
     return preview_diffusion.ddim_sample_loop(
         lambda x, t, **kwargs: base_model(x, t, **kwargs),
         shape,

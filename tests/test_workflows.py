@@ -126,7 +126,7 @@ def classifier(tmp_path_factory, data_dir):
 @pytest.fixture(scope="module")
 def super_res(tmp_path_factory, data_dir):
     """(full, part, continuation output) of super_res_train.py to 4 steps, and 2 then 4."""
-    flags = ["--data_dir", data_dir, *SUPER_RES_MODEL, *TRAIN]
+    flags = ["--data_dir", data_dir, *SUPER_RES_MODEL, *TRAIN, "--sampler", "unipc", "--steps", "3"]
     return train_and_continue("super_res_train.py", flags, tmp_path_factory.mktemp("super_res"),
                               last_step=4)
 
@@ -206,6 +206,8 @@ def test_classifier_training_continues_with_more_iterations(classifier):
 def test_super_res_training_continues(super_res):
     full, part, _ = super_res
     assert_same_checkpoints(full, part, ["model000004.pt", "ema_0.9999_000004.pt"])
+    previews = [np.array(Image.open(folder / "samples_000004.png")) for folder in (full, part)]
+    assert np.array_equal(*previews) and previews[0].std() > 0  # --sampler unipc --steps 3
 
 
 # ---------------------------------------------------------------------- sampling
