@@ -14,6 +14,8 @@ setup(
     extras_require={
         "mpi": ["mpi4py"],
         "quickstart": ["scikit-learn"],
-        "test": ["pytest", "mpich", "mpi4py", "scikit-learn"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "test": ["pytest", "mpich", "mpi4py", "scikit-learn", "tensorboard", "wandb"],
     },
 )

@@ -32,6 +32,7 @@ from .sampling_state import PartialSamples
 from .solvers import SAMPLERS
 from .script_util import add_dict_to_argparser, architecture_flags, args_to_dict, str2bool
 from .train_util import PREVIEW_STEPS, TrainLoop, set_seed
+from .training_state import parse_resume_step_from_filename
 from .work_split import check_counts, check_seed
 
 
@@ -96,7 +97,7 @@ def run_script(main, parser):
     """
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         names = [action.dest for action in parser._actions if action.option_strings]
         sys.exit(f"{os.path.basename(sys.argv[0])}: {in_flag_terms(str(error), names)}")
 
@@ -159,19 +160,33 @@ def training_argparser(doc, defaults):
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     add_dict_to_argparser(parser, {**defaults, **training_acceleration_defaults()})
     parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
+    parser.add_argument("--log_format", default="", help="comma-separated outputs: stdout, log, "
+                        "csv, json, tensorboard, wandb (default: $OPENAI_LOG_FORMAT or stdout,log,csv)")
+    parser.add_argument("--wandb_project", default="", help="log to this Weights & Biases project")
+    parser.add_argument("--wandb_run_name", default="", help="the W&B run's name (default: W&B's)")
+    parser.add_argument("--wandb_entity", default="", help="the W&B entity (default: yours)")
     return parser
 
 
 def start_training(args):
     """
     Set the CUDA arithmetic (--tf32, --cudnn_benchmark), the processes, the log directory
-    (--log_dir) and, with --seed, the generators.
+    (--log_dir) and its outputs (--log_format, --wandb_project: continued when resuming),
+    and, with --seed, the generators.
 
     :param args: the parsed flags.
     """
     set_cuda_math(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
+    formats = args.log_format.split(",") if args.log_format and dist_util.get_rank() == 0 else None
+    resume = args.resume_checkpoint
+    tracking = dict(purge_step=parse_resume_step_from_filename(resume) if resume else None,
+                    resume_dir=os.path.dirname(resume) if resume else None,
+                    wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name,
+                    wandb_entity=args.wandb_entity)
+    logger.configure(dir=args.log_dir or None, format_strs=formats, comm=logger.TorchDistComm(),
+                     tracking=tracking)
+    logger.log_config(vars(args))
     if args.seed is not None:
         set_seed(args.seed)
 

@@ -125,10 +125,13 @@ def save_image_grid(images_uint8_nhwc, path, nrow=None):
     :param images_uint8_nhwc: an [N x H x W x C] uint8 array or tensor.
     :param path: the PNG's path or blobfile URL.
     :param nrow: images per row (default: ceil(sqrt(N)), a square-ish grid).
+    :return: the grid, a uint8 array [H x W x C].
     """
     if nrow is None:
         nrow = math.ceil(math.sqrt(len(images_uint8_nhwc)))
-    write_png(make_image_grid(images_uint8_nhwc, nrow), path)
+    grid = make_image_grid(images_uint8_nhwc, nrow)
+    write_png(grid, path)
+    return grid
 
 
 class PngFolder:

@@ -20,12 +20,16 @@ from collections import defaultdict
 
 import torch.distributed as dist
 
+from .tracking import TensorBoardOutputFormat, WandbOutputFormat
+
 DEBUG = 10
 INFO = 20
 WARN = 30
 ERROR = 40
 DISABLED = 50
 
+# Formats written by rank 0 only, whatever the format list.
+TRACKING_FORMATS = ("tensorboard", "wandb")
 # Longest key or value shown in the human-readable table.
 _MAX_CELL_WIDTH = 30
 
@@ -182,16 +186,29 @@ def _json_scalar(value):
     return float(value)
 
 
-def make_output_format(format, ev_dir, log_suffix=""):
+def make_output_format(format, ev_dir, log_suffix="", tracking=None):
     """
     Create one output format.
 
-    :param format: "stdout", "log" (log.txt), "json" (progress.json) or "csv" (progress.csv).
+    :param format: "stdout", "log" (log.txt), "json" (progress.json), "csv" (progress.csv),
+        "tensorboard" (event files in tb/) or "wandb" (a Weights & Biases run); see tracking.py.
     :param ev_dir: the directory the files go in (created if missing).
     :param log_suffix: inserted before the file extension, e.g. "-rank001".
-    :return: a KVWriter (and SeqWriter for "stdout" and "log").
+    :param tracking: options of the tracking formats: purge_step (the step a resumed run
+        starts at), wandb_project, wandb_run_name, wandb_entity, resume_dir.
+    :return: a KVWriter (and SeqWriter for "stdout" and "log"), or a tracking format.
     """
     os.makedirs(ev_dir, exist_ok=True)
+    tracking = tracking or {}
+    if format == "tensorboard":
+        return TensorBoardOutputFormat(ev_dir, purge_step=tracking.get("purge_step"))
+    if format == "wandb":
+        project = tracking.get("wandb_project") or os.getenv("WANDB_PROJECT")
+        if not project:
+            raise ValueError("the wandb log format needs a project: wandb_project=NAME (or WANDB_PROJECT)")
+        return WandbOutputFormat(ev_dir, project, name=tracking.get("wandb_run_name") or None,
+                                 entity=tracking.get("wandb_entity") or None,
+                                 resume_dir=tracking.get("resume_dir"))
     if format == "stdout":
         return HumanOutputFormat(sys.stdout)
     if format == "log":
@@ -200,7 +217,8 @@ def make_output_format(format, ev_dir, log_suffix=""):
         return JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json"))
     if format == "csv":
         return CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"))
-    raise ValueError(f"unknown log format {format!r}: expected stdout, log, json or csv")
+    raise ValueError(f"unknown log format {format!r}: expected stdout, log, json, csv, tensorboard "
+                     "or wandb")
 
 
 class TorchDistComm:
@@ -331,11 +349,33 @@ class Logger:
             written = weighted_mean_over_ranks(self.comm, counts)
         if self.comm is None or self.comm.Get_rank() == 0:
             for fmt in self.output_formats:
-                if isinstance(fmt, KVWriter):
+                if hasattr(fmt, "writekvs"):
                     fmt.writekvs(written)
         self.name2val.clear()
         self.name2cnt.clear()
         return written
+
+    def log_image(self, key, image, step):
+        """
+        Send an image to the formats that take images (tensorboard, wandb).
+
+        :param key: its name, e.g. "samples".
+        :param image: a uint8 [H x W x 3] array.
+        :param step: the training step.
+        """
+        for fmt in self.output_formats:
+            if hasattr(fmt, "write_image"):
+                fmt.write_image(key, image, step)
+
+    def log_config(self, config):
+        """
+        Send the run's flags to the formats that record them (tensorboard, wandb).
+
+        :param config: a JSON-serialisable dict.
+        """
+        for fmt in self.output_formats:
+            if hasattr(fmt, "write_config"):
+                fmt.write_config(config)
 
     def log(self, *args, level=INFO):
         """
@@ -524,7 +564,17 @@ def _rank_from_environment():
     return 0
 
 
-def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
+def log_image(key, image, step):
+    """Send an image to the current logger's image formats (Logger.log_image)."""
+    get_current().log_image(key, image, step)
+
+
+def log_config(config):
+    """Send the run's flags to the current logger's tracking formats (Logger.log_config)."""
+    get_current().log_config(config)
+
+
+def configure(dir=None, format_strs=None, comm=None, log_suffix="", tracking=None):
     """
     Start logging to a directory.
 
@@ -536,6 +586,8 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
         rank 0's directory and to average logged values over ranks. With a comm,
         configure and dumpkvs must be called by every rank.
     :param log_suffix: added to file names; ranks other than 0 add "-rankNNN".
+    :param tracking: options of the tensorboard and wandb formats (make_output_format),
+        which only rank 0 writes.
     """
     if not dir:
         dir = os.getenv("OPENAI_LOGDIR")
@@ -554,7 +606,11 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
             format_strs = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
         else:
             format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
-    output_formats = [make_output_format(f, dir, log_suffix) for f in format_strs if f]
+    if rank > 0:
+        format_strs = [f for f in format_strs if f not in TRACKING_FORMATS]
+    elif (tracking or {}).get("wandb_project") and "wandb" not in format_strs:
+        format_strs = [*format_strs, "wandb"]
+    output_formats = [make_output_format(f, dir, log_suffix, tracking) for f in format_strs if f]
     if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
         Logger.CURRENT.close()
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)

@@ -533,7 +533,11 @@ class TrainLoop:
                     steps=self.preview_steps, sampler=self.preview_sampler,
                 )
         path = bf.join(logger.get_dir(), f"samples_{self.step:06d}.png")
-        save_image_grid(to_uint8_nhwc(images.float()).cpu(), path)
+        grid = np.asarray(save_image_grid(to_uint8_nhwc(images.float()).cpu(), path))
+        # At the logged step of the update that made these weights (the "step" column
+        # counts from 0), so that a resumed run's purge keeps the grid of its checkpoint.
+        logger.log_image("samples", np.repeat(grid, 3, axis=-1) if grid.shape[-1] == 1 else grid,
+                         self.step - 1)
         logger.log(f"wrote {path}")
 
 

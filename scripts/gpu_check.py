@@ -7,7 +7,8 @@ python scripts/gpu_check.py --device cpu --processes 2 --benchmark_flags "--repe
 
 Steps, each a subprocess of the real scripts on tiny generated images (torchrun with
 --processes ranks: NCCL on GPUs, gloo on the CPU): fp16 training with --sample_interval,
-its resume, bf16 training, a classifier, 25-step DDIM classifier-guided sampling, the
+its resume, bf16 training, a classifier, 25-step DDIM and 10-evaluation DPM-Solver++(2M)
+classifier-guided sampling, the
 evaluator on the samples (random Inception weights unless --inception_path: the same
 cost), and scripts/benchmark.py at the 256x256 flags (fp16 exact path against bf16 +
 compile + fast attention: images/s, memory, MFU), then three short eager bf16 runs that
@@ -91,6 +92,13 @@ def steps(work, args):
             "--model_path", str(work / "fp16" / "ema_0.9999_000004.pt"),
             "--classifier_path", str(work / "classifier" / "model000002.pt"),
             "--log_dir", str(work / "guided")]),
+        ("guided sampling, dpmpp_2m 10 evaluations", [
+            *launch, script("classifier_sample.py"), *MODEL, *CLASSIFIER, "--sampler", "dpmpp_2m",
+            "--steps", "10", "--classifier_scale", "1.0", "--seed", "0",
+            "--num_samples", str(2 * args.processes), "--batch_size", "2",
+            "--model_path", str(work / "fp16" / "ema_0.9999_000004.pt"),
+            "--classifier_path", str(work / "classifier" / "model000002.pt"),
+            "--log_dir", str(work / "guided_fast")]),
         ("evaluator: reference batch", [sys.executable, str(REPO / "evaluations" / "make_reference.py"),
                        str(work / "images"), str(work / "reference.npz"), "--image_size", "16",
                        "--num_pr_images", "16", "--inception_path", inception,

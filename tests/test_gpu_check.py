@@ -28,7 +28,8 @@ def test_the_cpu_rehearsal_runs_every_step(tmp_path):
     lines = run.stdout.strip().splitlines()
     assert [re.sub(r"^\S+\s+[\d.]+ s  ", "", line) for line in lines[:-1]] == [
         "train fp16, --sample_interval", "resume fp16", "train bf16", "train classifier",
-        "guided sampling, 25 DDIM steps", "evaluator: reference batch", "evaluator: scores",
+        "guided sampling, 25 DDIM steps", "guided sampling, dpmpp_2m 10 evaluations",
+        "evaluator: reference batch", "evaluator: scores",
     ]
     assert all(line.startswith("ok") for line in lines[:-1])
     fp16 = tmp_path / "fp16"

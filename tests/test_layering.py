@@ -19,7 +19,8 @@ LAYERS = {
              "solver_schedule", "solvers",
              "respace", "resample", "guidance"],
     "runtime": ["dist_util", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
-                "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state"],
+                "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state",
+                "tracking"],
     "jobs": ["train_util", "classifier_train_util", "sampling", "sampling_labels", "bpd"],
     "command_line": ["script_util", "presets", "command_line", "adm"],
 }

@@ -114,8 +114,11 @@ def test_integers_are_written_in_full_and_floats_with_three_digits(capsys):
 
 
 def test_unknown_format_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown log format 'tensorboard'"):
-        logger.configure(str(tmp_path), ["stdout", "tensorboard"])
+    with pytest.raises(ValueError, match="unknown log format 'tensorflow': expected stdout, log, json, "
+                                         "csv, tensorboard or wandb"):
+        logger.configure(str(tmp_path), ["stdout", "tensorflow"])
+    with pytest.raises(ValueError, match="the wandb log format needs a project"):
+        logger.configure(str(tmp_path), ["wandb"])
 
 
 def test_scoped_configure_restores_the_previous_logger(tmp_path):

@@ -1,0 +1,137 @@
+"""
+TensorBoard and Weights & Biases outputs through the training script as a user types it
+(--log_format ...,tensorboard, --wandb_project with WANDB_MODE=offline), read back with
+TensorBoard's own event reader and from W&B's offline run file; resume continues them.
+"""
+
+import glob
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_sample_scripts import run_script
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1",
+         "--attention_resolutions", "", "--diffusion_steps", "50", "--batch_size", "2",
+         "--save_interval", "2", "--sample_interval", "2", "--log_interval", "1", "--seed", "0",
+         "--num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tracking_images")
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"x_{index}.png")
+    return folder
+
+
+def train_and_resume(data_dir, log_dir, extra):
+    """Train to step 2, then resume from model000002.pt to step 4, in one log directory."""
+    flags = ["--data_dir", data_dir, *TRAIN, "--log_dir", log_dir, *extra]
+    run_script("image_train.py", flags + ["--max_steps", 2])
+    run_script("image_train.py", flags + ["--max_steps", 4, "--resume_checkpoint",
+                                          log_dir / "model000002.pt"])
+
+
+def test_tensorboard_events_hold_the_losses_previews_and_flags_and_continue(tmp_path, data_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "run"
+    train_and_resume(data_dir, log_dir, ["--log_format", "stdout,log,csv,tensorboard"])
+    events = EventAccumulator(str(log_dir / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    losses = events.Scalars("loss")
+    assert [event.step for event in losses] == [0, 1, 2, 3]  # continued, no step twice
+    csv_rows = (log_dir / "progress.csv").read_text().splitlines()
+    column = csv_rows[0].split(",").index("loss")
+    assert [e.value for e in losses] == pytest.approx([float(r.split(",")[column]) for r in csv_rows[1:]])
+    assert [event.step for event in events.Images("samples")] == [1, 3]  # after updates 2 and 4
+    flags = events.Tensors("flags/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"max_steps": 2' in flags and '"log_format": "stdout,log,csv,tensorboard"' in flags
+
+
+def wandb_records(run_file):
+    """The protobuf records of a W&B run file (a LevelDB-style log of 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    position, chunks, records = 7, b"", []  # after the ":W&B" header, magic and version
+    while position + 7 <= len(data):
+        block_left = 32768 - position % 32768
+        if block_left < 7:
+            position += block_left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position: position + 7])
+        chunks += data[position + 7: position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # full, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+        if length == 0 and kind == 0:
+            break
+    return records
+
+
+def test_wandb_offline_run_holds_the_losses_and_flags_and_is_continued(tmp_path, data_dir, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_files"))
+    (tmp_path / "wandb_files").mkdir()
+    log_dir = tmp_path / "run"
+    train_and_resume(data_dir, log_dir, ["--wandb_project", "adm-tests", "--wandb_run_name", "tiny"])
+    run_id = (log_dir / "wandb_run_id.txt").read_text()
+    runs = sorted(glob.glob(str(tmp_path / "wandb_files" / "wandb" / f"offline-run-*-{run_id}")))
+    assert len(runs) == 2  # the first run and its continuation, under one id
+    steps, configs, keys = [], [], set()
+    for run in runs:
+        for record in wandb_records(glob.glob(os.path.join(run, f"run-{run_id}.wandb"))[0]):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                keys |= set(items)
+                if "loss" in items:
+                    steps.append(items["_step"])
+            elif kind == "config":
+                configs += [item.key or "/".join(item.nested_key) for item in record.config.update]
+            elif kind == "run":
+                assert record.run.display_name == "tiny" and record.run.project == "adm-tests"
+    assert sorted(steps) == [0, 1, 2, 3] and len(set(steps)) == 4
+    assert {"mse", "grad_norm", "samples"} <= keys  # every dumped key, and the preview grids
+    assert {"max_steps", "lr", "wandb_project"} <= set(configs)
+
+
+def test_a_missing_tracking_package_is_named_before_training(tmp_path, data_dir):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('tensorboard', 'wandb'):\n"
+        "            raise ImportError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=f"{hide}{os.pathsep}{REPO}")
+    import subprocess
+
+    for flags, extra in ((["--log_format", "log,tensorboard"], "tensorboard"),
+                         (["--wandb_project", "p"], "wandb")):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "image_train.py"), "--data_dir", str(data_dir),
+             *TRAIN, "--log_dir", str(tmp_path / extra), *flags],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert f'pip install -e ".[{extra}]"' in result.stderr
+        assert not (tmp_path / extra / "model000000.pt").exists() and "training..." not in result.stdout
