@@ -37,9 +37,13 @@ class Denoiser:
     Order, as the original's DDIM with guidance (p_mean_variance, then condition_score):
     x_0 is clipped to [-1, 1] (clip_denoised), eps is recomputed from it, classifier
     guidance gives eps~ = eps - sigma_t * cond_fn(x_t, t), and x_0 follows from eps~. With
-    dynamic_threshold p (Saharia et al. 2022) the guided x_0 is then clamped to the
-    p-quantile s >= 1 of its absolute values and divided by s. Learned-variance channels
-    are only read by ddpm.
+    clip_denoised and clip_guided the guided x_0 is clipped again (and eps~ recomputed):
+    at the first, noisiest times guidance is amplified by sigma_t^2 / alpha_t, and a
+    sampler taking large steps from T-1 carries that far outside [-1, 1] (on the digits at
+    classifier scale 3, DDIM-25 from T-1 scores a Frechet distance of 62.9 without this,
+    3.1 with it). clip_guided=False is the original's arithmetic. With dynamic_threshold p
+    (Saharia et al. 2022) the guided x_0 is then clamped to the p-quantile s >= 1 of its
+    absolute values and divided by s. Learned-variance channels are only read by ddpm.
 
     :param model: the network, called as model(x, timesteps, **model_kwargs).
     :param diffusion: its GaussianDiffusion or SpacedDiffusion (schedule, mean and
@@ -48,10 +52,11 @@ class Denoiser:
     :param cond_fn: the classifier guidance gradient, cond_fn(x, t, **model_kwargs).
     :param clip_denoised: clamp x_0 predictions to [-1, 1].
     :param dynamic_threshold: None, or the percentile (e.g. 0.995) of dynamic thresholding.
+    :param clip_guided: with clip_denoised, clip the guided x_0 too.
     """
 
     def __init__(self, model, diffusion, model_kwargs=None, cond_fn=None, clip_denoised=True,
-                 dynamic_threshold=None):
+                 dynamic_threshold=None, clip_guided=True):
         if diffusion.model_mean_type.name == "PREVIOUS_X":
             raise ValueError("the fast samplers need a model that predicts eps or x_0, not x_{t-1}")
         if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
@@ -61,6 +66,7 @@ class Denoiser:
         self.predicts_x0 = diffusion.model_mean_type.name == "START_X"
         self.var_type = diffusion.model_var_type.name
         self.clip_denoised, self.dynamic_threshold = clip_denoised, dynamic_threshold
+        self.clip_guided = clip_guided
         self.evaluations = 0  # network calls so far (per sample: each call takes the batch)
 
     def coefficients(self, t):
@@ -101,6 +107,9 @@ class Denoiser:
             gradient = self.gradient(x, t)
             eps = eps - sigma * gradient
             x0 = x0 + (sigma**2 / alpha) * gradient  # (x - sigma * eps) / alpha, without its rounding
+            if self.clip_denoised and self.clip_guided:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - alpha * x0) / sigma
         if self.dynamic_threshold is not None:
             x0 = _dynamic_threshold(x0, self.dynamic_threshold)
             eps = (x - alpha * x0) / sigma
