@@ -10,7 +10,7 @@ setup(
     packages=["guided_diffusion", "guided_diffusion.configs", "evaluations"],
     package_dir={"guided_diffusion.configs": "configs"},
     package_data={"guided_diffusion.configs": ["*.json"]},
-    install_requires=["torch", "numpy", "blobfile>=1.0.5", "tqdm", "pillow", "scipy"],
+    install_requires=["torch", "numpy", "blobfile>=1.0.5", "tqdm", "pillow", "scipy", "safetensors"],
     extras_require={
         "mpi": ["mpi4py"],
         "quickstart": ["scikit-learn"],

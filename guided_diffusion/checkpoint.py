@@ -5,8 +5,10 @@ Checkpoints are read through blobfile (local paths or cloud URLs) with
 `torch.load(weights_only=True)`: a file whose unpickling would run code is
 refused, never executed. Accepted forms: the released `.pt` files (plain state
 dicts), this project's `modelNNNNNN.pt` / `ema_RATE_NNNNNN.pt` (plain state dicts
-with a sidecar `<stem>.json` recording the run's flags and step), and a dict that
-wraps a state dict under "state_dict", "model" or "ema".
+with a sidecar `<stem>.json` recording the run's flags and step), a dict that
+wraps a state dict under "state_dict", "model" or "ema", and `.safetensors` files
+(recognised by their header, whatever the name), whose metadata may hold the sidecar's
+record under METADATA_KEY.
 """
 
 import io
@@ -14,11 +16,14 @@ import json
 import pickle
 
 import blobfile as bf
+import safetensors.torch
 import torch as th
 
 from .acceleration import configure_runtime
 
 SIDECAR_FORMAT = "guided_diffusion/1"
+SAFETENSORS_SUFFIX = ".safetensors"
+METADATA_KEY = "guided_diffusion"  # a safetensors file's metadata entry holding the record
 _WRAPPER_KEYS = ("state_dict", "model", "ema")
 
 
@@ -26,21 +31,27 @@ def sidecar_path(path):
     """
     The JSON file that records how a checkpoint was made: same stem, `.json`.
 
-    :param path: the checkpoint's path.
+    :param path: the checkpoint's path (.pt or .safetensors).
     """
-    stem = path[: -len(".pt")] if path.endswith(".pt") else path
-    return stem + ".json"
+    for suffix in (".pt", SAFETENSORS_SUFFIX):
+        if path.endswith(suffix):
+            return path[: -len(suffix)] + ".json"
+    return path + ".json"
 
 
 def read_sidecar(path):
     """
-    Read a checkpoint's sidecar record (flags, step, kind), if it has one.
+    Read a checkpoint's sidecar record (flags, step, kind), if it has one: the `.json`
+    beside it, else a safetensors file's METADATA_KEY metadata.
 
     :param path: the checkpoint's path.
     :return: the record as a dict, or None when there is no sidecar.
     """
     record_path = sidecar_path(path)
     if not bf.exists(record_path):
+        if path.endswith(SAFETENSORS_SUFFIX) and bf.exists(path):
+            embedded = safetensors_metadata(path).get(METADATA_KEY)
+            return None if embedded is None else json.loads(embedded)
         return None
     with bf.BlobFile(record_path, "r") as f:
         try:
@@ -64,10 +75,17 @@ def read_state_dict(path, map_location="cpu"):
         )
     with bf.BlobFile(path, "rb") as f:
         data = f.read()
+    if _has_safetensors_header(data):
+        try:
+            loaded = safetensors.torch.load(data)
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or "
+                             f"truncated?): {error}") from None
+        return {name: tensor.to(map_location) for name, tensor in loaded.items()}
     if not _has_torch_header(data):
         raise ValueError(
-            f"{path!r} is not a torch checkpoint: it is neither a zip archive (torch.save) nor "
-            "a pickle (legacy torch.save); the file is corrupt, truncated or of another format"
+            f"{path!r} is not a checkpoint: it is neither a zip archive (torch.save), a pickle "
+            "(legacy torch.save) nor a safetensors file; it is corrupt, truncated or of another format"
         )
     try:
         loaded = th.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -83,6 +101,29 @@ def read_state_dict(path, map_location="cpu"):
             f"{path!r} is not a readable torch checkpoint (corrupt or truncated?): {error}"
         ) from None
     return _unwrap(loaded, path)
+
+
+def _has_safetensors_header(data):
+    """
+    :param data: a file's bytes.
+    :return: whether they start like a safetensors file: an 8-byte little-endian header
+        length, then a JSON object.
+    """
+    if len(data) < 10:
+        return False
+    length = int.from_bytes(data[:8], "little")
+    return data[8:9] == b"{" and 8 + length <= len(data)
+
+
+def safetensors_metadata(path):
+    """
+    :param path: a .safetensors file (local path or blobfile URL).
+    :return: its string metadata ({} if none), read from the header only.
+    """
+    with bf.BlobFile(path, "rb") as f:
+        head = f.read(8)
+        header = json.loads(f.read(int.from_bytes(head, "little")))
+    return header.get("__metadata__") or {}
 
 
 def _has_torch_header(data):

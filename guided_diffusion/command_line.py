@@ -160,6 +160,8 @@ def training_argparser(doc, defaults):
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     add_dict_to_argparser(parser, {**defaults, **training_acceleration_defaults()})
     parser.add_argument("--seed", type=int, default=None, help="seed all draws (default: none)")
+    parser.add_argument("--checkpoint_format", default="pt", choices=["pt", "safetensors"],
+                        help="write the model and EMA weights as .pt or .safetensors files")
     parser.add_argument("--log_format", default="", help="comma-separated outputs: stdout, log, "
                         "csv, json, tensorboard, wandb (default: $OPENAI_LOG_FORMAT or stdout,log,csv)")
     parser.add_argument("--wandb_project", default="", help="log to this Weights & Biases project")
@@ -227,6 +229,7 @@ def training_loop_kwargs(args, diffusion):
         resume_checkpoint=args.resume_checkpoint,
         init_checkpoint=args.init_checkpoint,
         overwrite_log_dir=args.overwrite_log_dir,
+        checkpoint_format=args.checkpoint_format,
         seed=args.seed,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         use_bf16=args.use_bf16,

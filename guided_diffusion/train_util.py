@@ -196,6 +196,7 @@ class TrainLoop:
         recompute_attention=True,   # attention blocks recompute activations in backward
                                     # (the original's memory use; False: faster, more memory)
         overwrite_log_dir=False,    # a new run may write over the checkpoints in the log dir
+        checkpoint_format="pt",     # the model and EMA weights as "pt" or "safetensors" files
     ):
         """
         See the argument comments. logger.configure must have been called: checkpoints
@@ -203,6 +204,10 @@ class TrainLoop:
         """
         _check_arguments(batch_size, log_interval, save_interval, lr_anneal_steps,
                          resume_checkpoint, init_checkpoint)
+        if checkpoint_format not in training_state.CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint_format={checkpoint_format}: expected one of "
+                             f"{', '.join(training_state.CHECKPOINT_FORMATS)}")
+        self.checkpoint_format = checkpoint_format
         _prepare_log_dir(logger.get_dir(), new_run=not resume_checkpoint,
                          overwrite=overwrite_log_dir)
         self.model = model
@@ -484,13 +489,13 @@ class TrainLoop:
         logdir = logger.get_dir()
         logger.log(f"saving checkpoints of step {self.step} to {logdir}...")
         training_state.save_checkpoint(
-            bf.join(logdir, training_state.model_filename(self.step)),
+            bf.join(logdir, training_state.model_filename(self.step, self.checkpoint_format)),
             self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
             training_state.make_sidecar("model", self.step, self.flags),
         )
         for rate, params in zip(self.ema_rate, self.ema_params):
             training_state.save_checkpoint(
-                bf.join(logdir, training_state.ema_filename(rate, self.step)),
+                bf.join(logdir, training_state.ema_filename(rate, self.step, self.checkpoint_format)),
                 self.mp_trainer.master_params_to_state_dict(params),
                 training_state.make_sidecar("ema", self.step, self.flags, ema_rate=rate),
             )

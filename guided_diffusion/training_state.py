@@ -20,34 +20,37 @@ import re
 
 import blobfile as bf
 import numpy as np
+import safetensors.torch
 import torch as th
 
 from . import dist_util, logger
-from .checkpoint import SIDECAR_FORMAT, read_sidecar, sidecar_path
+from .checkpoint import METADATA_KEY, SAFETENSORS_SUFFIX, SIDECAR_FORMAT, read_sidecar, sidecar_path
 from .file_writing import TEMPORARY_MARK, atomic_write, is_local
 
-_MODEL_NAME = re.compile(r"^model(\d+)\.pt$")
+_MODEL_NAME = re.compile(r"^model(\d+)\.(?:pt|safetensors)$")
 # What a log directory holding a run contains: model*.pt, opt*.pt or ema_*.pt checkpoints.
-_RUN_CHECKPOINT = re.compile(r"^(model|opt|ema_).*\.pt$")
+_RUN_CHECKPOINT = re.compile(r"^(model|opt|ema_).*\.(?:pt|safetensors)$")
+# The weights files' formats (--checkpoint_format): file suffixes.
+CHECKPOINT_FORMATS = {"pt": ".pt", "safetensors": SAFETENSORS_SUFFIX}
 # atomic_write's temporaries of checkpoints and sidecars: model000010.pt.tmp-<32 hex digits>.
 _STALE_TEMPORARY = re.compile(
     r"^(model\d+|opt\d+|ema_[^/]+_\d+)\.(pt|json)" + re.escape(TEMPORARY_MARK) + r"[0-9a-f]{32}$"
 )
 
 
-def model_filename(step):
+def model_filename(step, checkpoint_format="pt"):
     """
     :return: the name of the model checkpoint of a step, e.g. model001000.pt.
     """
-    return f"model{step:06d}.pt"
+    return f"model{step:06d}{CHECKPOINT_FORMATS[checkpoint_format]}"
 
 
-def ema_filename(rate, step):
+def ema_filename(rate, step, checkpoint_format="pt"):
     """
     :param rate: the EMA rate as given on the command line (a float or its text).
     :return: the name of an EMA checkpoint, e.g. ema_0.9999_001000.pt.
     """
-    return f"ema_{float(rate)}_{step:06d}.pt"
+    return f"ema_{float(rate)}_{step:06d}{CHECKPOINT_FORMATS[checkpoint_format]}"
 
 
 def opt_filename(step):
@@ -109,12 +112,22 @@ def latest_model_checkpoint(names):
 
 def save_checkpoint(path, obj, sidecar=None):
     """
-    Write obj with torch.save, and a JSON sidecar next to it, both atomically.
+    Write obj with torch.save and a JSON sidecar next to it, both atomically; or, for a
+    path ending in .safetensors, a safetensors file of the state dict obj with the
+    sidecar in its metadata (checkpoint.METADATA_KEY).
 
-    :param path: the checkpoint's path or URL (ending in .pt).
-    :param obj: tensors and plain containers (loadable with weights_only=True).
+    :param path: the checkpoint's path or URL (ending in .pt or .safetensors).
+    :param obj: tensors and plain containers (loadable with weights_only=True); a state
+        dict of tensors for safetensors.
     :param sidecar: a JSON-serialisable dict for sidecar_path(path), or None for none.
     """
+    if path.endswith(SAFETENSORS_SUFFIX):
+        metadata = None if sidecar is None else {METADATA_KEY: json.dumps(sidecar, sort_keys=True)}
+        # safetensors stores each tensor's own memory: contiguous copies of shared views.
+        tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in obj.items()}
+        data = safetensors.torch.save(tensors, metadata=metadata)
+        atomic_write(path, lambda f: f.write(data))
+        return
     atomic_write(path, lambda f: th.save(obj, f))
     if sidecar is not None:
         text = json.dumps(sidecar, indent=2, sort_keys=True).encode("utf-8")
@@ -212,7 +225,7 @@ def resume_plan(path):
         raise FileNotFoundError(f"resume_checkpoint={path} does not exist")
     sidecar = read_sidecar(path)
     if name.startswith(("ema_", "opt")) or (sidecar is not None and sidecar.get("kind") != "model"):
-        digits = re.search(r"(\d+)\.pt$", name)
+        digits = re.search(r"(\d+)\.(?:pt|safetensors)$", name)
         sibling = model_filename(int(digits.group(1))) if digits else "modelNNNNNN.pt"
         raise ValueError(
             f"resume_checkpoint={path} is not a model checkpoint: pass the {sibling} of the "
@@ -289,5 +302,6 @@ def find_ema_checkpoint(main_checkpoint, step, rate):
     """
     if main_checkpoint is None:
         return None
-    path = bf.join(bf.dirname(main_checkpoint), ema_filename(rate, step))
+    checkpoint_format = "safetensors" if main_checkpoint.endswith(SAFETENSORS_SUFFIX) else "pt"
+    path = bf.join(bf.dirname(main_checkpoint), ema_filename(rate, step, checkpoint_format))
     return path if bf.exists(path) else None
