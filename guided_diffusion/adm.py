@@ -13,7 +13,7 @@ sampling.sample.
 
 from .presets import read_preset
 from .sampling import sample
-from .script_util import create_pretrained
+from .script_util import build_preset, create_pretrained
 
 
 _EXAMPLES = {"diffusion": "ADM_diffusion_256_conditioned", "classifier": "ADM_classifier_256",
@@ -28,7 +28,13 @@ def _build(kind, name, checkpoint, device, use_fp16, overrides):
     if found != kind:
         raise ValueError(f"preset {name!r} is a {found} preset; expected a {kind} preset "
                          f"(e.g. {_EXAMPLES[kind]})")
-    return create_pretrained(name, checkpoint, device=device, use_fp16=use_fp16, **overrides)
+    if checkpoint is not None:
+        return create_pretrained(name, checkpoint, device=device, use_fp16=use_fp16, **overrides)
+    built, network, _, fp16 = build_preset(name, use_fp16, **overrides)
+    network.to(device)
+    if fp16:
+        network.convert_to_fp16()
+    return built
 
 
 def ADM(name, checkpoint=None, device="cpu", use_fp16=None, **overrides):

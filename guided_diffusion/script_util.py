@@ -619,18 +619,12 @@ def architecture_flags(flags):
     return {name: value for name, value in flags.items() if name in names}
 
 
-def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
+def build_preset(name, use_fp16=None, **overrides):
     """
-    Build a released model from its preset and load its weights for inference
-    (checkpoint.load_for_inference: strict, eval mode); with path None, random weights.
+    Build a preset's network with random weights, for the precision it will be converted to.
 
-    :param name: a preset name or JSON path (e.g. "256x256_diffusion").
-    :param path: the checkpoint file (e.g. "models/256x256_diffusion.pt"), or None.
-    :param device: where to put the model.
-    :param use_fp16: convert the torso to float16; None follows the preset.
-    :param overrides: flags that replace the preset's (e.g. timestep_respacing="250").
-    :return: (model, diffusion) for a diffusion or super-resolution preset, the
-             classifier alone for a classifier preset.
+    :return: (the factory's result, the network in it, the flags it was built from,
+        whether it is to be converted to float16).
     """
     preset = read_preset(name)
     kind = preset.get("kind")
@@ -643,17 +637,26 @@ def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
         raise ValueError(f"preset {name!r} has kind {kind!r}; expected one of {sorted(builders)}")
     defaults, factory, fp16_flag = builders[kind]
     args = {**defaults, **preset.get("flags", {}), **overrides}
-    if use_fp16 is not None:  # the network is built for the precision it is converted to
+    if use_fp16 is not None:
         args[fp16_flag] = use_fp16
     built = factory(**{flag: args[flag] for flag in defaults})
-    network = built if kind == "classifier" else built[0]
-    if path is None:
-        network.to(device)
-        if args[fp16_flag]:
-            network.convert_to_fp16()
-        return built
-    load_for_inference(network, path, flags=architecture_flags(args), use_fp16=args[fp16_flag],
-                       device=device)
+    return built, built if kind == "classifier" else built[0], args, args[fp16_flag]
+
+
+def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
+    """
+    Build a released model from its preset (build_preset) and load its weights for
+    inference (checkpoint.load_for_inference: strict, eval mode).
+
+    :param name: a preset name or JSON path (e.g. "256x256_diffusion").
+    :param path: the checkpoint file (e.g. "models/256x256_diffusion.pt").
+    :param device: where to put the model.
+    :param use_fp16: convert the torso to float16; None follows the preset.
+    :param overrides: flags that replace the preset's (e.g. timestep_respacing="250").
+    :return: (model, diffusion), or the classifier alone for a classifier preset.
+    """
+    built, network, args, fp16 = build_preset(name, use_fp16, **overrides)
+    load_for_inference(network, path, flags=architecture_flags(args), use_fp16=fp16, device=device)
     return built
 
 
@@ -666,12 +669,7 @@ def add_dict_to_argparser(parser, default_dict):
     :param default_dict: flag names to default values.
     """
     for name, value in default_dict.items():
-        if value is None:
-            value_type = str
-        elif isinstance(value, bool):
-            value_type = str2bool
-        else:
-            value_type = type(value)
+        value_type = str if value is None else str2bool if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name}", default=value, type=value_type)
 
 
