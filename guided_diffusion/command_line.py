@@ -24,6 +24,7 @@ from .acceleration import (
     acceleration_defaults, configure_runtime, set_cuda_math, training_acceleration_defaults,
 )
 from .checkpoint import load_for_inference
+from .download import fetch_and_load
 from .file_writing import SamplesWriter
 from .presets import load_config, read_preset
 from .resample import create_named_schedule_sampler
@@ -68,7 +69,31 @@ def parse_args_with_config(parser, purpose="train", argv=None):
                 f"it is a {preset.get('kind', 'different')} preset, use it with the matching script"
             )
         parser.set_defaults(**{k: v for k, v in flags.items() if k in accepted})
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if known.config:
+        _note_checkpoint_urls(flags, preset)
+    return args
+
+
+# The preset paths of --model_path and --classifier_path and their checkpoint_url:
+# load_for_sampling downloads a file that is not there (download.fetch_and_load).
+_PRESET_URLS = {}
+
+
+def _note_checkpoint_urls(flags, preset):
+    """
+    Remember the checkpoint_url of the paths a preset gives --model_path and
+    --classifier_path (its guiding classifier's preset gives the latter's).
+
+    :param flags: the flags the preset set.
+    :param preset: the preset read with presets.read_preset.
+    """
+    sources = {"model_path": preset}
+    if preset.get("classifier"):
+        sources["classifier_path"] = read_preset(preset["classifier"])
+    for flag, source in sources.items():
+        if flags.get(flag) and source.get("checkpoint_url"):
+            _PRESET_URLS[flags[flag]] = source["checkpoint_url"]
 
 
 def in_flag_terms(message, flag_names):
@@ -391,11 +416,20 @@ def load_for_sampling(model, args, path_flag="model_path", use_fp16=None, defaul
             "256x256_diffusion.pt), or --config NAME, whose preset sets it"
         )
     flags = vars(args) if defaults is None else args_to_dict(args, defaults.keys())
-    load_for_inference(
-        model, path, flags=architecture_flags(flags),
-        use_fp16=args.use_fp16 if use_fp16 is None else use_fp16,
-        device=dist_util.dev(), channels_last=args.channels_last,
-    )
+
+    def load(checkpoint):
+        load_for_inference(
+            model, checkpoint, flags=architecture_flags(flags),
+            use_fp16=args.use_fp16 if use_fp16 is None else use_fp16,
+            device=dist_util.dev(), channels_last=args.channels_last,
+        )
+
+    if path in _PRESET_URLS and not bf.exists(path):
+        logger.log(f"--{path_flag} {path} is not there: using {_PRESET_URLS[path]} (downloaded "
+                   "into the cache once)")
+        fetch_and_load(_PRESET_URLS[path], load, f"the model of --{path_flag}")
+    else:
+        load(path)
     model.requires_grad_(False)
     return apply_runtime_flags(model, args)
 

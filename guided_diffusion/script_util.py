@@ -8,13 +8,13 @@ import inspect
 
 from . import gaussian_diffusion as gd
 from .checkpoint import NON_ARCHITECTURE_FLAGS, load_for_inference
+from .download import fetch_and_load
+from .flag_checks import CLASSIFIER_HEAD_CHANNELS, check_classifier_width, check_image_size
 from .presets import load_config, read_preset  # noqa: F401
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
-# Channels per attention head of the classifier (the released classifiers'; no flag sets it).
-CLASSIFIER_HEAD_CHANNELS = 64
 
 # Channel multipliers of the released models, by image side.
 _RELEASED_CHANNEL_MULT = {
@@ -273,7 +273,7 @@ def create_model(
                                NUM_CLASSES + 1 rows); 0 keeps the released layout.
     :return: a UNetModel.
     """
-    _check_image_size(image_size)
+    check_image_size(image_size)
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -373,10 +373,10 @@ def create_classifier(
 
     :return: an EncoderUNetModel.
     """
-    _check_image_size(image_size)
+    check_image_size(image_size)
     channel_mult = default_channel_mult(image_size)
     attention_rates = parse_attention_resolutions(classifier_attention_resolutions, image_size)
-    _check_classifier_width(classifier_width, classifier_depth, channel_mult, attention_rates)
+    check_classifier_width(classifier_width, classifier_depth, channel_mult, attention_rates)
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
@@ -391,49 +391,6 @@ def create_classifier(
         resblock_updown=classifier_resblock_updown,
         pool=classifier_pool,
     )
-
-
-def _check_image_size(image_size):
-    """
-    :param image_size: side of the images; raises a ValueError unless it is positive.
-    """
-    if image_size < 1:
-        raise ValueError(f"image_size={image_size}: expected a positive number of pixels")
-
-
-def _check_classifier_width(classifier_width, classifier_depth, channel_mult, attention_rates):
-    """
-    Raise a ValueError naming classifier_width when an attention layer of the classifier
-    would get a width that is not a multiple of CLASSIFIER_HEAD_CHANNELS: the levels at
-    attention_rates (when they have blocks) and the middle block, which always has one
-    (at the last level's width, or the first's without blocks).
-
-    :param classifier_width: the base channel count.
-    :param classifier_depth: residual blocks per level.
-    :param channel_mult: the multiplier of each level.
-    :param attention_rates: the downsampling rates with attention.
-    """
-    levels = [
-        (f"level {level} (x{mult})", mult)
-        for level, mult in enumerate(channel_mult)
-        if classifier_depth > 0 and 2**level in attention_rates
-    ]
-    middle_mult = channel_mult[-1] if classifier_depth > 0 else channel_mult[0]
-    levels.append((f"the middle block (x{middle_mult})", middle_mult))
-    bad = [
-        f"{where}: {int(mult * classifier_width)}"
-        for where, mult in levels
-        if int(mult * classifier_width) % CLASSIFIER_HEAD_CHANNELS
-    ]
-    if bad:
-        raise ValueError(
-            f"classifier_width={classifier_width}: the classifier's attention uses "
-            f"{CLASSIFIER_HEAD_CHANNELS} channels per head, so classifier_width times the "
-            f"channel multiplier of every level with attention must be a multiple of "
-            f"{CLASSIFIER_HEAD_CHANNELS}, but {'; '.join(bad)}. Use a classifier_width that "
-            f"is a multiple of {CLASSIFIER_HEAD_CHANNELS}, or other "
-            "classifier_attention_resolutions"
-        )
 
 
 def sr_create_model_and_diffusion(
@@ -621,10 +578,8 @@ def architecture_flags(flags):
 
 def build_preset(name, use_fp16=None, **overrides):
     """
-    Build a preset's network with random weights, for the precision it will be converted to.
-
-    :return: (the factory's result, the network in it, the flags it was built from,
-        whether it is to be converted to float16).
+    :return: (a preset's factory result with random weights, built for the precision it
+        is to be converted to; the network in it; its flags; whether to convert to fp16).
     """
     preset = read_preset(name)
     kind = preset.get("kind")
@@ -649,14 +604,23 @@ def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
     inference (checkpoint.load_for_inference: strict, eval mode).
 
     :param name: a preset name or JSON path (e.g. "256x256_diffusion").
-    :param path: the checkpoint file (e.g. "models/256x256_diffusion.pt").
+    :param path: the checkpoint file, or None: the preset's checkpoint_url, downloaded
+        into the cache the first time (download.py).
     :param device: where to put the model.
     :param use_fp16: convert the torso to float16; None follows the preset.
     :param overrides: flags that replace the preset's (e.g. timestep_respacing="250").
     :return: (model, diffusion), or the classifier alone for a classifier preset.
     """
     built, network, args, fp16 = build_preset(name, use_fp16, **overrides)
-    load_for_inference(network, path, flags=architecture_flags(args), use_fp16=fp16, device=device)
+
+    def load(checkpoint):
+        load_for_inference(network, checkpoint, flags=architecture_flags(args), use_fp16=fp16,
+                           device=device)
+
+    if path is None:
+        fetch_and_load(read_preset(name).get("checkpoint_url"), load, name)
+    else:
+        load(path)
     return built
 
 

@@ -18,11 +18,11 @@ LAYERS = {
     "core": ["nn", "losses", "attention", "unet", "gaussian_diffusion", "diffusion_sampling",
              "solver_schedule", "solvers",
              "respace", "resample", "guidance"],
-    "runtime": ["dist_util", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
+    "runtime": ["dist_util", "download", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
                 "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state",
                 "tracking"],
     "jobs": ["train_util", "classifier_train_util", "sampling", "sampling_labels", "bpd"],
-    "command_line": ["script_util", "presets", "command_line", "adm"],
+    "command_line": ["script_util", "flag_checks", "presets", "command_line", "adm"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 

@@ -161,3 +161,13 @@ def test_create_pretrained_precision_override_builds_and_converts_alike(tmp_path
     if not half:  # float16 convolutions need a GPU; float32 runs here
         out = loaded(th.randn(1, 3, 16, 16), th.tensor([3]), y=th.tensor([1]))
         assert out.dtype == th.float32 and out.shape == (1, 6, 16, 16)
+
+
+def test_every_released_checkpoint_has_the_original_readmes_url():
+    from guided_diffusion.presets import preset_names, read_preset
+
+    released = {name: read_preset(name) for name in preset_names() if read_preset(name).get("checkpoint")}
+    assert len({preset["checkpoint"] for preset in released.values()}) == 15
+    for preset in released.values():
+        assert preset["checkpoint_url"] == (
+            "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/" + preset["checkpoint"])
