@@ -16,6 +16,7 @@ setup(
         "quickstart": ["scikit-learn"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
-        "test": ["pytest", "mpich", "mpi4py", "scikit-learn", "tensorboard", "wandb"],
+        "diffusers": ["diffusers"],
+        "test": ["pytest", "mpich", "mpi4py", "scikit-learn", "tensorboard", "wandb", "diffusers"],
     },
 )

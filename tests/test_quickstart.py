@@ -237,7 +237,7 @@ def test_the_job_writes_the_sampler_study(script_run):
     assert all(float(row["frechet"]) >= 0 and 0 <= float(row["recall"]) <= 1 for row in rows)
     report = (script_run / "samplers.md").read_text()
     assert "Classifier scale 2:" in report and "Fewest evaluations within 5% of DDIM-25's" in report
-    assert Image.open(script_run / "samplers.png").size == (520, 320)
+    assert Image.open(script_run / "samplers.png").size == (560, 320)
 
 
 def test_the_fewest_evaluations_that_match_ddim_25():

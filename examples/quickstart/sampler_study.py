@@ -28,6 +28,7 @@ STUDIES = {
 }
 BASELINE = ("ddim", 25)  # the published ADM-G's fewest steps: what the others must match
 MATCH = 0.05  # "matches": a Frechet distance within 5% of the baseline's
+PLOT_RANGE = 4  # the plot's Frechet axis ends at this many times the baseline's
 COLUMNS = ("classifier_scale", "sampler", "evaluations", "frechet", "recognised", "precision",
            "recall")
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -111,23 +112,27 @@ def study_markdown(rows, seconds):
     return "\n\n".join(parts) + "\n"
 
 
-def draw_study_plot(rows, scale, width=520, height=320):
+def draw_study_plot(rows, scale, width=560, height=320):
     """
     :return: an RGB PIL image: the Frechet distance against the evaluations per sample
-        (evenly spaced), one line per sampler, at one classifier scale.
+        (evenly spaced), one line per sampler, at one classifier scale, up to PLOT_RANGE
+        times DDIM-25's.
     """
     at_scale = [row for row in rows if row["classifier_scale"] == scale]
     counts = sorted({row["evaluations"] for row in at_scale})
+    baseline, _ = fewest_evaluations_to_match(rows, scale)
     highest = max(row["frechet"] for row in at_scale) or 1.0
+    if baseline:  # larger values are drawn at the top, as open circles
+        highest = min(highest, PLOT_RANGE * baseline)
     image = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(image), _font(13)
-    left, right, top, bottom = 54, width - 120, 28, height - 48
+    left, right, top, bottom = 54, width - 145, 28, height - 48
 
     def x_of(count):
         return left + (right - left) * (counts.index(count) + 0.5) / len(counts)
 
     def y_of(value):
-        return bottom - value / highest * (bottom - top)
+        return bottom - min(value, highest) / highest * (bottom - top)
 
     for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
         draw.line([(left, y_of(fraction * highest)), (right, y_of(fraction * highest))], fill=(225, 225, 225))
@@ -140,12 +145,12 @@ def draw_study_plot(rows, scale, width=520, height=320):
     samplers = list(dict.fromkeys(row["sampler"] for row in at_scale))
     for index, sampler in enumerate(samplers):
         colour = COLOURS[index % len(COLOURS)]
-        points = sorted((x_of(row["evaluations"]), y_of(row["frechet"])) for row in at_scale
-                        if row["sampler"] == sampler)
+        points = sorted((x_of(row["evaluations"]), y_of(row["frechet"]), row["frechet"] > highest)
+                        for row in at_scale if row["sampler"] == sampler)
         if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            draw.line([(x, y) for x, y, _ in points], fill=colour, width=2)
+        for x, y, clipped in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="white" if clipped else colour, outline=colour)
         legend_y = top + 10 + 20 * index
         draw.line([(right + 10, legend_y), (right + 28, legend_y)], fill=colour, width=2)
         _text(draw, (right + 34, legend_y), sampler, font)
