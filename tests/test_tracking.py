@@ -135,3 +135,23 @@ def test_a_missing_tracking_package_is_named_before_training(tmp_path, data_dir)
         assert result.returncode == 1, result.stderr[-2000:]
         assert f'pip install -e ".[{extra}]"' in result.stderr
         assert not (tmp_path / extra / "model000000.pt").exists() and "training..." not in result.stdout
+
+
+def test_classifier_training_sends_its_losses_and_accuracies_to_tensorboard(tmp_path, data_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    for index, path in enumerate(sorted(Path(data_dir).iterdir())):
+        (labelled / f"c{index % 2}_{index}.png").write_bytes(path.read_bytes())
+    run_script("classifier_train.py", [
+        "--data_dir", labelled, "--val_data_dir", labelled, "--image_size", "8", "--classifier_width", "32",
+        "--classifier_depth", "1", "--classifier_attention_resolutions", "4", "--num_classes", "2",
+        "--diffusion_steps", "50", "--batch_size", "2", "--save_interval", "2", "--seed", "0",
+        "--num_workers", "0", "--eval_interval", "1", "--log_interval", "1", "--iterations", "2",
+        "--log_format", "log,csv,tensorboard", "--log_dir", tmp_path / "run",
+    ])
+    events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    assert {"train_loss", "train_acc@1", "val_loss", "val_acc@1"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("train_loss")] == [0, 1]
