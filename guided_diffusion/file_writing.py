@@ -232,7 +232,7 @@ class SamplesWriter:
         if self.labelled != (labels is not None) or (labels is not None and len(labels) != len(images)):
             raise ValueError(f"{len(images)} samples with {'no' if labels is None else len(labels)} "
                              f"labels: expected {'one label per sample' if self.labelled else 'none'}")
-        self._images_entry.write(images.tobytes())
+        self._images_entry.write(memoryview(images).cast("B"))  # no copy of the round
         if labels is not None:
             self.labels.append(np.asarray(labels))
         if self._pngs is not None:

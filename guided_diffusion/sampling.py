@@ -27,7 +27,7 @@ from .acceleration import accelerate
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import to_uint8_nhwc
 from .sampling_labels import check_labels, choose_labels, resolve_num_classes
-from .solvers import SAMPLERS, check_sampler, grid_points
+from .solvers import SAMPLERS, check_sampler, evaluations
 from .unet import SuperResModel
 from .work_split import PerSampleNoise, check_counts, check_seed, gather_in_order, rounds
 
@@ -143,7 +143,8 @@ class SamplingRun:
         if self.finished:
             logger.log(f"continuing after {self.finished} finished samples in {self.partial.folder}")
         plan = rounds(self.num_samples, self._batch_size, world_size, first=self.finished)
-        per_batch = self._solver["steps"] if self._solver else self._diffusion.num_timesteps
+        per_batch = (evaluations(self._solver["sampler"], self._solver["steps"]) if self._solver
+                     else self._diffusion.num_timesteps)
         steps = sum(len(work[rank]) > 0 for work in plan) * per_batch
         disable = not self._progress or rank > 0
         with tqdm(total=steps, unit="step", desc="sampling", disable=disable) as bar:
@@ -327,7 +328,7 @@ def _sample_batch(
         options["noise_fn"] = PerSampleNoise(seed, indices)  # draws x_T first, then each step
     if solver:
         samples = diffusion.sample_loop(model_fn, shape, **solver, **options)
-        bar.update(solver["steps"])
+        bar.update(evaluations(solver["sampler"], solver["steps"]))
         return samples
     loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
     for out in loop(model_fn, shape, **options):
@@ -355,8 +356,7 @@ def _solver_options(sampler, steps, time_grid, dynamic_threshold, sampler_option
     steps = DEFAULT_STEPS if steps is None else steps
     options = dict(sampler_options or {})
     check_sampler(sampler, steps, time_grid, options)
-    evaluations = 2 * grid_points(sampler, steps) - 1 if sampler == "heun" else steps
-    logger.log(f"sampler {sampler}: {evaluations} model evaluations per sample")
+    logger.log(f"sampler {sampler}: {evaluations(sampler, steps)} model evaluations per sample")
     return dict(sampler=sampler, steps=steps, time_grid=time_grid,
                 dynamic_threshold=dynamic_threshold, **options)
 

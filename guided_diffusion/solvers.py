@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 import torch as th
+from tqdm.auto import tqdm
 
 from .solver_schedule import DEFAULT_GRIDS, ContinuousSchedule, check_grid, time_grid
 
@@ -132,15 +133,6 @@ def _dynamic_threshold(x0, percentile):
     return x0.clamp(-s, s) / s
 
 
-def _steps(count, progress):
-    """range(count), with a tqdm bar when progress is True."""
-    if not progress:
-        return range(count)
-    from tqdm.auto import tqdm
-
-    return tqdm(range(count))
-
-
 def _noise(noise_fn, x):
     return th.randn_like(x) if noise_fn is None else noise_fn(x)
 
@@ -161,7 +153,7 @@ def ddim(denoiser, x, times, noise_fn=None, progress=False, eta=0.0):
     """
     schedule = denoiser.schedule
     with th.no_grad():
-        for i in _steps(len(times), progress):
+        for i in tqdm(range(len(times)), disable=not progress):
             out = denoiser(x, times[i])
             if i == len(times) - 1:
                 return out["x0"]
@@ -181,7 +173,7 @@ def ddpm(denoiser, x, times, noise_fn=None, progress=False):
     """
     schedule, posterior_variance = denoiser.schedule, None
     with th.no_grad():
-        for i in _steps(len(times), progress):
+        for i in tqdm(range(len(times)), disable=not progress):
             last = i == len(times) - 1
             alpha_bar = schedule.alpha_bar(times[i])
             alpha_bar_next = 1.0 if last else schedule.alpha_bar(times[i + 1])
@@ -238,7 +230,7 @@ def _dpmpp_2m(denoiser, x, times, noise_fn, progress, lower_order_final, stochas
     half_log_snrs = denoiser.schedule.half_log_snr(np.asarray(times))
     previous_x0 = None
     with th.no_grad():
-        for i in _steps(len(times), progress):
+        for i in tqdm(range(len(times)), disable=not progress):
             x0 = denoiser(x, times[i])["x0"]
             if i == len(times) - 1:
                 return x0
@@ -270,7 +262,7 @@ def unipc(denoiser, x, times, noise_fn=None, progress=False, order=2, lower_orde
     transitions = len(times) - 1
     with th.no_grad():
         history = [(float(half_log_snrs[0]), denoiser(x, times[0])["x0"])]
-        for i in _steps(transitions, progress):
+        for i in tqdm(range(transitions), disable=not progress):
             sigma = denoiser.coefficients(times[i])[1]
             alpha_next, sigma_next = denoiser.coefficients(times[i + 1])
             h = float(half_log_snrs[i + 1] - half_log_snrs[i])
@@ -332,7 +324,7 @@ def heun(denoiser, x, times, noise_fn=None, progress=False, s_churn=0.0, s_tmin=
             x0 = denoiser(scaled * denoiser.coefficients(time)[0], time)["x0"]
             return (scaled - x0) / sigma, x0
 
-        for i in _steps(steps, progress):
+        for i in tqdm(range(steps), disable=not progress):
             sigma = float(sigmas[i])
             gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
             sigma_hat = min(sigma * (1 + gamma), float(sigmas[0]))
@@ -356,6 +348,15 @@ def grid_points(sampler, steps):
         (heun evaluates twice per step but the last: 2 * points - 1 <= steps).
     """
     return (steps + 1) // 2 if sampler == "heun" else steps
+
+
+def evaluations(sampler, steps):
+    """
+    :return: the model evaluations per sample a sampler makes when given `steps`
+        (heun: 2 * grid_points - 1, one fewer than steps when steps is even).
+    """
+    points = grid_points(sampler, steps)
+    return 2 * points - 1 if sampler == "heun" else points
 
 
 def check_sampler(sampler, steps, grid=None, options=None):

@@ -625,8 +625,8 @@ class LossLog:
         """Copy the pending losses to the host and log them in the order they came."""
         pending, self._pending = self._pending, []
         for num_timesteps, ts, means, values in pending:
+            quartiles = (4 * ts.cpu().numpy() / num_timesteps).astype(int)
             for key in means:
                 logger.logkv_mean(key, means[key].item())
-                for sub_t, sub_loss in zip(ts.cpu().numpy(), values[key].cpu().numpy()):
-                    quartile = int(4 * sub_t / num_timesteps)
+                for quartile, sub_loss in zip(quartiles, values[key].cpu().numpy()):
                     logger.logkv_mean(f"{key}_q{quartile}", sub_loss)

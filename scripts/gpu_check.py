@@ -74,6 +74,10 @@ def steps(work, args):
     data = ["--data_dir", str(work / "images")]
     inception = args.inception_path or str(work / "inception.pt")
     samples = work / "guided" / f"samples_{2 * args.processes}x16x16x3.npz"
+    guided = [*launch, script("classifier_sample.py"), *MODEL, *CLASSIFIER, "--classifier_scale", "1.0",
+              "--seed", "0", "--num_samples", str(2 * args.processes), "--batch_size", "2",
+              "--model_path", str(work / "fp16" / "ema_0.9999_000004.pt"),
+              "--classifier_path", str(work / "classifier" / "model000002.pt")]
     listed = [
         ("train fp16, --sample_interval", [*launch, script("image_train.py"), *data, *MODEL, *TRAIN,
                                            "--use_fp16", "True", "--max_steps", "2",
@@ -86,19 +90,10 @@ def steps(work, args):
         ("train classifier", [*launch, script("classifier_train.py"), *data, *CLASSIFIER, *TRAIN,
                               "--iterations", "2", "--log_dir", str(work / "classifier")]),
         ("guided sampling, 25 DDIM steps", [
-            *launch, script("classifier_sample.py"), *MODEL, *CLASSIFIER, "--use_ddim", "True",
-            "--timestep_respacing", "ddim25", "--classifier_scale", "1.0", "--seed", "0",
-            "--num_samples", str(2 * args.processes), "--batch_size", "2",
-            "--model_path", str(work / "fp16" / "ema_0.9999_000004.pt"),
-            "--classifier_path", str(work / "classifier" / "model000002.pt"),
+            *guided, "--use_ddim", "True", "--timestep_respacing", "ddim25",
             "--log_dir", str(work / "guided")]),
         ("guided sampling, dpmpp_2m 10 evaluations", [
-            *launch, script("classifier_sample.py"), *MODEL, *CLASSIFIER, "--sampler", "dpmpp_2m",
-            "--steps", "10", "--classifier_scale", "1.0", "--seed", "0",
-            "--num_samples", str(2 * args.processes), "--batch_size", "2",
-            "--model_path", str(work / "fp16" / "ema_0.9999_000004.pt"),
-            "--classifier_path", str(work / "classifier" / "model000002.pt"),
-            "--log_dir", str(work / "guided_fast")]),
+            *guided, "--sampler", "dpmpp_2m", "--steps", "10", "--log_dir", str(work / "guided_fast")]),
         ("evaluator: reference batch", [sys.executable, str(REPO / "evaluations" / "make_reference.py"),
                        str(work / "images"), str(work / "reference.npz"), "--image_size", "16",
                        "--num_pr_images", "16", "--inception_path", inception,

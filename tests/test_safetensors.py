@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch as th
-from PIL import Image
 
 from test_sample_scripts import run_script
 from test_sampling import tiny_flags, tiny_model
@@ -20,15 +19,6 @@ from guided_diffusion.training_state import save_checkpoint
 TRAIN = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1",
          "--attention_resolutions", "", "--diffusion_steps", "50", "--batch_size", "2",
          "--save_interval", "2", "--log_interval", "1", "--seed", "0", "--num_workers", "0"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("safetensors_images")
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"x_{index}.png")
-    return folder
 
 
 def test_convert_both_ways_keeps_tensors_and_record(tmp_path):
@@ -66,8 +56,8 @@ def test_a_safetensors_file_loads_strictly_with_the_mismatch_report(tmp_path):
         read_state_dict(str(truncated))
 
 
-def test_training_writes_safetensors_resumes_from_them_and_samples(tmp_path, data_dir):
-    flags = ["--data_dir", data_dir, *TRAIN, "--checkpoint_format", "safetensors"]
+def test_training_writes_safetensors_resumes_from_them_and_samples(tmp_path, tiny_image_dir):
+    flags = ["--data_dir", tiny_image_dir, *TRAIN, "--checkpoint_format", "safetensors"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_script("image_train.py", flags + ["--max_steps", 4, "--log_dir", full])
     run_script("image_train.py", flags + ["--max_steps", 2, "--log_dir", part])

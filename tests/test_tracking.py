@@ -11,9 +11,7 @@ import struct
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from test_sample_scripts import run_script
 
@@ -24,15 +22,6 @@ TRAIN = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "
          "--num_workers", "0"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tracking_images")
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"x_{index}.png")
-    return folder
-
-
 def train_and_resume(data_dir, log_dir, extra):
     """Train to step 2, then resume from model000002.pt to step 4, in one log directory."""
     flags = ["--data_dir", data_dir, *TRAIN, "--log_dir", log_dir, *extra]
@@ -41,12 +30,12 @@ def train_and_resume(data_dir, log_dir, extra):
                                           log_dir / "model000002.pt"])
 
 
-def test_tensorboard_events_hold_the_losses_previews_and_flags_and_continue(tmp_path, data_dir):
+def test_tensorboard_events_hold_the_losses_previews_and_flags_and_continue(tmp_path, tiny_image_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_dir = tmp_path / "run"
-    train_and_resume(data_dir, log_dir, ["--log_format", "stdout,log,csv,tensorboard"])
+    train_and_resume(tiny_image_dir, log_dir, ["--log_format", "stdout,log,csv,tensorboard"])
     events = EventAccumulator(str(log_dir / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
     losses = events.Scalars("loss")
     assert [event.step for event in losses] == [0, 1, 2, 3]  # continued, no step twice
@@ -82,13 +71,13 @@ def wandb_records(run_file):
     return records
 
 
-def test_wandb_offline_run_holds_the_losses_and_flags_and_is_continued(tmp_path, data_dir, monkeypatch):
+def test_wandb_offline_run_holds_the_losses_and_flags_and_is_continued(tmp_path, tiny_image_dir, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_files"))
     (tmp_path / "wandb_files").mkdir()
     log_dir = tmp_path / "run"
-    train_and_resume(data_dir, log_dir, ["--wandb_project", "adm-tests", "--wandb_run_name", "tiny"])
+    train_and_resume(tiny_image_dir, log_dir, ["--wandb_project", "adm-tests", "--wandb_run_name", "tiny"])
     run_id = (log_dir / "wandb_run_id.txt").read_text()
     runs = sorted(glob.glob(str(tmp_path / "wandb_files" / "wandb" / f"offline-run-*-{run_id}")))
     assert len(runs) == 2  # the first run and its continuation, under one id
@@ -111,7 +100,7 @@ def test_wandb_offline_run_holds_the_losses_and_flags_and_is_continued(tmp_path,
     assert {"max_steps", "lr", "wandb_project"} <= set(configs)
 
 
-def test_a_missing_tracking_package_is_named_before_training(tmp_path, data_dir):
+def test_a_missing_tracking_package_is_named_before_training(tmp_path, tiny_image_dir):
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(
@@ -128,7 +117,7 @@ def test_a_missing_tracking_package_is_named_before_training(tmp_path, data_dir)
     for flags, extra in ((["--log_format", "log,tensorboard"], "tensorboard"),
                          (["--wandb_project", "p"], "wandb")):
         result = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "image_train.py"), "--data_dir", str(data_dir),
+            [sys.executable, str(REPO / "scripts" / "image_train.py"), "--data_dir", str(tiny_image_dir),
              *TRAIN, "--log_dir", str(tmp_path / extra), *flags],
             env=env, capture_output=True, text=True, timeout=120,
         )
@@ -137,17 +126,14 @@ def test_a_missing_tracking_package_is_named_before_training(tmp_path, data_dir)
         assert not (tmp_path / extra / "model000000.pt").exists() and "training..." not in result.stdout
 
 
-def test_classifier_training_sends_its_losses_and_accuracies_to_tensorboard(tmp_path, data_dir):
+def test_classifier_training_sends_its_losses_and_accuracies_to_tensorboard(tmp_path, tiny_image_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    labelled = tmp_path / "labelled"
-    labelled.mkdir()
-    for index, path in enumerate(sorted(Path(data_dir).iterdir())):
-        (labelled / f"c{index % 2}_{index}.png").write_bytes(path.read_bytes())
     run_script("classifier_train.py", [
-        "--data_dir", labelled, "--val_data_dir", labelled, "--image_size", "8", "--classifier_width", "32",
-        "--classifier_depth", "1", "--classifier_attention_resolutions", "4", "--num_classes", "2",
+        "--data_dir", tiny_image_dir, "--val_data_dir", tiny_image_dir, "--image_size", "8",
+        "--classifier_width", "32", "--classifier_depth", "1", "--classifier_attention_resolutions", "4",
+        "--num_classes", "3",
         "--diffusion_steps", "50", "--batch_size", "2", "--save_interval", "2", "--seed", "0",
         "--num_workers", "0", "--eval_interval", "1", "--log_interval", "1", "--iterations", "2",
         "--log_format", "log,csv,tensorboard", "--log_dir", tmp_path / "run",

@@ -287,6 +287,17 @@ def test_training_logs_the_losses_at_the_log_step_not_at_every_microbatch(tmp_pa
     loop.loss_log.flush()
     deferred = dict(logger.getkvs())
     assert len(pending) == 2 and len(copies) == 2 * len(pending[0][1])
+    # Independently: "loss" is the mean of the microbatch means, "loss_qK" the mean of the
+    # per-sample losses whose timestep falls in quarter K.
+    ts = th.cat([ts for ts, _ in pending])
+    losses = th.cat([values["loss"] for _, values in pending])
+    assert deferred["loss"] == pytest.approx(np.mean([v["loss"].mean().item() for _, v in pending]))
+    for quarter in range(4):
+        chosen = (4 * ts // diffusion.num_timesteps) == quarter
+        if chosen.any():
+            assert deferred[f"loss_q{quarter}"] == pytest.approx(losses[chosen].mean().item(), rel=1e-6)
+        else:
+            assert f"loss_q{quarter}" not in deferred
     logger.configure(str(tmp_path / "at_once"), ["log"])
     for ts, values in pending:
         log_loss_dict(diffusion, ts, values)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from evaluations.scores import compute_statistics
 from guided_diffusion import logger
 from guided_diffusion.sampling import sample
-from guided_diffusion.solvers import SAMPLERS, grid_points
+from guided_diffusion.solvers import SAMPLERS, evaluations
 
 from .report import _font, _text, png_bytes, write_bytes
 
@@ -33,11 +33,6 @@ COLUMNS = ("classifier_scale", "sampler", "evaluations", "frechet", "recognised"
            "recall")
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75))
-
-
-def evaluations_of(sampler, steps):
-    """:return: the model evaluations per sample a sampler makes for `steps`."""
-    return 2 * grid_points(sampler, steps) - 1 if sampler == "heun" else steps
 
 
 def frechet_distance(real_features, sample_features):
@@ -63,7 +58,7 @@ def run_sampler_study(model, diffusion, classifier, scales, labels, batch_size, 
                 images, _ = sample(model, diffusion, labels=labels, batch_size=batch_size, seed=seed,
                                    sampler=sampler, steps=steps, progress=False, **guidance)
                 rows.append(dict(classifier_scale=scale, sampler=sampler,
-                                 evaluations=evaluations_of(sampler, steps), **score(images)))
+                                 evaluations=evaluations(sampler, steps), **score(images)))
     return rows
 
 
