@@ -25,11 +25,12 @@ from .acceleration import (
 )
 from .checkpoint import load_for_inference
 from .download import fetch_and_load
-from .file_writing import SamplesWriter
+from .file_writing import SamplesWriter, existing_samples
 from .presets import load_config, read_preset
 from .resample import create_named_schedule_sampler
+from .run_lock import hold_log_dir
 from .sampling import DEFAULT_STEPS
-from .sampling_state import PartialSamples
+from .sampling_state import PartialSamples, file_identity
 from .solvers import SAMPLERS
 from .script_util import add_dict_to_argparser, architecture_flags, args_to_dict, str2bool
 from .train_util import PREVIEW_STEPS, TrainLoop, set_seed
@@ -113,18 +114,32 @@ def in_flag_terms(message, flag_names):
 
 def run_script(main, parser):
     """
-    Run a script's main function; a ValueError or FileNotFoundError (bad flags or
-    files) ends the process with its message in flag terms and exit status 1, without
-    a traceback.
+    Run a script's main function, then leave the process group (dist_util.close_dist);
+    a ValueError or FileNotFoundError (bad flags or files) ends the process with its
+    message in flag terms and exit status 1, without a traceback.
 
     :param main: the script's main function (no arguments).
     :param parser: the script's parser, whose flag names the message is written in.
     """
     try:
         main()
+        dist_util.close_dist()
     except (ValueError, FileNotFoundError, ImportError) as error:
         names = [action.dest for action in parser._actions if action.option_strings]
         sys.exit(f"{os.path.basename(sys.argv[0])}: {in_flag_terms(str(error), names)}")
+
+
+def hold_requested_log_dir(log_dir):
+    """
+    Take the log directory that --log_dir (else $OPENAI_LOGDIR) names for this run's
+    life, before any log file is opened in it (run_lock.hold_log_dir); without either, the
+    logger makes a new folder that no other run uses.
+
+    :param log_dir: the --log_dir flag's value.
+    """
+    requested = log_dir or os.getenv("OPENAI_LOGDIR")
+    if requested:
+        hold_log_dir(os.path.expanduser(requested))
 
 
 def apply_runtime_flags(model, args):
@@ -211,6 +226,7 @@ def start_training(args):
                     resume_dir=os.path.dirname(resume) if resume else None,
                     wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name,
                     wandb_entity=args.wandb_entity)
+    hold_requested_log_dir(args.log_dir)
     logger.configure(dir=args.log_dir or None, format_strs=formats, comm=logger.TorchDistComm(),
                      tracking=tracking)
     logger.log_config(vars(args))
@@ -286,19 +302,21 @@ def diffusion_loop_kwargs(args):
 
 def run_training(args, model, diffusion, data, loop_class=TrainLoop, **loop_kwargs):
     """
-    Move the model to this process's device, set its attention kernel and train it.
+    Move the model to this process's device, set its attention kernel and train it,
+    recording the data's class names in the checkpoints.
 
     :param args: the parsed flags.
     :param model: the network.
     :param diffusion: its diffusion.
-    :param data: the batch iterator.
+    :param data: the batch loader (image_datasets.load_data or load_superres_data).
     :param loop_class: TrainLoop or a subclass (classifier_train_util.ClassifierTrainLoop).
     :param loop_kwargs: the loop's other arguments (training_loop_kwargs and more).
     """
     model.to(dist_util.dev())
     apply_runtime_flags(model, args)
     logger.log("training...")
-    loop_class(model=model, diffusion=diffusion, data=data, **loop_kwargs).run_loop()
+    loop_class(model=model, diffusion=diffusion, data=data, class_names=data.class_names,
+               **loop_kwargs).run_loop()
 
 
 # ------------------------------------------------------------------ sampling
@@ -335,7 +353,7 @@ def add_sampling_flags(parser, guidance=True, images=True):
 
     :param parser: an argparse.ArgumentParser.
     :param guidance: add --cfg_scale and --class_balanced.
-    :param images: add --save_png.
+    :param images: add --save_png, --overwrite, --sampler and --steps.
     """
     parser.add_argument("--seed", type=int, default=None,
                         help="same seed, same images whatever the batch size and process count")
@@ -344,6 +362,8 @@ def add_sampling_flags(parser, guidance=True, images=True):
     if images:
         parser.add_argument("--save_png", type=str2bool, nargs="?", const=True, default=False,
                             help="also write every sample as a PNG")
+        parser.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                            help="replace the samples of another run in --log_dir")
         parser.add_argument("--sampler", default="", help=f"a fast sampler: {', '.join(SAMPLERS)} "
                             "(default: the original's DDPM / --use_ddim loops)")
         parser.add_argument("--steps", type=int, default=0,
@@ -368,6 +388,7 @@ def start_sampling(args):
         raise ValueError("--use_fp16 and --use_bf16 are exclusive: choose one precision")
     set_cuda_math(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     dist_util.setup_dist()
+    hold_requested_log_dir(args.log_dir)
     logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
     if getattr(args, "sampler", "") and args.timestep_respacing:
         logger.warn(f"--timestep_respacing {args.timestep_respacing} is not used with --sampler "
@@ -498,7 +519,9 @@ def read_base_samples(path, small_size, class_cond):
 def partial_samples(args):
     """
     Where a seeded run keeps its finished rounds: `partial_samples/` in the log directory,
-    recording every flag but --log_dir and --save_png, and the number of processes.
+    recording every flag but --log_dir, --save_png and --overwrite, the number of
+    processes, and the size and time of the checkpoint files (a rerun after a checkpoint
+    changed is refused instead of mixing two models' samples).
     Without --seed, warn that an interrupted run cannot be continued.
 
     :param args: the parsed flags (after start_sampling).
@@ -508,12 +531,16 @@ def partial_samples(args):
         logger.warn("no --seed: an interrupted run cannot be continued (with --seed S a rerun "
                     "with the same flags continues from the finished samples)")
         return None
-    record = {name: value for name, value in vars(args).items() if name not in ("log_dir", "save_png")}
+    record = {name: value for name, value in vars(args).items()
+              if name not in ("log_dir", "save_png", "overwrite")}
     record["world_size"] = dist_util.get_world_size()
+    for flag in ("model_path", "classifier_path"):
+        if record.get(flag):
+            record[f"{flag} file"] = file_identity(record[flag])
     return PartialSamples(bf.join(logger.get_dir(), "partial_samples"), record)
 
 
-def write_samples(run, save_png=False):
+def write_samples(run, save_png=False, overwrite=False):
     """
     Sample every round of a run and write the samples on rank 0 as they arrive
     (file_writing.SamplesWriter: one round in memory, PNGs written per round, so that
@@ -522,7 +549,10 @@ def write_samples(run, save_png=False):
 
     :param run: a sampling.SamplingRun.
     :param save_png: also write one PNG per sample.
+    :param overwrite: replace the samples of another run of the same name in the log
+        directory (else they are refused, unless this run continues from partial samples).
     """
+    dist_util.on_rank_zero(lambda: _refuse_to_replace_samples(run, overwrite))
     if dist_util.get_rank() > 0:
         for _ in run.new_rounds():
             pass
@@ -536,3 +566,23 @@ def write_samples(run, save_png=False):
             run.partial.remove()
     dist.barrier()
     logger.log("sampling complete")
+
+
+def _refuse_to_replace_samples(run, overwrite):
+    """
+    Raise a ValueError when the log directory holds the outputs a run would write (the
+    .npz, its grid, its PNG folder), unless overwrite or the run continues its own
+    partial samples.
+
+    :param run: a sampling.SamplingRun.
+    :param overwrite: whether replacing them was asked for.
+    """
+    if overwrite or (run.partial is not None and run.partial.finished()):
+        return
+    found = existing_samples(logger.get_dir(), run.num_samples, run.image_shape)
+    if found:
+        raise ValueError(
+            f"log_dir={logger.get_dir()} already holds the samples of another run "
+            f"({', '.join(bf.basename(path) for path in found)}): sample into another log_dir, "
+            "or pass overwrite=True to replace them"
+        )

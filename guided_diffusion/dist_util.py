@@ -20,6 +20,7 @@ that variable is never changed.
 
 import atexit
 import datetime
+import gc
 import io
 import os
 import re
@@ -88,6 +89,23 @@ def _destroy_process_group():
     """
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def close_dist():
+    """
+    End this process's part in the process group once its work is done, in the order
+    PyTorch documents: the DistributedDataParallel wrappers the caller dropped are
+    freed (their reducer works through the group; collecting garbage frees those held in
+    reference cycles), every rank waits at a barrier so that none is still inside a
+    collective, then the group is destroyed. The scripts call it at their end; an exit
+    by any other path destroys the group at exit.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _detect_launch():
@@ -325,3 +343,27 @@ def sync_params(params):
     for param in params:
         with th.no_grad():
             dist.broadcast(param, 0)
+
+
+def on_rank_zero(check):
+    """
+    Run check() on rank 0 alone and share how it ended: every rank returns its result,
+    or raises its ValueError (or FileNotFoundError), so that no rank waits for one that
+    stopped. A collective when there are several processes: every rank calls it.
+
+    :param check: a function of no arguments (a refusal raises ValueError).
+    :return: check()'s result, a picklable value.
+    """
+    if get_world_size() == 1:
+        return check()
+    outcome = [None]
+    if get_rank() == 0:
+        try:
+            outcome = [("result", check())]
+        except (ValueError, FileNotFoundError) as error:
+            outcome = [(type(error), str(error))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "result":
+        return value
+    raise kind(value)

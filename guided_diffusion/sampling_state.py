@@ -3,6 +3,7 @@ The finished rounds of a seeded sampling run, kept on disk so that an interrupte
 run continues where it stopped (sampling.sample's `partial`).
 """
 
+import datetime
 import json
 import re
 
@@ -44,8 +45,9 @@ class PartialSamples:
         if differing:
             details = "; ".join(f"{k}: partial {recorded.get(k)!r}, now {self.record.get(k)!r}" for k in differing)
             raise ValueError(
-                f"{self.folder} holds the finished samples of a run with other flags ({details}); "
-                "rerun with the same flags to continue it, or delete the folder to start afresh"
+                f"{self.folder} holds the finished samples of a run with other flags or checkpoint "
+                f"files ({details}); rerun with the same flags and files to continue it, or delete "
+                "the folder to start afresh"
             )
 
     def _round_files(self):
@@ -109,3 +111,19 @@ class PartialSamples:
         if bf.exists(self.folder):
             bf.rmtree(self.folder)
 
+
+
+def file_identity(path):
+    """
+    What tells a checkpoint file apart from another one at the same path, for the record
+    of partial samples: its size and modification time (reading a whole checkpoint for a
+    hash would cost seconds on every start).
+
+    :param path: a local path or blobfile URL.
+    :return: e.g. "2214578560 bytes, modified 2026-12-07T13:00:01.123456", or "missing".
+    """
+    if not bf.exists(path):
+        return "missing"
+    stat = bf.stat(path)
+    modified = datetime.datetime.fromtimestamp(stat.mtime).isoformat()
+    return f"{stat.size} bytes, modified {modified}"

@@ -35,6 +35,7 @@ from .image_grid import to_uint8_nhwc
 from .nn import update_ema
 from .solvers import check_sampler
 from .resample import LossAwareSampler, UniformSampler
+from .run_lock import hold_log_dir, release_log_dir
 from .respace import SpacedDiffusion, space_timesteps
 
 # Sample previews (--sample_interval): how many images, DDIM steps, and the noise seed.
@@ -102,17 +103,18 @@ def _refuse_a_log_dir_holding_a_run(logdir):
 
     :param logdir: the log directory of a new (not resumed) run.
     """
-    found = _gather_by_rank(
-        training_state.run_checkpoints(logdir) if dist_util.get_rank() == 0 else None
-    )[0]
+    found = dist_util.on_rank_zero(lambda: training_state.run_checkpoints(logdir))
     if not found:
         return
-    latest = training_state.latest_model_checkpoint(found) or "modelNNNNNN.pt"
     shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    latest = training_state.latest_complete_checkpoint(found)
+    choices = ("start a new run in another log directory, or pass overwrite_log_dir=True to "
+               "write over it")
+    advice = (f"Continue it with resume_checkpoint={bf.join(logdir, latest)}, {choices} ({latest} "
+              "is its latest complete step)" if latest else f"None of its steps is complete: {choices}")
     raise ValueError(
         f"log_dir={logdir} already holds a run ({shown}): a new run would overwrite its "
-        f"checkpoints. Continue it with resume_checkpoint={bf.join(logdir, latest)}, start "
-        "a new run in another log directory, or pass overwrite_log_dir=True to write over it"
+        f"checkpoints. {advice}"
     )
 
 
@@ -197,6 +199,9 @@ class TrainLoop:
                                     # (the original's memory use; False: faster, more memory)
         overwrite_log_dir=False,    # a new run may write over the checkpoints in the log dir
         checkpoint_format="pt",     # the model and EMA weights as "pt" or "safetensors" files
+        class_names=None,           # the class each label stands for (the loader's
+                                    # class_names), recorded in checkpoints; a resume whose
+                                    # classes differ is refused (None: not recorded)
     ):
         """
         See the argument comments. logger.configure must have been called: checkpoints
@@ -230,6 +235,7 @@ class TrainLoop:
         self.preview_sampler, self.preview_steps = preview_sampler, preview_steps
         self.class_dropout_prob = class_dropout_prob
         self.flags = training_state.plain_flags(flags)
+        self.class_names = None if class_names is None else [str(name) for name in class_names]
         self.model_flags = training_state.plain_flags(model_flags) if model_flags else None
         self.global_batch = batch_size * dist_util.get_world_size()
         self.loss_log = LossLog()
@@ -237,7 +243,7 @@ class TrainLoop:
         plan = training_state.resume_plan(resume_checkpoint) if resume_checkpoint else None
         self.resume_step = plan["step"] if plan else 0
         self.step = self.resume_step
-        self._load_and_sync_parameters(plan["model"] if plan else init_checkpoint)
+        self._load_and_sync_parameters(plan["model"] if plan else init_checkpoint, resuming=bool(plan))
         # Before the masters and EMAs are copied, so that they share the weights' memory
         # format (the foreach EMA update and optimizer step stay on their fast path).
         configure_runtime(model, recompute_attention=recompute_attention,
@@ -284,13 +290,16 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ loading
 
-    def _load_and_sync_parameters(self, path):
+    def _load_and_sync_parameters(self, path, resuming):
         """
         :param path: a state dict to load into the model on every rank, or "".
+        :param resuming: whether path continues its run (its classes must be this run's).
         """
         if path:
             logger.log(f"loading model from checkpoint: {path}...")
             record = load_checkpoint(self.model, path, flags=self.model_flags)
+            training_state.compare_class_names((record or {}).get("class_names"), self.class_names,
+                                               path, resuming)
             recorded_flags = (record or {}).get("flags")
             changed = training_state.changed_flags(recorded_flags or {}, self.flags)
             if changed:
@@ -361,8 +370,17 @@ class TrainLoop:
 
     def run_loop(self):
         """
-        Train until max_steps or lr_anneal_steps (forever if both are 0), then save.
+        Train until max_steps or lr_anneal_steps (forever if both are 0), then save,
+        holding the log directory meanwhile (run_lock: a second run there is refused).
         """
+        took_log_dir = hold_log_dir(logger.get_dir())
+        try:
+            self._train_to_the_end()
+        finally:
+            if took_log_dir:
+                release_log_dir(logger.get_dir())
+
+    def _train_to_the_end(self):
         if self._finished():
             logger.log(f"step {self.step} already reaches the last step: nothing to train")
             return
@@ -491,13 +509,15 @@ class TrainLoop:
         training_state.save_checkpoint(
             bf.join(logdir, training_state.model_filename(self.step, self.checkpoint_format)),
             self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
-            training_state.make_sidecar("model", self.step, self.flags),
+            training_state.make_sidecar("model", self.step, self.flags,
+                                        class_names=self.class_names),
         )
         for rate, params in zip(self.ema_rate, self.ema_params):
             training_state.save_checkpoint(
                 bf.join(logdir, training_state.ema_filename(rate, self.step, self.checkpoint_format)),
                 self.mp_trainer.master_params_to_state_dict(params),
-                training_state.make_sidecar("ema", self.step, self.flags, ema_rate=rate),
+                training_state.make_sidecar("ema", self.step, self.flags, ema_rate=rate,
+                                            class_names=self.class_names),
             )
         sampler = self.schedule_sampler
         state = dict(

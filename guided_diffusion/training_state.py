@@ -100,14 +100,30 @@ def run_checkpoints(logdir):
     return sorted(name for name in bf.listdir(logdir) if _RUN_CHECKPOINT.match(name))
 
 
-def latest_model_checkpoint(names):
+def latest_complete_checkpoint(names):
     """
-    :param names: checkpoint file names.
-    :return: the modelNNNNNN.pt among them with the largest step, or None.
+    :param names: checkpoint file names of one log directory.
+    :return: the modelNNNNNN.pt (or .safetensors) of the latest step whose save finished,
+        i.e. whose optNNNNNN.pt (written last) is among the names; None when no step is
+        complete.
     """
     steps = {parse_resume_step_from_filename(name): name for name in names}
     steps.pop(None, None)
-    return steps[max(steps)] if steps else None
+    complete = [step for step in steps if opt_filename(step) in names]
+    return steps[max(complete)] if complete else None
+
+
+def _resume_remedy(logdir, model_path):
+    """
+    :return: what to do instead of resuming from an incomplete step: resume from the
+        latest complete one in logdir, or start a new run from model_path's weights.
+    """
+    latest = latest_complete_checkpoint(run_checkpoints(logdir))
+    if latest is not None:
+        return (f"The latest complete step in {logdir} is {parse_resume_step_from_filename(latest)}: "
+                f"continue with resume_checkpoint={bf.join(logdir, latest)}")
+    return (f"No step in {logdir} is complete: start a new run from these weights with "
+            f"init_checkpoint={model_path} (the optimizer state starts afresh)")
 
 
 def save_checkpoint(path, obj, sidecar=None):
@@ -134,20 +150,53 @@ def save_checkpoint(path, obj, sidecar=None):
         atomic_write(sidecar_path(path), lambda f: f.write(text))
 
 
-def make_sidecar(kind, step, flags, ema_rate=None):
+def make_sidecar(kind, step, flags, ema_rate=None, class_names=None):
     """
     :param kind: "model" or "ema".
     :param step: the number of optimizer steps the weights have seen.
     :param flags: the run's flags.
     :param ema_rate: the EMA rate for kind "ema", else None.
+    :param class_names: the class each label stands for, in label order, or None.
     :return: the sidecar dict.
     """
-    return dict(
+    sidecar = dict(
         format=SIDECAR_FORMAT,
         kind=kind,
         ema_rate=None if ema_rate is None else float(ema_rate),
         step=int(step),
         flags=plain_flags(flags),
+    )
+    if class_names is not None:
+        sidecar["class_names"] = list(class_names)
+    return sidecar
+
+
+def compare_class_names(recorded, current, path, resuming):
+    """
+    Refuse to continue a run whose labels now stand for other classes (a class folder
+    added, removed or renamed renumbers the classes after it); for a new run from a
+    checkpoint's weights, only log the difference.
+
+    :param recorded: the class names a checkpoint's sidecar records, or None.
+    :param current: this run's class names, or None.
+    :param path: the checkpoint (named in the message).
+    :param resuming: whether this run continues the checkpoint's run.
+    """
+    if recorded is None or current is None or list(recorded) == list(current):
+        return
+    differences = [f"label {label}: {old!r} -> {new!r}"
+                   for label, (old, new) in enumerate(zip(recorded, current)) if old != new]
+    if len(recorded) != len(current):
+        differences.append(f"{len(recorded)} classes -> {len(current)}")
+    summary = ", ".join(differences[:4]) + (", ..." if len(differences) > 4 else "")
+    if not resuming:
+        logger.log(f"the labels of {bf.basename(path)} stood for other classes ({summary}): "
+                   "this new run trains them as this data's classes")
+        return
+    raise ValueError(
+        f"resume_checkpoint={path} was trained with other classes ({summary}): its labels would "
+        "stand for other images now. Resume with the data's class folders (or file-name "
+        f"prefixes) as they were, or start a new run from these weights with init_checkpoint={path}"
     )
 
 
@@ -242,8 +291,8 @@ def resume_plan(path):
     if not bf.exists(opt_path):
         raise FileNotFoundError(
             f"{opt_path} is missing: it holds the optimizer, step and RNG state needed to "
-            f"continue from {path}. Copy it next to the model file, or start a new run from "
-            f"these weights with init_checkpoint={path}"
+            f"continue from {path} (the save of step {step} was interrupted, or the file was "
+            f"moved: copy it back next to the model file). {_resume_remedy(bf.dirname(path), path)}"
         )
     opt_state = _read_training_state(opt_path, path)
     if "optimizer" not in opt_state:

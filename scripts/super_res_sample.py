@@ -38,7 +38,7 @@ def main(argv=None):
         partial=partial,
         **command_line.sample_kwargs(args),
     )
-    command_line.write_samples(run, args.save_png)
+    command_line.write_samples(run, args.save_png, args.overwrite)
 
 
 def create_argparser():

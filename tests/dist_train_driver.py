@@ -8,7 +8,8 @@ Multi-process training driver for tests/test_training_scripts.py (not a test its
 again from the step-2 checkpoint and trains to step 4, then tries a new run in the same
 log directory (every rank writes the refusal to OUT_DIR/refused_rank<R>.txt). Every rank
 writes its final weights to OUT_DIR/<run>_rank<R>.pt, how DDP held the gradients to
-OUT_DIR/<run>_ddp_rank<R>.json and what setup_dist reported to OUT_DIR/setup_rank<R>.json.
+OUT_DIR/<run>_ddp_rank<R>.json, what setup_dist reported to OUT_DIR/setup_rank<R>.json
+and its standard error (an abort at exit included) to OUT_DIR/stderr_rank<R>.txt.
 """
 
 import json
@@ -51,10 +52,17 @@ def train(image_dir, logdir, max_steps, resume_checkpoint=""):
     return model
 
 
+def send_stderr_to_file(out_dir, rank):
+    """Write this process's standard error, C++ runtime messages included, to a file of its rank."""
+    stream = open(os.path.join(out_dir, f"stderr_rank{rank}.txt"), "w")
+    os.dup2(stream.fileno(), sys.stderr.fileno())
+
+
 def main():
     image_dir, out_dir, mode = sys.argv[1:4]
     setup = dist_util.setup_dist()
     rank = setup["rank"]
+    send_stderr_to_file(out_dir, rank)
     with open(os.path.join(out_dir, f"setup_rank{rank}.json"), "w") as f:
         json.dump(setup, f)
     if mode == "full":
@@ -74,6 +82,7 @@ def main():
         except ValueError as error:
             with open(os.path.join(out_dir, f"refused_rank{rank}.txt"), "w") as f:
                 f.write(str(error))
+    dist_util.close_dist()
 
 
 if __name__ == "__main__":

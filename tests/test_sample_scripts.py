@@ -317,3 +317,39 @@ def test_script_errors_on_checkpoints(checkpoints, tmp_path, script, args, messa
     result = run_script(script, args + ["--num_samples", 1, "--log_dir", tmp_path], check=False)
     assert result.returncode != 0
     assert re.search(message, result.stderr, re.DOTALL), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sampling_into_a_log_dir_holding_another_runs_samples_is_refused(checkpoints, tmp_path):
+    common = MODEL_FLAGS + COND + ["--model_path", checkpoints["cond"], "--num_samples", 2,
+                                   "--batch_size", 2, "--log_dir", tmp_path]
+    run_script("image_sample.py", common + ["--seed", 1])
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.suffix in (".npz", ".png")}
+    assert sorted(before) == ["samples_2x8x8x3.npz", "samples_2x8x8x3.png"]
+    refused = run_script("image_sample.py", common + ["--seed", 2], check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert (f"--log_dir {tmp_path} already holds the samples of another run (samples_2x8x8x3.npz, "
+            "samples_2x8x8x3.png): sample into another log_dir, or pass --overwrite True") in refused.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    run_script("image_sample.py", common + ["--seed", 2, "--overwrite"])
+    assert (tmp_path / "samples_2x8x8x3.npz").read_bytes() != before["samples_2x8x8x3.npz"]
+
+
+@pytest.mark.slow
+def test_a_killed_seeded_run_refuses_to_continue_with_a_changed_checkpoint(checkpoints, tmp_path):
+    model_path = tmp_path / "model.pt"
+    model_path.write_bytes(checkpoints["cond"].read_bytes())
+    common = MODEL_FLAGS + COND + ["--model_path", model_path, "--num_samples", 4, "--seed", 5,
+                                   "--batch_size", 2, "--log_dir", tmp_path / "out"]
+    wrapper = tmp_path / "crash_after_first_round.py"
+    wrapper.write_text(CRASH_AFTER_FIRST_ROUND)
+    crashed = run_script(wrapper, [REPO / "scripts" / "image_sample.py", *common], check=False)
+    assert crashed.returncode != 0 and (tmp_path / "out" / "partial_samples" / "record.json").exists()
+    weights = th.load(model_path, weights_only=True)
+    th.save({name: value + 0.01 for name, value in weights.items()}, model_path)  # retrained in place
+    refused = run_script("image_sample.py", common, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert re.search(r"holds the finished samples of a run with other flags or checkpoint files "
+                     r"\(model_path file: partial '\d+ bytes, modified [^']+', now '\d+ bytes, modified",
+                     refused.stderr), refused.stderr
+    assert not (tmp_path / "out" / "samples_4x8x8x3.npz").exists()

@@ -386,8 +386,22 @@ def test_a_new_run_into_a_log_dir_holding_a_run_is_refused(tmp_path, tiny_image_
         alone = tmp_path / f"holds_{name}"
         alone.mkdir()
         shutil.copy(run / name, alone / name)
-        with pytest.raises(ValueError, match="already holds a run .*modelNNNNNN.pt"):
+        with pytest.raises(ValueError, match="already holds a run .*None of its steps is complete"):
             _train(alone, tiny_image_dir, 1)
+    # A save of step 4 interrupted before its opt file: the advice is step 2, the last complete one.
+    for name in ("model", "ema_0.9_"):
+        shutil.copy(run / f"{name}000002.pt", run / f"{name}000004.pt")
+    with pytest.raises(ValueError, match=(
+        f"resume_checkpoint={run / 'model000002.pt'}, .*model000002.pt is its latest complete step"
+    )):
+        _train(run, tiny_image_dir, 2)
+    with pytest.raises(FileNotFoundError, match=(
+        "opt000004.pt is missing.*the save of step 4 was interrupted.*The latest complete step in "
+        f".* is 2: continue with resume_checkpoint={run / 'model000002.pt'}"
+    )):
+        _train(run, tiny_image_dir, 6, resume_checkpoint=str(run / "model000004.pt"))
+    for name in ("model", "ema_0.9_"):
+        os.remove(run / f"{name}000004.pt")
     loop = _train(run, tiny_image_dir, 1, overwrite_log_dir=True)
     assert loop.step == 1 and "model000001.pt" in os.listdir(run)
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch as th
@@ -39,11 +40,17 @@ def _environment():
     return env
 
 
-def _run(command):
+def _run(command, out_dir=None):
+    """Run a command that must succeed; on failure show its output and, for the driver, each
+    rank's standard error (OUT_DIR/stderr_rank<R>.txt)."""
     result = subprocess.run(
         command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT
     )
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    if result.returncode != 0:
+        ranks = "".join(f"\n--- {path.name}:\n{path.read_text()[-3000:]}"
+                        for path in sorted(Path(out_dir or "/nonexistent").glob("stderr_rank*.txt")))
+        pytest.fail(f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                    f"{result.stderr[-3000:]}{ranks}")
     return result
 
 
@@ -72,7 +79,7 @@ def mpiexec_run(tmp_path_factory, tiny_image_dir):
         pytest.skip("mpiexec is not installed (pip install mpich mpi4py)")
     pytest.importorskip("mpi4py")
     out_dir = tmp_path_factory.mktemp("mpiexec")
-    _run([mpiexec, "-n", "2", sys.executable, DRIVER, tiny_image_dir, str(out_dir), "interrupted"])
+    _run([mpiexec, "-n", "2", sys.executable, DRIVER, tiny_image_dir, str(out_dir), "interrupted"], out_dir)
     return out_dir
 
 
@@ -81,7 +88,7 @@ def torchrun_run(tmp_path_factory, tiny_image_dir):
     """OUT_DIR of `torchrun --standalone --nproc_per_node 2 dist_train_driver.py ... full`."""
     out_dir = tmp_path_factory.mktemp("torchrun")
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          DRIVER, tiny_image_dir, str(out_dir), "full"])
+          DRIVER, tiny_image_dir, str(out_dir), "full"], out_dir)
     return out_dir
 
 
@@ -238,3 +245,30 @@ class _Namespace:
 
     def __init__(self, flags):
         self.__dict__.update(flags)
+
+
+@pytest.mark.slow
+def test_the_class_folders_are_recorded_and_a_resume_with_other_classes_is_refused(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for folder, count in (("bird", 0), ("cat", 2), ("dog", 2)):
+        (data / folder).mkdir(parents=True)
+        for index in range(count):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / folder / f"{index}.png")
+    logdir = tmp_path / "run"
+    train = [sys.executable, "scripts/image_train.py", "--data_dir", str(data), "--image_size", "8",
+             "--channel_mult", "1", "--class_cond", "True", "--class_from", "folder", "--num_classes", "3",
+             "--batch_size", "2", "--log_dir", str(logdir), *TINY_UNET, *COMMON]
+    _run(train)
+    assert read_sidecar(str(logdir / "model000002.pt"))["class_names"] == ["cat", "dog"]
+    assert read_sidecar(str(logdir / "ema_0.9999_000002.pt"))["class_names"] == ["cat", "dog"]
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / "bird" / "0.png")
+    resume = ["--resume_checkpoint", str(logdir / "model000002.pt"), "--max_steps", "4"]
+    refused = _fail(train + resume)
+    assert "Traceback" not in refused.stderr
+    assert (f"--resume_checkpoint {logdir / 'model000002.pt'} was trained with other classes (label 0: "
+            "'cat' -> 'bird', label 1: 'dog' -> 'cat', 2 classes -> 3)") in refused.stderr
+    assert not (logdir / "model000004.pt").exists()
