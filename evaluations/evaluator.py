@@ -28,13 +28,33 @@ from evaluations.feature_cache import batch_content_key, cache_path, load_cached
 from evaluations.inception import POOL_FEATURES, SPATIAL_FEATURES
 from evaluations.inception_weights import load_inception, weights_fingerprint
 from evaluations.manifold import DistanceBlock, ManifoldEstimator  # noqa: F401 (original names)
-from evaluations.npz_batches import check_image_batch, check_npz_images, open_npz_array
-from evaluations.scores import FIDStatistics, check_statistics, compute_statistics, inception_score
+from evaluations.npz_batches import (
+    check_image_batch, check_npz_images, open_npz_array, open_npz_zip,
+)
+from evaluations.scores import (
+    FIDStatistics, check_finite, check_statistics, compute_statistics, inception_score,
+)
 
 logger = logging.getLogger(__name__)
 
 # Statistics a reference batch may carry: (mean key, covariance key, feature dimension).
 PRECOMPUTED_STATISTICS = (("mu", "sigma", POOL_FEATURES), ("mu_s", "sigma_s", SPATIAL_FEATURES))
+# What to do about features that are not finite, for messages.
+FEATURES_FIX = (
+    "Inception gives finite features for any image, so its weights are damaged (pass "
+    "another --inception_path file) or the device computed wrongly (try --device cpu)"
+)
+
+
+def check_features(features, where):
+    """
+    Raise a ValueError naming the images unless their Inception features are finite.
+
+    :param features: (pool, spatial) feature arrays.
+    :param where: the images they come from, for the message.
+    """
+    for name, array in zip(("Inception pool output", "Inception spatial output"), features):
+        check_finite(array, name, where, FEATURES_FIX)
 
 
 class Evaluator:
@@ -67,7 +87,7 @@ class Evaluator:
         """
         with open_npz_array(npz_path, "arr_0") as reader:
             check_npz_images(reader, npz_path)
-            return self.compute_activations(reader.read_batches(self.batch_size))
+            return self.compute_activations(reader.read_batches(self.batch_size), npz_path)
 
     def _forward(self, batch):
         """Start the network on one batch; returns device tensors (asynchronous on a GPU)."""
@@ -91,11 +111,12 @@ class Evaluator:
         if pending is not None:
             yield pending[0].cpu().numpy(), pending[1].cpu().numpy()
 
-    def compute_activations(self, batches):
+    def compute_activations(self, batches, where="batches"):
         """
-        Features for downstream scores.
+        Features for downstream scores; a ValueError when they are not finite.
 
         :param batches: an iterable of NHWC arrays in [0, 255] (uint8, or float without NaN).
+        :param where: what the batches are (a file), for messages.
         :return: (pool, spatial): float32 arrays [N x 2048] and [N x 2023].
         """
         progress = tqdm(batches, desc="Inception features", leave=False)
@@ -103,7 +124,9 @@ class Evaluator:
         if not features:
             raise ValueError("compute_activations: no batches given")
         pools, spatials = zip(*features)
-        return np.concatenate(pools, axis=0), np.concatenate(spatials, axis=0)
+        activations = np.concatenate(pools, axis=0), np.concatenate(spatials, axis=0)
+        check_features(activations, where)
+        return activations
 
     def read_statistics(self, npz_path, activations):
         """
@@ -115,21 +138,50 @@ class Evaluator:
                             npz has the matching statistics.
         :return: (FIDStatistics of pool features, FIDStatistics of spatial features).
         """
+        precomputed = self.read_precomputed_statistics(npz_path)
+        return self._complete_statistics(npz_path, precomputed, activations)
+
+    def read_precomputed_statistics(self, npz_path):
+        """
+        The statistics an npz carries (a reference batch's mu, sigma, mu_s, sigma_s),
+        checked: shapes, finite values, symmetric covariances (scores.check_statistics).
+
+        :param npz_path: the batch's .npz.
+        :return: (pool FIDStatistics, spatial FIDStatistics), None where the npz lacks a pair.
+        """
+        if not bf.exists(npz_path):
+            raise FileNotFoundError(f"no such npz file: {npz_path}")
         result = []
-        with bf.BlobFile(npz_path, "rb") as f, np.load(f) as data:
-            keys = data.files
-            for (mu_key, sigma_key, dim), features in zip(PRECOMPUTED_STATISTICS, activations):
+        with bf.BlobFile(npz_path, "rb") as f, open_npz_zip(f, npz_path) as archive:
+            keys = [name[: -len(".npy")] for name in archive.namelist() if name.endswith(".npy")]
+            for mu_key, sigma_key, dim in PRECOMPUTED_STATISTICS:
                 if (mu_key in keys) != (sigma_key in keys):
                     raise ValueError(f"{npz_path}: has only one of {mu_key!r} and {sigma_key!r}")
-                if mu_key in keys:
-                    mu, sigma = data[mu_key], data[sigma_key]
-                    check_statistics(mu, sigma, dim, f"{npz_path} {mu_key}/{sigma_key}")
-                    result.append(FIDStatistics(mu, sigma))
-                elif features is None:
+                if mu_key not in keys:
+                    result.append(None)
+                    continue
+                mu = _read_npz_member(archive, mu_key, npz_path)
+                sigma = _read_npz_member(archive, sigma_key, npz_path)
+                check_statistics(mu, sigma, dim, npz_path, names=(mu_key, sigma_key))
+                result.append(FIDStatistics(mu, sigma))
+        return tuple(result)
+
+    def _complete_statistics(self, npz_path, precomputed, activations):
+        """
+        :param npz_path: the batch's .npz, for messages.
+        :param precomputed: read_precomputed_statistics(npz_path).
+        :param activations: (pool, spatial) features, an entry None where not computed.
+        :return: the precomputed statistics, each missing one computed from its features.
+        """
+        result = []
+        pairs = zip(PRECOMPUTED_STATISTICS, precomputed, activations)
+        for (mu_key, sigma_key, _), stats, features in pairs:
+            if stats is None:
+                if features is None:
                     message = f"{npz_path}: no {mu_key!r}/{sigma_key!r} and no features given"
                     raise ValueError(message)
-                else:
-                    result.append(self.compute_statistics(features))
+                stats = self.compute_statistics(features)
+            result.append(stats)
         return tuple(result)
 
     def compute_statistics(self, activations):
@@ -194,12 +246,27 @@ class Evaluator:
                     FIDStatistics(cached["mu"], cached["sigma"]),
                     FIDStatistics(cached["mu_s"], cached["sigma_s"]),
                 )
+        precomputed = self.read_precomputed_statistics(npz_path)  # checked before the features
         activations = self.read_activations(npz_path)
-        stats, stats_spatial = self.read_statistics(npz_path, activations)
+        stats, stats_spatial = self._complete_statistics(npz_path, precomputed, activations)
         if path is not None:
             arrays = dict(pool=activations[0], mu=stats.mu, sigma=stats.sigma)
             save_cached(path, dict(arrays, mu_s=stats_spatial.mu, sigma_s=stats_spatial.sigma))
         return activations[0], stats, stats_spatial
+
+
+def _read_npz_member(archive, key, npz_path):
+    """
+    :param archive: an open .npz zipfile.ZipFile.
+    :param key: the array's name.
+    :param npz_path: the npz file, for messages.
+    :return: the array (never unpickled).
+    """
+    with archive.open(f"{key}.npy") as member:
+        try:
+            return np.lib.format.read_array(member, allow_pickle=False)
+        except ValueError as error:
+            raise ValueError(f"{npz_path} {key}: {error}") from None
 
 
 def evaluate(evaluator, ref_batch, sample_batch, use_cache=True):

@@ -14,6 +14,7 @@ import blobfile as bf
 import numpy as np
 
 from evaluations.npz_batches import open_npz_zip
+from evaluations.scores import describe_non_finite
 from guided_diffusion.file_writing import write_npz
 
 CACHE_VERSION = "guided_diffusion.evaluations features v1"
@@ -45,16 +46,23 @@ def cache_path(npz_path, key):
 def load_cached(path):
     """
     :param path: a cache file.
-    :return: {name: array} for CACHE_KEYS, or None when the file is absent or unreadable.
+    :return: {name: array} for CACHE_KEYS, or None when the file is absent, unreadable
+        or holds values that are not finite (it is then computed again).
     """
     if not bf.exists(path):
         return None
     try:
         with bf.BlobFile(path, "rb") as f, np.load(f) as data:
-            return {name: data[name] for name in CACHE_KEYS}
+            arrays = {name: data[name] for name in CACHE_KEYS}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         warnings.warn(f"ignoring unreadable feature cache {path}: {error}")
         return None
+    for name, array in arrays.items():
+        problem = describe_non_finite(array)
+        if problem:
+            warnings.warn(f"ignoring feature cache {path}: {name} holds {problem}")
+            return None
+    return arrays
 
 
 def save_cached(path, arrays):

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from evaluations.evaluator import Evaluator
+from evaluations.evaluator import Evaluator, check_features
 from evaluations.inception import POOL_FEATURES, SPATIAL_FEATURES
 from evaluations.npz_batches import check_npz_images, open_npz_array
 from evaluations.scores import RunningStatistics
@@ -69,7 +69,8 @@ def npz_image_count(path):
 
 def make_reference(evaluator, batches, total, num_pr_images=10000, seed=0):
     """
-    Statistics of every image and a random subset of the images.
+    Statistics of every image and a random subset of the images; a ValueError naming the
+    images whose features are not finite.
 
     :param evaluator: an Evaluator.
     :param batches: an iterable of uint8 NHWC batches holding `total` images.
@@ -85,6 +86,7 @@ def make_reference(evaluator, batches, total, num_pr_images=10000, seed=0):
     kept, seen = [], 0
     progress = tqdm(total=total, unit="image", desc="reference batch")
     for batch, (pool, spatial) in _with_activations(evaluator, batches):
+        check_features((pool, spatial), f"input images {seen} to {seen + len(batch) - 1}")
         pool_stats.update(pool)
         spatial_stats.update(spatial)
         chosen = keep[(keep >= seen) & (keep < seen + len(batch))] - seen

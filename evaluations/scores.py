@@ -28,7 +28,9 @@ class FIDStatistics:
 
         As in the original evaluator (after TTUR's fid.py): when the square root of the
         product is not finite, eps is added to both diagonals; an imaginary part is
-        dropped when its diagonal is within 1e-3 of zero, else this raises.
+        dropped when its diagonal is within 1e-3 of zero, else this raises. Non-finite
+        statistics (on which sqrtm can spin without end) and a non-finite distance raise a
+        ValueError.
 
         :param other: another FIDStatistics.
         :param eps: the diagonal offset for a singular product.
@@ -40,10 +42,17 @@ class FIDStatistics:
             raise ValueError(f"mean vectors have different lengths: {mu1.shape}, {mu2.shape}")
         if sigma1.shape != sigma2.shape:
             raise ValueError(f"covariances have different shapes: {sigma1.shape}, {sigma2.shape}")
+        for which, mu, sigma in (("first", mu1, sigma1), ("second", mu2, sigma2)):
+            for name, array in (("mu", mu), ("sigma", sigma)):
+                where = f"frechet_distance, {which} statistics"
+                check_finite(array, name, where, FINITE_FEATURES_FIX)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked at once
+            product = sigma1.dot(sigma2)
+        check_finite(product, "sigma1 sigma2", "frechet_distance", FINITE_FEATURES_FIX)
         diff = mu1 - mu2
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", linalg.LinAlgWarning)  # we check finiteness below
-            covmean = linalg.sqrtm(sigma1.dot(sigma2))
+            covmean = linalg.sqrtm(product)
         if not np.isfinite(covmean).all():
             warnings.warn(
                 f"fid calculation produces singular product; "
@@ -55,22 +64,83 @@ class FIDStatistics:
             if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
                 raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
             covmean = covmean.real
-        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+        distance = float(
+            diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+        )
+        if not np.isfinite(distance):
+            raise ValueError(
+                f"frechet_distance: the distance is {distance} (the square root of sigma1 sigma2 "
+                f"is not finite even with eps={eps} on the diagonals); the covariances are "
+                "degenerate: use more samples, or check the features for constant or huge values"
+            )
+        return distance
 
 
-def check_statistics(mu, sigma, dim, where):
+def describe_non_finite(array):
     """
-    Raise a ValueError unless mu is [dim] and sigma is [dim x dim].
+    :param array: a numpy array.
+    :return: how many NaN and inf values it holds ("3 inf values", "1 NaN and 2 inf
+        values"), its dtype when it does not hold real numbers, or "" when all is well.
+    """
+    array = np.asarray(array)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        return f"values of dtype {array.dtype}, not real numbers"
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    counts = [f"{count} {kind}" for count, kind in ((nan, "NaN"), (inf, "inf")) if count]
+    return f"{' and '.join(counts)} values" if counts else ""
+
+
+def check_finite(array, name, where, fix):
+    """
+    Raise a ValueError, e.g. "REF.npz: sigma holds 3 inf values; FIX", unless an array
+    holds finite real numbers only.
+
+    :param array: a numpy array.
+    :param name: the array's name, for the message.
+    :param where: where it comes from (a file), for the message.
+    :param fix: what would make it right, for the message.
+    """
+    problem = describe_non_finite(array)
+    if problem:
+        raise ValueError(f"{where}: {name} holds {problem}; {fix}")
+
+
+# What to do about statistics that are not finite, for messages.
+FINITE_FEATURES_FIX = "compute the statistics from finite features of moderate size"
+STATISTICS_FIX = (
+    "statistics must be finite, with a symmetric covariance: download the reference batch "
+    "again, or recompute it with evaluations/make_reference.py"
+)
+# The largest |sigma - sigma.T| accepted, relative to the largest |sigma| entry.
+SYMMETRY_TOLERANCE = 1e-4
+
+
+def check_statistics(mu, sigma, dim, where, names=("mu", "sigma")):
+    """
+    Raise a ValueError unless mu is [dim] and sigma is [dim x dim], both hold finite real
+    numbers and sigma is symmetric (within SYMMETRY_TOLERANCE).
 
     :param mu: a mean.
     :param sigma: a covariance.
     :param dim: the feature dimension.
-    :param where: what the statistics are, for the message.
+    :param where: where the statistics come from (a file), for the message.
+    :param names: the names of mu and sigma there, for the message.
     """
+    mu_name, sigma_name = names
     if np.shape(mu) != (dim,) or np.shape(sigma) != (dim, dim):
         raise ValueError(
-            f"{where}: statistics have shapes {np.shape(mu)} and {np.shape(sigma)}, "
+            f"{where}: {mu_name}/{sigma_name} have shapes {np.shape(mu)} and {np.shape(sigma)}, "
             f"expected ({dim},) and ({dim}, {dim})"
+        )
+    check_finite(mu, mu_name, where, STATISTICS_FIX)
+    check_finite(sigma, sigma_name, where, STATISTICS_FIX)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    asymmetry, largest = float(np.abs(sigma - sigma.T).max()), float(np.abs(sigma).max())
+    if asymmetry > SYMMETRY_TOLERANCE * largest:
+        raise ValueError(
+            f"{where}: {sigma_name} is not symmetric: |{sigma_name} - {sigma_name}.T| reaches "
+            f"{asymmetry:.3g} for entries up to {largest:.3g} (tolerance "
+            f"{SYMMETRY_TOLERANCE:g} of the largest); it is not a covariance: {STATISTICS_FIX}"
         )
 
 

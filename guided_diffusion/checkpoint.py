@@ -8,12 +8,15 @@ dicts), this project's `modelNNNNNN.pt` / `ema_RATE_NNNNNN.pt` (plain state dict
 with a sidecar `<stem>.json` recording the run's flags and step), a dict that
 wraps a state dict under "state_dict", "model" or "ema", and `.safetensors` files
 (recognised by their header, whatever the name), whose metadata may hold the sidecar's
-record under METADATA_KEY.
+record under METADATA_KEY. Files that are something else (a truncated download, a
+diffusers export, an .npz batch, a JSON record, a folder) are refused with a ValueError
+that says what they are.
 """
 
 import io
 import json
 import pickle
+import zipfile
 
 import blobfile as bf
 import safetensors.torch
@@ -25,6 +28,11 @@ SIDECAR_FORMAT = "guided_diffusion/1"
 SAFETENSORS_SUFFIX = ".safetensors"
 METADATA_KEY = "guided_diffusion"  # a safetensors file's metadata entry holding the record
 _WRAPPER_KEYS = ("state_dict", "model", "ema")
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's limit on its JSON header
+REFETCH_HINT = "download it again, or convert it again with scripts/convert_checkpoint.py"
+# The weights file diffusers' save_pretrained writes, and its config beside it.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_CONFIG = "config.json"
 
 
 def sidecar_path(path):
@@ -73,19 +81,28 @@ def read_state_dict(path, map_location="cpu"):
             f"checkpoint {path!r} does not exist; download the released checkpoints into "
             "models/ (see README) or pass the right checkpoint path"
         )
+    if bf.isdir(path):
+        raise ValueError(_folder_message(path))
     with bf.BlobFile(path, "rb") as f:
         data = f.read()
-    if _has_safetensors_header(data):
+    if not data:
+        raise ValueError(f"{path!r} is empty (0 bytes), as after an interrupted download or "
+                         f"copy; {REFETCH_HINT}")
+    if _safetensors_header(data, len(data), path) is not None:
         try:
             loaded = safetensors.torch.load(data)
         except Exception as error:  # safetensors raises its own SafetensorError
-            raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or "
-                             f"truncated?): {error}") from None
+            message = f"{path!r} is a damaged safetensors file ({error}); {REFETCH_HINT}"
+            raise ValueError(message) from None
         return {name: tensor.to(map_location) for name, tensor in loaded.items()}
     if not _has_torch_header(data):
+        raise ValueError(_not_a_checkpoint_message(path, data))
+    arrays = _npz_arrays(data)
+    if arrays is not None:
         raise ValueError(
-            f"{path!r} is not a checkpoint: it is neither a zip archive (torch.save), a pickle "
-            "(legacy torch.save) nor a safetensors file; it is corrupt, truncated or of another format"
+            f"{path!r} is a numpy .npz archive (arrays {arrays[:6]}), not a checkpoint: .npz files "
+            "hold image batches (samples, reference batches for evaluations/evaluator.py); pass "
+            "a .pt or .safetensors checkpoint"
         )
     try:
         loaded = th.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -103,27 +120,54 @@ def read_state_dict(path, map_location="cpu"):
     return _unwrap(loaded, path)
 
 
-def _has_safetensors_header(data):
+def _safetensors_header(head, size, path):
     """
-    :param data: a file's bytes.
-    :return: whether they start like a safetensors file: an 8-byte little-endian header
-        length, then a JSON object.
+    Parse a safetensors file's header and check the file's size against it.
+
+    :param head: the file's first bytes: its 8-byte length and its header, or all it has.
+    :param size: the file's size in bytes.
+    :param path: the file, for messages.
+    :return: the header as a dict, or None when the bytes do not start like a safetensors
+        file (an 8-byte little-endian length up to SAFETENSORS_MAX_HEADER, then "{").
     """
-    if len(data) < 10:
-        return False
-    length = int.from_bytes(data[:8], "little")
-    return data[8:9] == b"{" and 8 + length <= len(data)
+    length = int.from_bytes(head[:8], "little")
+    if head[8:9] != b"{" or length > SAFETENSORS_MAX_HEADER:
+        return None
+    if 8 + length > size:
+        raise ValueError(
+            f"{path!r} is a truncated safetensors file: its header says it has at least "
+            f"{8 + length} bytes, the file has {size}; {REFETCH_HINT}"
+        )
+    try:
+        header = json.loads(head[8 : 8 + length])
+        tensors = [entry for name, entry in header.items() if name != "__metadata__"]
+        expected = 8 + length + max((entry["data_offsets"][1] for entry in tensors), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise ValueError(
+            f"{path!r} is a damaged safetensors file: its header does not describe tensors "
+            f"({type(error).__name__}: {error}); {REFETCH_HINT}"
+        ) from None
+    if expected != size:
+        damage = "truncated" if size < expected else "damaged"
+        raise ValueError(
+            f"{path!r} is a {damage} safetensors file: its header says {expected} bytes, the "
+            f"file has {size}; {REFETCH_HINT}"
+        )
+    return header
 
 
 def safetensors_metadata(path):
     """
     :param path: a .safetensors file (local path or blobfile URL).
-    :return: its string metadata ({} if none), read from the header only.
+    :return: its string metadata ({} if none, or if the file is not in the safetensors
+        format), read from the header only; a ValueError when the file is truncated.
     """
     with bf.BlobFile(path, "rb") as f:
         head = f.read(8)
-        header = json.loads(f.read(int.from_bytes(head, "little")))
-    return header.get("__metadata__") or {}
+        length = int.from_bytes(head, "little")
+        head += f.read(length if length <= SAFETENSORS_MAX_HEADER else 1)
+    header = _safetensors_header(head, bf.stat(path).size, path)
+    return {} if header is None else header.get("__metadata__") or {}
 
 
 def _has_torch_header(data):
@@ -132,6 +176,103 @@ def _has_torch_header(data):
     :return: whether they start like a torch.save file: a zip archive or a pickle stream.
     """
     return data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"
+
+
+def _npz_arrays(data):
+    """
+    :param data: a file's bytes.
+    :return: the array names of a numpy .npz archive (a zip of .npy files), else None.
+    """
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):  # not a readable zip: torch.load says more
+        return None
+    if names and all(name.endswith(".npy") for name in names):
+        return [name[: -len(".npy")] for name in names]
+    return None
+
+
+def _not_a_checkpoint_message(path, data):
+    """
+    :param path: a file in none of the checkpoint formats.
+    :param data: its bytes.
+    :return: a message saying what the file is, as far as a JSON parse can tell.
+    """
+    generic = (
+        f"{path!r} is not a checkpoint: it is neither a zip archive (torch.save), a pickle "
+        "(legacy torch.save) nor a safetensors file; it is corrupt, truncated or of another format"
+    )
+    if data[:64].lstrip()[:1] != b"{":
+        return generic
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return generic
+    if not isinstance(record, dict):
+        return generic
+    if record.get("format") == SIDECAR_FORMAT:
+        return (
+            f"{path!r} is the JSON record of a checkpoint (its flags and step), not the "
+            "checkpoint: pass the .pt or .safetensors file of the same name"
+        )
+    if "_class_name" in record:
+        return _diffusers_message(path, str(record["_class_name"]), "config file", bf.dirname(path))
+    return (
+        f"{path!r} is a JSON file (keys {sorted(record)[:6]}), not a checkpoint: pass a .pt "
+        "or .safetensors checkpoint"
+    )
+
+
+def _folder_message(path):
+    """
+    :param path: a folder given as a checkpoint.
+    :return: a message naming the checkpoints in it, or the diffusers export it holds.
+    """
+    names = bf.listdir(path)
+    for folder in (path, bf.join(path, "unet")):  # a UNet2DModel's folder, or a pipeline's
+        if bf.isdir(folder) and set(bf.listdir(folder)) & set(DIFFUSERS_WEIGHTS):
+            return _diffusers_message(path, _diffusers_class(folder), "export folder", folder)
+    checkpoints = sorted(name for name in names if name.endswith((".pt", SAFETENSORS_SUFFIX)))
+    held = f"one of {_abbreviate(checkpoints, 4)}" if checkpoints else "a .pt or .safetensors file"
+    return f"{path!r} is a folder, not a checkpoint file: pass {held} (the file's path)"
+
+
+def _diffusers_class(folder):
+    """
+    :param folder: a folder holding a diffusers export.
+    :return: the class its config.json names, else "UNet2DModel".
+    """
+    config = bf.join(folder, DIFFUSERS_CONFIG) if folder else DIFFUSERS_CONFIG
+    try:
+        with bf.BlobFile(config, "r") as f:
+            return str(json.load(f)["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError):  # no config.json, or not diffusers'
+        return "UNet2DModel"
+
+
+def _diffusers_message(path, class_name, kind, folder):
+    """
+    :param path: the file or folder given as a checkpoint.
+    :param class_name: the diffusers class it belongs to.
+    :param kind: what it is ("export folder", "config file", ...).
+    :param folder: the folder diffusers loads it from.
+    :return: the message that says so, and how to load it.
+    """
+    return (
+        f"{path!r} is a diffusers {class_name} {kind}, not an ADM checkpoint: load it with "
+        f"diffusers ({class_name}.from_pretrained({folder or '.'!r})), or use the ADM "
+        "checkpoint it was exported from"
+    )
+
+
+def _has_diffusers_keys(state):
+    """
+    :param state: a state dict.
+    :return: whether its names are a diffusers UNet's (conv_in, down_blocks, ...).
+    """
+    return "conv_in.weight" in state and any(
+        key.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for key in state
+    )
 
 
 def check_finite(state, path):
@@ -197,10 +338,14 @@ def load_checkpoint(model, path, flags=None, map_location="cpu"):
                 + ". Pass the checkpoint's values (or use its preset)."
             )
     state = read_state_dict(path, map_location=map_location)
-    check_finite(state, path)
     report = mismatch_report(model.state_dict(), state)
+    if report and _has_diffusers_keys(state):
+        folder = bf.dirname(path)
+        kind = "export (diffusers key names)"
+        raise ValueError(_diffusers_message(path, _diffusers_class(folder), kind, folder))
     if report:
         raise ValueError(f"{path!r} does not fit the model built from the flags:\n{report}")
+    check_finite(state, path)
     model.load_state_dict(state, strict=True)
     return record
 

@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch as th
 
@@ -174,3 +175,45 @@ def test_a_checkpoint_of_the_other_kind_is_named(tmp_path):
         load_checkpoint(classifier, diffusion_path)
     with pytest.raises(ValueError, match=r"looks like a classifier, not a diffusion model \(pass it as classifier_path=\)"):
         load_checkpoint(tiny_model(), classifier_path)
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    batch = tmp_path / "samples_4x8x8x3.npz"
+    np.savez(batch, np.zeros((4, 8, 8, 3), np.uint8), np.arange(4))
+    record = tmp_path / "model000010.json"
+    record.write_text(json.dumps({"format": "guided_diffusion/1", "kind": "model", "step": 10}))
+    other_json = tmp_path / "settings.json"
+    other_json.write_text(json.dumps({"lr": 1e-4, "batch_size": 8}))
+    diffusers_config = tmp_path / "unet" / "config.json"
+    diffusers_config.parent.mkdir()
+    diffusers_config.write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8}))
+    cases = [
+        (empty, r"empty.pt' is empty \(0 bytes\).*download it again"),
+        (batch, r"samples_4x8x8x3.npz' is a numpy .npz archive \(arrays \['arr_0', 'arr_1'\]\), "
+                "not a checkpoint"),
+        (record, "model000010.json' is the JSON record of a checkpoint .*pass the .pt or "
+                 ".safetensors file of the same name"),
+        (other_json, r"settings.json' is a JSON file \(keys \['batch_size', 'lr'\]\), not a checkpoint"),
+        (diffusers_config, r"config.json' is a diffusers UNet2DModel config file, not an ADM "
+                           r"checkpoint: load it with diffusers \(UNet2DModel.from_pretrained\("),
+    ]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message):
+            read_state_dict(str(path))
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(tiny_model(), str(path))
+
+
+def test_a_folder_is_named_with_the_checkpoints_in_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ValueError, match=r"run' is a folder, not a checkpoint file: pass a .pt or "
+                                         r".safetensors file \(the file's path\)"):
+        load_checkpoint(tiny_model(), str(run))
+    for name in ("model000002.pt", "ema_0.9999_000002.pt", "progress.csv"):
+        (run / name).write_bytes(b"x")
+    with pytest.raises(ValueError, match="run' is a folder, not a checkpoint file: pass one of "
+                                         "ema_0.9999_000002.pt, model000002.pt "):
+        read_state_dict(str(run))

@@ -67,6 +67,23 @@ def test_reference_holds_statistics_of_all_and_a_seeded_subset(tmp_path):
     assert reference["mu_s"].shape == (SPATIAL_FEATURES,)
 
 
+class NaNFeaturesForTheSecondBatch(FeaturesFromPixels):
+    """Features with a NaN in the second batch, as from damaged weights."""
+
+    def iter_activations(self, batches):
+        for index, (pool, spatial) in enumerate(super().iter_activations(batches)):
+            if index == 1:
+                spatial[0, 3] = np.nan
+            yield pool, spatial
+
+
+def test_features_that_are_not_finite_stop_the_reference(tmp_path):
+    names = _write_images(tmp_path)
+    batches = make_reference.folder_batches([str(tmp_path / name) for name in names], 16, 2)
+    with pytest.raises(ValueError, match="input images 2 to 3: Inception spatial output holds 1 NaN"):
+        make_reference.make_reference(NaNFeaturesForTheSecondBatch(), batches, total=5)
+
+
 def test_npz_input_is_resized_only_when_sizes_differ(tmp_path):
     images = np.random.RandomState(1).randint(0, 256, (5, 20, 24, 3), dtype=np.uint8)
     path = str(tmp_path / "images.npz")

@@ -17,7 +17,9 @@ from evaluations import evaluator as evaluator_module
 from evaluations.evaluator import Evaluator, FIDStatistics, format_results
 from evaluations.manifold import DistanceBlock, ManifoldEstimator
 from evaluations.npz_batches import check_image_batch, open_npz_array
-from evaluations.scores import RunningStatistics, compute_statistics, inception_score
+from evaluations.scores import (
+    RunningStatistics, check_statistics, compute_statistics, describe_non_finite, inception_score,
+)
 from test_inception import random_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +87,47 @@ def test_frechet_distance_errors():
         indefinite.frechet_distance(FIDStatistics(np.zeros(2), np.eye(2)))
     with pytest.raises(ValueError, match="different lengths"):
         FIDStatistics(np.zeros(2), np.eye(2)).frechet_distance(FIDStatistics(np.ones(3), np.eye(3)))
+
+
+@pytest.mark.parametrize("first, second, message", [
+    ((np.array([0.0, np.nan]), np.eye(2)), (np.zeros(2), np.eye(2)),
+     "first statistics: mu holds 1 NaN values"),
+    ((np.zeros(2), np.eye(2)), (np.zeros(2), np.diag([np.inf, 1.0])),
+     "second statistics: sigma holds 1 inf values"),
+    ((np.zeros(2), np.eye(2) * 1e200), (np.zeros(2), np.eye(2) * 1e200),
+     "sigma1 sigma2 holds 2 inf values"),  # overflows: sqrtm of it could spin without end
+])
+def test_frechet_distance_refuses_statistics_that_are_not_finite(first, second, message):
+    with pytest.raises(ValueError, match=f"frechet_distance.*{message}"):
+        FIDStatistics(*first).frechet_distance(FIDStatistics(*second))
+
+
+def test_frechet_distance_never_returns_nan(monkeypatch):
+    monkeypatch.setattr("evaluations.scores.linalg.sqrtm", lambda m: np.full_like(m, np.nan))
+    identity = FIDStatistics(np.zeros(2), np.eye(2))
+    with pytest.warns(UserWarning, match="singular product"), \
+            pytest.raises(ValueError, match="frechet_distance: the distance is nan"):
+        identity.frechet_distance(identity)
+
+
+def test_check_statistics_names_the_array_and_the_problem():
+    sigma = np.eye(3)
+    check_statistics(np.zeros(3), sigma + 1e-9 * np.triu(np.ones((3, 3)), 1), 3, "ref.npz")
+    bad_sigma = sigma.copy()
+    bad_sigma[0, :3] = [np.inf, np.nan, np.inf]
+    cases = [
+        ((np.zeros(3), bad_sigma), "ref.npz: sigma holds 1 NaN and 2 inf values; .*make_reference"),
+        ((np.array([np.nan, 0, 0]), sigma), "ref.npz: mu holds 1 NaN values"),
+        ((np.zeros(3), sigma + np.triu(np.ones((3, 3)), 1)), "ref.npz: sigma is not symmetric"),
+        ((np.zeros(3), sigma[:2]), r"ref.npz: mu/sigma have shapes \(3,\) and \(2, 3\)"),
+        ((np.zeros(3), sigma.astype(str)), "sigma holds values of dtype <U32, not real numbers"),
+    ]
+    for (mu, sigma_), message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_statistics(mu, sigma_, 3, "ref.npz")
+    with pytest.raises(ValueError, match="ref.npz: sigma_s is not symmetric"):
+        check_statistics(np.zeros(3), np.tril(np.ones((3, 3))), 3, "ref.npz", ("mu_s", "sigma_s"))
+    assert describe_non_finite(np.arange(3)) == ""
 
 
 def test_statistics_match_numpy_and_warn_when_singular():
@@ -264,6 +307,51 @@ def test_reference_statistics_are_read_and_checked(tmp_path, evaluator):
         evaluator.read_statistics(half, (None, None))
 
 
+def test_reference_statistics_are_checked_before_the_features(tmp_path, evaluator, monkeypatch):
+    sigma = np.eye(2048)
+    sigma[5, 7] = 0.5  # not symmetric
+    reference = str(tmp_path / "ref.npz")
+    np.savez_compressed(reference, arr_0=_images(2, 0), mu=np.zeros(2048), sigma=sigma)
+
+    def fail(npz_path):
+        raise AssertionError("features computed before the statistics were checked")
+
+    monkeypatch.setattr(evaluator, "read_activations", fail)
+    with pytest.raises(ValueError, match="ref.npz: sigma is not symmetric"):
+        evaluator.read_batch_features(reference, use_cache=False)
+
+
+def test_features_that_are_not_finite_are_refused(tmp_path, evaluator, monkeypatch):
+    path = str(tmp_path / "samples.npz")
+    np.savez(path, _images(2, seed=1))
+    forward = evaluator._forward
+
+    def nan_pool(batch):
+        pool, spatial = forward(batch)
+        return pool * float("nan"), spatial
+
+    monkeypatch.setattr(evaluator, "_forward", nan_pool)
+    message = "samples.npz: Inception pool output holds 4096 NaN values; .*weights are damaged"
+    with pytest.raises(ValueError, match=message):
+        evaluator.read_activations(path)
+
+
+@pytest.mark.filterwarnings("ignore:3 samples for")
+def test_a_cache_holding_nan_is_ignored(tmp_path, evaluator):
+    path = str(tmp_path / "samples.npz")
+    np.savez(path, _images(3, seed=2))
+    pool = evaluator.read_batch_features(path)[0]
+    (cache,) = [tmp_path / p for p in os.listdir(tmp_path) if p.startswith("samples.npz.features-")]
+    with np.load(cache) as data:
+        arrays = dict(data)
+    arrays["sigma"][0, 0] = np.nan
+    np.savez(cache, **arrays)
+    with pytest.warns(UserWarning, match=r"ignoring feature cache .*\.npz: sigma holds 1 NaN"):
+        again, stats, _ = evaluator.read_batch_features(path)
+    np.testing.assert_array_equal(again, pool)
+    assert np.isfinite(stats.sigma).all()
+
+
 # --- features, cache and command line ---
 def test_features_are_cached_next_to_the_batch(tmp_path, evaluator, monkeypatch):
     path = str(tmp_path / "samples.npz")
@@ -348,6 +436,33 @@ def test_a_corrupt_inception_file_is_named(tmp_path, weights_path):
     truncated.write_bytes(open(weights_path, "rb").read()[:4096])
     with pytest.raises(ValueError, match="inception-2015-12-05.pt: a corrupt or truncated PyTorch file"):
         Evaluator(inception_path=str(truncated), device="cpu")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("sigma_inf", "sigma holds 3 inf values"),
+    ("mu_nan", "mu holds 1 NaN values"),
+    ("sigma_asymmetric", "sigma is not symmetric"),
+])
+def test_the_script_refuses_damaged_reference_statistics(tmp_path, weights_path, damage, message):
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    if damage == "sigma_inf":
+        sigma[[0, 5, 9], [0, 5, 3]] = np.inf
+    elif damage == "mu_nan":
+        mu[17] = np.nan
+    else:
+        sigma[3, 9] = 0.25
+    reference, samples = str(tmp_path / "REF.npz"), str(tmp_path / "SAMPLE.npz")
+    np.savez_compressed(reference, arr_0=_images(2, 0), mu=mu, sigma=sigma)
+    np.savez(samples, _images(2, 1))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "evaluations", "evaluator.py"), reference, samples,
+         "--inception_path", weights_path],
+        capture_output=True, text=True, timeout=120,  # scipy's sqrtm on inf would spin
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"evaluator.py: {reference}: {message}" in result.stderr
+    assert "FID" not in result.stdout
 
 
 @pytest.mark.parametrize("script", ["evaluator.py", "make_reference.py"])
