@@ -2,7 +2,13 @@
 Export of this library's diffusion UNets and their noise schedules to Hugging Face
 diffusers: a `UNet2DModel` config and state dict with the same outputs as our
 `UNetModel`, a `DDPMScheduler` config with the same betas, and both written in the
-folder layout that `from_pretrained` reads.
+folder layout that `from_pretrained` reads, with a `model_index.json` that makes the
+folder a `DDPMPipeline`.
+
+Our DDIM (clip_denoised=True) re-derives eps from the clipped x_0; diffusers'
+`DDIMScheduler.step` does so only with `use_clipped_model_output=True`. The exported
+schedule's "leading" spacing gives `set_timesteps(K)` the timesteps range(0, T, T // K),
+the grid of our "ddimK" respacing when K divides T.
 
 Only configurations diffusers can express are exported; the others are refused with
 a ValueError naming the option (see `check_exportable`).
@@ -15,7 +21,7 @@ import uuid
 import torch as th
 import torch.nn as nn
 
-from .file_writing import TEMPORARY_MARK, is_local
+from .file_writing import TEMPORARY_MARK, atomic_write, is_local
 from .gaussian_diffusion import ModelMeanType, ModelVarType
 from .nn import GROUPNORM_GROUPS
 from .respace import SpacedDiffusion
@@ -24,6 +30,7 @@ from .unet import AttentionBlock, Downsample, ResBlock, SuperResModel, UNetModel
 INSTALL_HINT = 'pip install -e ".[diffusers]"'
 UNET_FOLDER = "unet"
 SCHEDULER_FOLDER = "scheduler"
+PIPELINE_INDEX = "model_index.json"
 
 # Our ResBlock's layers and their names in diffusers' ResnetBlock2D.
 _RESNET_LAYERS = {
@@ -302,6 +309,8 @@ def scheduler_config(diffusion):
         prediction_type=_PREDICTION_TYPES[diffusion.model_mean_type],
         clip_sample=True,
         clip_sample_range=1.0,
+        timestep_spacing="leading",  # set_timesteps(K): range(0, T, T // K), our "ddimK"
+        steps_offset=0,
     )
 
 
@@ -318,15 +327,17 @@ def _check_pair(model, diffusion):
 
 def export_to_diffusers(model, diffusion, out_dir, overwrite=False):
     """
-    Write a model and its diffusion as diffusers components: `out_dir/unet/`
+    Write a model and its diffusion as a diffusers DDPMPipeline: `out_dir/unet/`
     (config.json, diffusion_pytorch_model.safetensors: UNet2DModel.from_pretrained
-    gives our model's outputs) and `out_dir/scheduler/scheduler_config.json`
-    (DDPMScheduler). Each folder is written under a temporary name and renamed.
+    gives our model's outputs), `out_dir/scheduler/scheduler_config.json`
+    (DDPMScheduler) and, last, `out_dir/model_index.json`, so that
+    DDPMPipeline.from_pretrained(out_dir) loads both. Each folder and the index is
+    written under a temporary name and renamed.
 
     :param model: a guided_diffusion.unet.UNetModel (see check_exportable).
     :param diffusion: its GaussianDiffusion (see scheduler_config).
     :param out_dir: a local folder; created if missing.
-    :param overwrite: replace unet/ and scheduler/ if out_dir has them.
+    :param overwrite: replace unet/, scheduler/ and model_index.json if out_dir has them.
     :return: (the unet folder, the scheduler folder).
     """
     diffusers = _diffusers()
@@ -337,7 +348,8 @@ def export_to_diffusers(model, diffusion, out_dir, overwrite=False):
     unet.load_state_dict(convert_state_dict(model), strict=True)
     scheduler = diffusers.DDPMScheduler(**scheduler_config(diffusion))
     targets = [os.path.join(out_dir, name) for name in (UNET_FOLDER, SCHEDULER_FOLDER)]
-    existing = [path for path in targets if os.path.exists(path)]
+    index = os.path.join(out_dir, PIPELINE_INDEX)
+    existing = [path for path in targets + [index] if os.path.exists(path)]
     if existing and not overwrite:
         raise ValueError(
             f"out_dir={out_dir!r} already holds {existing}: choose another folder, remove "
@@ -353,4 +365,6 @@ def export_to_diffusers(model, diffusion, out_dir, overwrite=False):
             os.replace(temporary, target)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
+    pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+    atomic_write(index, lambda f: f.write(pipeline.to_json_string().encode()))
     return tuple(targets)

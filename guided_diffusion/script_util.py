@@ -598,14 +598,14 @@ def build_preset(name, use_fp16=None, **overrides):
     return built, built if kind == "classifier" else built[0], args, args[fp16_flag]
 
 
-def create_pretrained(name, path, device="cpu", use_fp16=None, **overrides):
+def create_pretrained(name, path=None, device="cpu", use_fp16=None, **overrides):
     """
     Build a released model from its preset (build_preset) and load its weights for
     inference (checkpoint.load_for_inference: strict, eval mode).
 
     :param name: a preset name or JSON path (e.g. "256x256_diffusion").
-    :param path: the checkpoint file, or None: the preset's checkpoint_url, downloaded
-        into the cache the first time (download.py).
+    :param path: the checkpoint file, or None (the default): the preset's checkpoint_url,
+        downloaded into the cache the first time (download.py).
     :param device: where to put the model.
     :param use_fp16: convert the torso to float16; None follows the preset.
     :param overrides: flags that replace the preset's (e.g. timestep_respacing="250").

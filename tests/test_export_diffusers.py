@@ -1,9 +1,12 @@
 """
 Tests of guided_diffusion.diffusers_export and scripts/export_diffusers.py: the
 exported UNet2DModel gives our UNet's outputs for each layout diffusers can express,
-the scheduler has our betas and takes our sampling step, and the configurations
-diffusers cannot express are refused.
+the scheduler has our betas and takes our sampling step, the folder loads and runs as a
+DDPMPipeline, diffusers' DDIM is ours only with use_clipped_model_output=True, and the
+configurations diffusers cannot express are refused.
 """
+
+import json
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ from guided_diffusion.diffusers_export import (  # noqa: E402
 from guided_diffusion.gaussian_diffusion import (  # noqa: E402
     GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule,
 )
-from guided_diffusion.script_util import create_classifier  # noqa: E402
+from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion  # noqa: E402
 from guided_diffusion.unet import UNetModel  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -131,14 +134,69 @@ def test_export_writes_what_from_pretrained_reads(tmp_path):
     assert sorted(path.name for path in (tmp_path / "unet").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors"]
     assert (tmp_path / "scheduler" / "scheduler_config.json").is_file()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["scheduler", "unet"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model_index.json", "scheduler", "unet"]
+    assert json.loads((tmp_path / "model_index.json").read_text()) == {
+        "_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
     assert relative_error(model, diffusers.UNet2DModel.from_pretrained(unet_dir).eval()) < TOLERANCE
     scheduler = diffusers.DDPMScheduler.from_pretrained(scheduler_dir)
     np.testing.assert_allclose(scheduler.betas.numpy(), diffusion.betas, rtol=1e-6)
     with pytest.raises(ValueError, match="already holds .*overwrite=True"):
         export_to_diffusers(model, diffusion, str(tmp_path))
     export_to_diffusers(model, diffusion, str(tmp_path), overwrite=True)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["scheduler", "unet"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model_index.json", "scheduler", "unet"]
+
+
+def exported_pipeline(tmp_path):
+    """An unconditional tiny model with learned sigmas over 40 steps, and its DDPMPipeline."""
+    model, diffusion = tiny_model(timestep_respacing="")
+    export_to_diffusers(model, diffusion, str(tmp_path))
+    pipeline = diffusers.DDPMPipeline.from_pretrained(str(tmp_path))
+    pipeline.set_progress_bar_config(disable=True)
+    return model, pipeline
+
+
+def test_the_folder_runs_as_a_ddpm_pipeline_with_our_steps(tmp_path):
+    model, pipeline = exported_pipeline(tmp_path)
+    assert isinstance(pipeline.unet, diffusers.UNet2DModel)
+    assert isinstance(pipeline.scheduler, diffusers.DDPMScheduler)
+    images = pipeline(batch_size=2, num_inference_steps=2, generator=th.Generator().manual_seed(3),
+                      output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+    # The same two steps (t = 20, 0) with our sampler and the pipeline's draws: x_T, then one noise.
+    respaced = create_gaussian_diffusion(steps=40, learn_sigma=True, timestep_respacing="ddim2")
+    assert pipeline.scheduler.timesteps.tolist() == respaced.timestep_map[::-1] == [20, 0]
+    generator = th.Generator().manual_seed(3)
+    noise = th.randn(2, 3, 8, 8, generator=generator)
+    with th.no_grad():
+        ours = respaced.p_sample_loop(model, noise.shape, noise=noise,
+                                      noise_fn=lambda x: th.randn(x.shape, generator=generator))
+    expected = ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(images, expected, atol=1e-4)
+
+
+def ddim_difference(model, pipeline, steps, use_clipped):
+    """max |diffusers' DDIM - ours| from one x_T over `steps` steps (eta=0, x_0 clipped)."""
+    scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler.config)
+    assert (scheduler.config.clip_sample, scheduler.config.clip_sample_range) == (True, 1.0)
+    assert not scheduler.config.thresholding and scheduler.config.timestep_spacing == "leading"
+    scheduler.set_timesteps(steps)
+    respaced = create_gaussian_diffusion(steps=40, learn_sigma=True, timestep_respacing=f"ddim{steps}")
+    assert scheduler.timesteps.tolist() == respaced.timestep_map[::-1]
+    x = noise = th.randn(2, 3, 8, 8, generator=th.Generator().manual_seed(4))
+    with th.no_grad():
+        for t in scheduler.timesteps:
+            epsilon = pipeline.unet(x, t).sample[:, :3]  # DDIMScheduler does not split off the variance
+            x = scheduler.step(epsilon, t, x, eta=0.0, use_clipped_model_output=use_clipped).prev_sample
+        ours = respaced.ddim_sample_loop(model, noise.shape, noise=noise, clip_denoised=True, eta=0.0)
+    return (x - ours).abs().max().item()
+
+
+def test_diffusers_ddim_is_ours_with_use_clipped_model_output(tmp_path):
+    model, pipeline = exported_pipeline(tmp_path)
+    clipped = ddim_difference(model, pipeline, 5, use_clipped=True)
+    unclipped = ddim_difference(model, pipeline, 5, use_clipped=False)
+    assert clipped < 1e-3 and unclipped > 0.5  # measured: 4e-5 and 2.0 (samples lie in [-1, 1])
 
 
 def test_script_exports_a_checkpoint(tmp_path):
@@ -148,7 +206,7 @@ def test_script_exports_a_checkpoint(tmp_path):
     args = [*MODEL_FLAGS, "--model_path", tmp_path / "model.pt", "--out_dir", out_dir]
     result = run_script("export_diffusers.py", args)
     assert "--timestep_respacing 6 is not exported" in result.stdout
-    assert f"wrote {out_dir / 'unet'}" in result.stdout
+    assert f"wrote {out_dir / 'unet'}, {out_dir / 'scheduler'} and {out_dir / 'model_index.json'}" in result.stdout
     unet = diffusers.UNet2DModel.from_pretrained(str(out_dir / "unet")).eval()
     assert relative_error(model, unet) < TOLERANCE
     scheduler = diffusers.DDPMScheduler.from_pretrained(str(out_dir / "scheduler"))
