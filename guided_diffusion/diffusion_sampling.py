@@ -20,7 +20,7 @@ import functools
 
 import torch as th
 
-from .solvers import Denoiser, check_sampler, run_sampler
+from .solvers import Denoiser, check_options, check_sampler, run_sampler
 
 
 class SamplingMixin:
@@ -235,6 +235,7 @@ class SamplingMixin:
         """
         As ddim_sample_loop, but yield ddim_sample's dict at every step, t = T-1 .. 0.
         """
+        check_options("ddim", {"eta": eta})
         step = functools.partial(
             self.ddim_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn,

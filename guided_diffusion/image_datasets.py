@@ -10,6 +10,7 @@ side, its top and left offsets (random_crop), then the flip (random_flip).
 """
 
 import math
+import os
 
 import blobfile as bf
 import numpy as np
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from . import dist_util
+from . import dist_util, logger
+from .file_writing import is_local
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp")
 # PIL modes of 16-bit grayscale images ("I": 32-bit integers, what older PIL gives).
@@ -59,7 +61,7 @@ def load_data(
     entries = list_image_files(data_dir)
     classes = None
     if class_cond:
-        classes, class_names = class_labels(entries, class_from, class_names)
+        classes, class_names = class_labels(entries, class_from, class_names, data_dir=data_dir)
         if num_classes is not None and len(class_names) > num_classes:
             raise ValueError(
                 f"{data_dir} has {len(class_names)} classes ({_preview(class_names)}) but the "
@@ -118,13 +120,22 @@ def list_image_files(data_dir):
     """
     List images under a folder, recursively, in sorted order.
 
+    In a local folder symbolic links are followed, each real folder once: a folder
+    reached again through another link is skipped with a warning (its images are listed
+    where it was reached first, in sorted order), and a link to a folder that contains
+    it (a loop) is an error, as is a link named as an image whose target is missing.
+
     :param data_dir: a local folder or blobfile URL.
     :return: a list of (path, sub-folder names between data_dir and the file) pairs.
     """
     if not bf.isdir(data_dir):
         raise FileNotFoundError(f"data_dir {data_dir!r} is not a folder")
     entries = []
-    _collect_images(data_dir, (), entries)
+    if is_local(data_dir):
+        real = os.path.realpath(data_dir)
+        _collect_images(data_dir, (), entries, listed={real: data_dir}, open_folders=(real,))
+    else:
+        _collect_images(data_dir, (), entries)
     if not entries:
         raise ValueError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {data_dir} or its sub-folders"
@@ -132,21 +143,69 @@ def list_image_files(data_dir):
     return entries
 
 
-def _collect_images(directory, folders, entries):
+def _is_image_name(name):
+    """
+    :return: whether a file name has one of IMAGE_EXTENSIONS (any case).
+    """
+    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def _collect_images(directory, folders, entries, listed=None, open_folders=None):
     """
     Append (path, folders) for every image under directory, depth first, sorted by name.
 
     :param directory: the folder to list.
     :param folders: the sub-folder names leading from data_dir to directory.
     :param entries: the list to append to.
+    :param listed: for a local folder, the real path of every folder listed so far ->
+        the path it was listed as (None: a blobfile URL, which has no links).
+    :param open_folders: for a local folder, the real paths of directory and the
+        folders above it, up to data_dir.
     """
-    for name in sorted(bf.listdir(directory)):
+    if listed is None:
+        names, links = bf.listdir(directory), ()
+    else:  # not bf.listdir: it stats every entry, which fails on a broken link
+        with os.scandir(directory) as scan:
+            found = list(scan)
+        names = [entry.name for entry in found]
+        links = {entry.name for entry in found if entry.is_symlink()}
+    for name in sorted(names):
         path = bf.join(directory, name)
-        extension = name.rsplit(".", 1)[-1].lower()
-        if "." in name and extension in IMAGE_EXTENSIONS:
+        if name in links and not os.path.exists(path):
+            _broken_link(path, name)
+        elif _is_image_name(name):
             entries.append((path, folders))
         elif bf.isdir(path):
-            _collect_images(path, folders + (name.rstrip("/"),), entries)
+            inner = folders + (name.rstrip("/"),)
+            if listed is None:
+                _collect_images(path, inner, entries)
+                continue
+            real = os.path.realpath(path)
+            if real in open_folders:
+                raise ValueError(
+                    f"{path} is a symbolic link to {os.readlink(path)}, a folder that contains "
+                    f"it ({real}): listing the images would loop forever; remove the link"
+                )
+            if real in listed:
+                logger.warn(f"skipping {path}: it is {real}, whose images are already listed "
+                            f"under {listed[real]} (each folder is read once)")
+                continue
+            listed[real] = path
+            _collect_images(path, inner, entries, listed, open_folders + (real,))
+
+
+def _broken_link(path, name):
+    """
+    Refuse a symbolic link named as an image whose target is missing; warn of any
+    other (its target may have been a folder of images).
+
+    :param path: a local symbolic link whose target does not exist.
+    :param name: its file name.
+    """
+    link = f"a symbolic link to {os.readlink(path)}, which does not exist"
+    if _is_image_name(name):
+        raise ValueError(f"{path} is {link}: restore the image it points to, or remove the link")
+    logger.warn(f"skipping {path}: {link}")
 
 
 def _list_image_files_recursively(data_dir):
@@ -157,7 +216,7 @@ def _list_image_files_recursively(data_dir):
     return [path for path, _ in list_image_files(data_dir)]
 
 
-def class_labels(entries, class_from, class_names=None):
+def class_labels(entries, class_from, class_names=None, data_dir=None):
     """
     Give each image an integer label: the index of its class name in class_names.
 
@@ -166,6 +225,9 @@ def class_labels(entries, class_from, class_names=None):
         "folder" (the first sub-folder under data_dir).
     :param class_names: the classes the labels index, e.g. the training set's for
         validation images (None: the sorted names found in entries).
+    :param data_dir: the folder entries were listed from; with class_from="folder" and
+        no class_names, its first-level sub-folders without images are named in a
+        warning, as they get no label (None: not looked at).
     :return: (labels, class names).
     """
     if class_from == "prefix":
@@ -180,7 +242,12 @@ def class_labels(entries, class_from, class_names=None):
         names = [folders[0] for _, folders in entries]
     else:
         raise ValueError(f"class_from={class_from!r}: expected 'prefix' or 'folder'")
-    class_names = sorted(set(names)) if class_names is None else list(class_names)
+    if class_names is None:
+        class_names = sorted(set(names))
+        if class_from == "folder" and data_dir is not None:
+            _warn_of_empty_class_folders(data_dir, class_names)
+    else:
+        class_names = list(class_names)
     index = {name: i for i, name in enumerate(class_names)}
     unknown = sorted(set(names) - set(index))
     if unknown:
@@ -191,6 +258,27 @@ def class_labels(entries, class_from, class_names=None):
             "training classes"
         )
     return [index[name] for name in names], class_names
+
+
+def _warn_of_empty_class_folders(data_dir, class_names):
+    """
+    Warn of the first-level sub-folders of data_dir that hold no images (at any depth):
+    they get no label, so filling one later renumbers the classes after it.
+
+    :param data_dir: the data folder.
+    :param class_names: the sorted names of the sub-folders that hold images.
+    """
+    names = os.listdir(data_dir) if is_local(data_dir) else bf.listdir(data_dir)
+    folders = [name.rstrip("/") for name in names if bf.isdir(bf.join(data_dir, name))]
+    empty = sorted(set(folders) - set(class_names))
+    if empty:
+        numbering = ", ".join(f"{name}={label}" for label, name in enumerate(class_names[:5]))
+        logger.warn(
+            f"class folders without images in {data_dir}: {_preview(empty)}; they get no label, "
+            f"and the labels number the {len(class_names)} non-empty folders ({numbering}"
+            f"{', ...' if len(class_names) > 5 else ''}), so adding images to one later "
+            "renumbers the classes after it"
+        )
 
 
 class ImageDataset(Dataset):
@@ -460,6 +548,7 @@ class LowResolutionLoader:
         """
         self.loader = loader
         self.small_size = small_size
+        self.class_names = loader.class_names
 
     def __iter__(self):
         return self

@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import torch.distributed as dist
 
-from .tracking import TensorBoardOutputFormat, WandbOutputFormat
+from .tracking import TensorBoardOutputFormat, WandbOutputFormat, file_in_the_way
 
 DEBUG = 10
 INFO = 20
@@ -597,7 +597,7 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix="", tracking=Non
     if comm is not None:
         dir = comm.bcast(dir, root=0)
     dir = os.path.expanduser(dir)
-    os.makedirs(dir, exist_ok=True)
+    make_log_dir(dir)
     rank = comm.Get_rank() if comm is not None else _rank_from_environment()
     if rank > 0:
         log_suffix = f"{log_suffix}-rank{rank:03d}"
@@ -610,12 +610,47 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix="", tracking=Non
         format_strs = [f for f in format_strs if f not in TRACKING_FORMATS]
     elif (tracking or {}).get("wandb_project") and "wandb" not in format_strs:
         format_strs = [*format_strs, "wandb"]
-    output_formats = [make_output_format(f, dir, log_suffix, tracking) for f in format_strs if f]
+    output_formats = _make_output_formats(format_strs, dir, log_suffix, tracking, comm)
     if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
         Logger.CURRENT.close()
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)
     if output_formats:
         log(f"Logging to {dir}")
+
+
+def _make_output_formats(format_strs, dir, log_suffix, tracking, comm):
+    """
+    :return: the output formats of this rank; a format that rank 0 cannot start (a missing
+        package, a file in the way of its folder) raises on every rank of comm, so that
+        no rank goes on to wait for rank 0 in a collective.
+    """
+    refusal = None
+    try:
+        output_formats = [make_output_format(f, dir, log_suffix, tracking) for f in format_strs if f]
+    except (ValueError, ImportError) as error:
+        refusal = (type(error), str(error))
+    if comm is not None:
+        refusal = comm.bcast(refusal, root=0) or refusal
+    if refusal is not None:
+        raise refusal[0](refusal[1])
+    return output_formats
+
+
+def make_log_dir(dir):
+    """
+    Make a log directory and the folders above it, unless it exists.
+
+    :param dir: a local folder.
+    :raises ValueError: when it, or a folder above it, exists but is not a folder.
+    """
+    blocking = file_in_the_way(dir)
+    if blocking == os.path.abspath(dir):
+        raise ValueError(f"log_dir={dir} is a file, not a folder: give the run a folder for its "
+                         "logs, new or existing (log_dir= or OPENAI_LOGDIR)")
+    if blocking:
+        raise ValueError(f"log_dir={dir} cannot be made: {blocking} is a file, not a folder; give "
+                         "the run another log_dir= (or OPENAI_LOGDIR)")
+    os.makedirs(dir, exist_ok=True)
 
 
 def _configure_default_logger():

@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 
-from . import dist_util
+from . import dist_util, logger
 from .file_writing import is_local
 
 try:
@@ -53,10 +53,7 @@ def _hold(logdir):
     key = os.path.realpath(logdir)
     if key in _HELD:
         return False
-    if os.path.exists(logdir) and not os.path.isdir(logdir):
-        raise ValueError(f"log_dir={logdir} is a file, not a folder: give the run a folder "
-                         "for its logs and checkpoints")
-    os.makedirs(logdir, exist_ok=True)
+    logger.make_log_dir(logdir)
     path = os.path.join(logdir, LOCK_NAME)
     while True:
         lock_file = open(path, "a+")

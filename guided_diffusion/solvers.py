@@ -256,8 +256,6 @@ def unipc(denoiser, x, times, noise_fn=None, progress=False, order=2, lower_orde
     UniPC (Zhao et al. 2023, "UniPC"): the multistep predictor UniP with the corrector
     UniC, B(h) = e^h - 1, data prediction, order 2 (or 3).
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"order={order}: UniPC here has orders 1, 2 and 3")
     half_log_snrs = denoiser.schedule.half_log_snr(np.asarray(times))
     transitions = len(times) - 1
     with th.no_grad():
@@ -362,7 +360,8 @@ def evaluations(sampler, steps):
 def check_sampler(sampler, steps, grid=None, options=None):
     """
     Raise a ValueError naming the argument unless the sampler exists, steps is a positive
-    integer, the grid is known, and the sampler takes every option.
+    integer, the grid is known, and the sampler takes every option, each in its range
+    (check_options).
 
     :param sampler: a name in SAMPLERS.
     :param steps: model evaluations per sample.
@@ -375,8 +374,43 @@ def check_sampler(sampler, steps, grid=None, options=None):
         raise ValueError(f"steps={steps}: expected a positive number of model evaluations")
     if grid is not None:
         check_grid(grid)
-    accepted = set(inspect.signature(SAMPLERS[sampler]).parameters) - set(SAMPLER_ARGUMENTS)
-    for name in options or {}:
+    check_options(sampler, options or {})
+
+
+SAMPLER_ARGUMENTS = ("denoiser", "x", "times", "noise_fn", "progress")
+
+
+def _is_number(value):
+    """:return: whether value is a real number (not a bool)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+# Each sampler option: (whether a value is allowed, the allowed values as errors name them).
+OPTION_RANGES = {
+    "eta": (lambda v: _is_number(v) and 0 <= v <= 1,
+            "a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)"),
+    "s_churn": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: no churn)"),
+    "s_tmin": (lambda v: _is_number(v) and v >= 0, "a noise level >= 0"),
+    "s_tmax": (lambda v: _is_number(v) and v >= 0, "a noise level >= 0 (inf: no upper bound)"),
+    "s_noise": (lambda v: _is_number(v) and 0 < v < math.inf, "a finite number > 0"),
+    "order": (lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v in (1, 2, 3),
+              "1, 2 or 3"),
+    "lower_order_final": (lambda v: isinstance(v, (bool, np.bool_)), "True or False"),
+    "corrector": (lambda v: isinstance(v, (bool, np.bool_)), "True or False"),
+}
+
+
+def check_options(sampler, options):
+    """
+    Raise a ValueError naming the option unless the sampler takes every option and each
+    value is in its range (OPTION_RANGES; heun also needs s_tmin <= s_tmax).
+
+    :param sampler: a name in SAMPLERS.
+    :param options: the sampler's keyword options (e.g. {"eta": 0.5} for ddim).
+    """
+    parameters = inspect.signature(SAMPLERS[sampler]).parameters
+    accepted = set(parameters) - set(SAMPLER_ARGUMENTS)
+    for name, value in options.items():
         if name not in accepted:
             takers = [other for other, fn in SAMPLERS.items() if name in inspect.signature(fn).parameters]
             raise ValueError(
@@ -384,9 +418,15 @@ def check_sampler(sampler, steps, grid=None, options=None):
                 f"{', '.join(sorted(accepted)) or 'none'}); {name} is an option of "
                 f"{', '.join(takers) or 'no sampler'}"
             )
-
-
-SAMPLER_ARGUMENTS = ("denoiser", "x", "times", "noise_fn", "progress")
+        allowed, described = OPTION_RANGES[name]
+        if not allowed(value):
+            raise ValueError(f"{name}={value}: {sampler} expects {described}")
+    if "s_tmin" in accepted:
+        s_tmin = options.get("s_tmin", parameters["s_tmin"].default)
+        s_tmax = options.get("s_tmax", parameters["s_tmax"].default)
+        if s_tmin > s_tmax:
+            raise ValueError(f"s_tmin={s_tmin} and s_tmax={s_tmax}: the churn's noise levels need "
+                             "s_tmin <= s_tmax")
 
 
 def run_sampler(denoiser, x, sampler, steps, grid=None, noise_fn=None, progress=False, **options):

@@ -24,6 +24,21 @@ def _missing(package, extra):
                        f'pip install -e ".[{extra}]" (or pip install {package})')
 
 
+def file_in_the_way(folder):
+    """
+    :param folder: a local folder that is to be written in.
+    :return: folder, or the nearest of the folders above it, when it exists but is not a
+        folder (a file, or a broken link), so that the folder cannot be made; else None.
+    """
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
+
+
 def _scalars(kvs):
     """:return: the numeric entries of kvs as floats (bools and text left out)."""
     return {key: float(value) for key, value in kvs.items()
@@ -43,7 +58,12 @@ class TensorBoardOutputFormat:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise _missing("tensorboard", "tensorboard") from None
-        self.writer = SummaryWriter(log_dir=os.path.join(log_dir, TENSORBOARD_DIR), purge_step=purge_step)
+        folder = os.path.join(log_dir, TENSORBOARD_DIR)
+        blocking = file_in_the_way(folder)
+        if blocking:
+            raise ValueError(f"{blocking} is not a folder: the tensorboard log format writes its "
+                             f"event files in {folder}; move it away, or choose another log_dir=")
+        self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
         self.next_step = purge_step or 0
 
     def writekvs(self, kvs):
@@ -91,13 +111,23 @@ class WandbOutputFormat:
         except ImportError:
             raise _missing("wandb", "wandb") from None
         self.wandb = wandb
+        files = os.environ.get("WANDB_DIR") or log_dir
+        blocking = file_in_the_way(os.path.join(files, "wandb"))  # where W&B writes its runs
+        if blocking:
+            raise ValueError(f"{blocking} is not a folder: the wandb log format writes its run files "
+                             f"in {os.path.join(files, 'wandb')} (in WANDB_DIR, else the log "
+                             "directory); move it away, or set WANDB_DIR to another folder")
+        id_file = os.path.join(log_dir, WANDB_ID_FILE)
+        if os.path.isdir(id_file):
+            raise ValueError(f"{id_file} is a folder: the wandb log format keeps its run id in a file "
+                             "there; move the folder away")
         run_id = next((_read(os.path.join(folder, WANDB_ID_FILE)) for folder in (log_dir, resume_dir)
                        if folder and os.path.exists(os.path.join(folder, WANDB_ID_FILE))), None)
         run_id = run_id or uuid.uuid4().hex[:12]
-        with open(os.path.join(log_dir, WANDB_ID_FILE), "w") as f:
+        with open(id_file, "w") as f:
             f.write(run_id)
         self.run = wandb.init(project=project, name=name, entity=entity, id=run_id, resume="allow",
-                              dir=os.environ.get("WANDB_DIR", log_dir))
+                              dir=files)
 
     def writekvs(self, kvs):
         values = {key: value for key, value in _scalars(kvs).items() if key != "step"}

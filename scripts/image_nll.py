@@ -54,7 +54,7 @@ def evaluation_images(data_dir, image_size, class_cond, class_from, num_classes)
     entries = list_image_files(data_dir)
     classes = None
     if class_cond:
-        classes, names = class_labels(entries, class_from)
+        classes, names = class_labels(entries, class_from, data_dir=data_dir)
         if len(names) > num_classes:
             raise ValueError(
                 f"--data_dir {data_dir} has {len(names)} classes but the model has "

@@ -65,3 +65,31 @@ def test_classifier_training_logs_accuracy_and_resumes_exactly(tmp_path, tiny_im
         "log.txt", "model000002.json", "model000002.pt", "model000003.json", "model000003.pt",
         "opt000002.pt", "opt000003.pt", "progress.csv",
     ]
+
+
+@pytest.mark.parametrize("microbatch, sizes", [(0, [4]), (-1, [4]), (3, [3, 1]), (8, [4])])
+def test_microbatch_zero_or_negative_takes_the_whole_batch(tmp_path, tiny_image_dir, microbatch, sizes):
+    logger.configure(str(tmp_path), ["log"])
+    model, diffusion = create_classifier_and_diffusion(**dict(
+        classifier_and_diffusion_defaults(), image_size=8, classifier_width=32, classifier_depth=1,
+        classifier_attention_resolutions="4", num_classes=3,
+    ))
+    data = load_data(data_dir=tiny_image_dir, batch_size=4, image_size=8, class_cond=True, num_workers=0)
+    loop = ClassifierTrainLoop(model=model, diffusion=diffusion, data=data, batch_size=4,
+                               microbatch=microbatch, lr=1e-3, log_interval=1, save_interval=10,
+                               resume_checkpoint="")
+    batch, cond = next(data)
+    assert [micro.shape[0] for micro, _, _ in loop._microbatches(batch, cond)] == sizes
+
+
+@pytest.mark.slow
+def test_classifier_train_refuses_batch_size_zero_without_a_traceback(tmp_path, tiny_image_dir):
+    from test_sample_scripts import run_script
+
+    result = run_script("classifier_train.py", [
+        "--data_dir", tiny_image_dir, "--image_size", "8", "--classifier_width", "32",
+        "--classifier_depth", "1", "--classifier_attention_resolutions", "4", "--num_classes", "3",
+        "--batch_size", "0", "--iterations", "1", "--num_workers", "0", "--log_dir", tmp_path / "log",
+    ], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "classifier_train.py: --batch_size 0: expected a positive integer" in result.stderr

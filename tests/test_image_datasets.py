@@ -264,3 +264,107 @@ def test_batches_are_pinned_for_the_gpu_only_when_cuda_is_available(tmp_path, mo
     with pytest.raises(StopIteration):
         next(loader)
     assert made and made[0]["pin_memory"] is True
+
+
+def _logged(isolated_logger, log_dir):
+    """Send the logger's lines to log_dir/log.txt; return a function reading them."""
+    isolated_logger.configure(str(log_dir), ["log"])
+    return lambda: (log_dir / "log.txt").read_text()
+
+
+def test_empty_class_folders_are_named_with_the_numbering_they_cause(tmp_path, isolated_logger):
+    data = _write_images(tmp_path / "data", ["cat/a.png", "dog/deep/b.png", "dog/c.png"])
+    (tmp_path / "data" / "emu").mkdir()
+    (tmp_path / "data" / "fox").mkdir()
+    (tmp_path / "data" / "fox" / "notes.txt").write_text("not an image")
+    (tmp_path / "data" / "dog" / "nothing_here").mkdir()  # not a class folder: no warning
+    log = _logged(isolated_logger, tmp_path / "log")
+    options = dict(data_dir=str(data), batch_size=3, image_size=8, class_cond=True,
+                   class_from="folder", deterministic=True, num_workers=0, seed=0)
+    loader = load_data(**options)
+    assert loader.class_names == ["cat", "dog"]
+    assert next(loader)[1]["y"].tolist() == [0, 1, 1]
+    warning = log()
+    assert f"class folders without images in {data}: emu, fox; they get no label" in warning
+    assert "the labels number the 2 non-empty folders (cat=0, dog=1)" in warning
+    assert "adding images to one later renumbers the classes" in warning
+    assert "nothing_here" not in warning
+    # Labels numbered by given classes (validation data) are not renumbered: no warning.
+    load_data(**dict(options, class_names=["cat", "dog", "emu"]))
+    assert log().count("class folders without images") == 1
+
+
+def test_a_symlink_loop_is_refused_naming_the_link_and_its_target(tmp_path):
+    _write_images(tmp_path / "data", ["a/x.png", "a/b/y.png"])
+    (tmp_path / "data" / "a" / "b" / "loop").symlink_to(tmp_path / "data" / "a")
+    with pytest.raises(ValueError, match=f"{tmp_path}/data/a/b/loop is a symbolic link to "
+                                         f"{tmp_path}/data/a, a folder that contains it .*remove the link"):
+        list_image_files(str(tmp_path / "data"))
+    (tmp_path / "data" / "a" / "b" / "loop").unlink()
+    (tmp_path / "data" / "a" / "up").symlink_to("..")  # relative, to data_dir itself
+    with pytest.raises(ValueError, match=r"data/a/up is a symbolic link to \.\., a folder that contains it"):
+        list_image_files(str(tmp_path / "data"))
+
+
+def test_linked_folders_are_followed_and_each_real_folder_read_once(tmp_path, isolated_logger):
+    _write_images(tmp_path / "shared", ["s1.png", "s2.png"])
+    data = _write_images(tmp_path / "data", ["c/own.png"])
+    (data / "a").symlink_to(tmp_path / "shared")
+    (data / "b").symlink_to(tmp_path / "shared")
+    (data / "c" / "sibling").symlink_to(data / "a")  # a link to a sibling folder is no loop
+    log = _logged(isolated_logger, tmp_path / "log")
+    entries = list_image_files(str(data))
+    assert entries == [(f"{data}/a/s1.png", ("a",)), (f"{data}/a/s2.png", ("a",)),
+                       (f"{data}/c/own.png", ("c",))]
+    assert f"skipping {data}/b: it is {tmp_path}/shared, whose images are already listed under {data}/a" in log()
+    assert f"skipping {data}/c/sibling" in log()
+
+
+def test_a_broken_link_to_an_image_is_named_and_one_to_a_folder_warned_of(tmp_path, isolated_logger):
+    data = _write_images(tmp_path / "data", ["ok.png"])
+    (data / "gone_folder").symlink_to(tmp_path / "nowhere")
+    log = _logged(isolated_logger, tmp_path / "log")
+    assert list_image_files(str(data)) == [(f"{data}/ok.png", ())]
+    assert f"skipping {data}/gone_folder: a symbolic link to {tmp_path}/nowhere, which does not exist" in log()
+    (data / "sub").mkdir()
+    (data / "sub" / "gone.PNG").symlink_to(tmp_path / "moved.png")
+    with pytest.raises(ValueError, match=f"{data}/sub/gone.PNG is a symbolic link to {tmp_path}/moved.png, "
+                                         "which does not exist: restore the image it points to, or remove"):
+        list_image_files(str(data))
+
+
+def _train_on(data_dir, log_dir, *flags):
+    """Run image_train.py as a user types it, at a tiny size, for one step."""
+    from test_sample_scripts import run_script
+
+    return run_script("image_train.py", [
+        "--data_dir", data_dir, "--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
+        "--channel_mult", "1", "--attention_resolutions", "", "--diffusion_steps", "50",
+        "--batch_size", "2", "--num_workers", "0", "--max_steps", "1", "--save_interval", "1",
+        "--log_dir", log_dir, *flags], check=False)
+
+
+@pytest.mark.slow
+def test_image_train_refuses_a_symlink_loop_and_a_broken_image_link_without_a_traceback(tmp_path):
+    data = _write_images(tmp_path / "data", ["a/x.png", "a/y.png"])
+    (data / "a" / "loop").symlink_to(data / "a")
+    looped = _train_on(data, tmp_path / "log1")
+    assert looped.returncode == 1 and "Traceback" not in looped.stderr, looped.stderr[-3000:]
+    assert f"image_train.py: {data}/a/loop is a symbolic link to {data}/a" in looped.stderr
+    assert "remove the link" in looped.stderr
+    (data / "a" / "loop").unlink()
+    (data / "a" / "z.png").symlink_to(tmp_path / "moved.png")
+    broken = _train_on(data, tmp_path / "log2")
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr[-3000:]
+    assert f"{data}/a/z.png is a symbolic link to {tmp_path}/moved.png, which does not exist" in broken.stderr
+
+
+@pytest.mark.slow
+def test_image_train_warns_of_an_empty_class_folder(tmp_path):
+    data = _write_images(tmp_path / "data", ["cat/a.png", "dog/b.png"])
+    (data / "ant").mkdir()
+    run = _train_on(data, tmp_path / "log", "--class_cond", "True", "--num_classes", "3",
+                    "--class_from", "folder")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "class folders without images in" in run.stdout and ": ant; they get no label" in run.stdout
+    assert "the labels number the 2 non-empty folders (cat=0, dog=1)" in run.stdout

@@ -29,7 +29,9 @@ class FakeComm:
         return [obj] + self.others if self.rank == root else None
 
     def bcast(self, obj, root=0):
-        return "/nonexistent-root-dir" if self.rank != root else obj
+        if self.rank == root:
+            return obj
+        return "/nonexistent-root-dir" if isinstance(obj, str) else None  # root's folder; no refusal
 
 
 def test_files_hold_the_step_values_and_means(tmp_path):
@@ -147,3 +149,60 @@ def test_profile_kv_adds_the_elapsed_time(tmp_path):
     with logger.profile_kv("load"):
         pass
     assert logger.getkvs()["wait_load"] >= 0.0
+
+
+def test_a_log_dir_that_is_not_a_folder_is_refused_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=f"log_dir={tmp_path}/a_file is a file, not a folder: give the run a folder"):
+        logger.configure(str(tmp_path / "a_file"), ["log"])
+    with pytest.raises(ValueError, match=f"log_dir={tmp_path}/a_file/run cannot be made: {tmp_path}/a_file "
+                                         "is a file, not a folder"):
+        logger.configure(str(tmp_path / "a_file" / "run"), ["log"])
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "a_file"))
+    with pytest.raises(ValueError, match=r"is a file, not a folder: .*OPENAI_LOGDIR"):
+        logger.configure(format_strs=["log"])
+    assert (tmp_path / "a_file").read_text() == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inside", [False, True])
+@pytest.mark.parametrize("script, flags", [
+    ("image_train.py", ["--data_dir", "DATA", "--image_size", "8", "--num_channels", "32",
+                        "--num_res_blocks", "1", "--channel_mult", "1", "--attention_resolutions", "",
+                        "--batch_size", "2", "--num_workers", "0", "--max_steps", "1"]),
+    ("image_sample.py", ["--model_path", "missing.pt", "--num_samples", "2", "--batch_size", "2"]),
+])
+def test_scripts_refuse_a_log_dir_that_is_a_file_without_a_traceback(
+    tmp_path, tiny_image_dir, script, flags, inside
+):
+    from test_sample_scripts import run_script
+
+    (tmp_path / "a_file").write_text("")
+    log_dir = tmp_path / "a_file" / "run" if inside else tmp_path / "a_file"
+    flags = [tiny_image_dir if flag == "DATA" else flag for flag in flags]
+    result = run_script(script, [*flags, "--log_dir", log_dir], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    expected = f"cannot be made: {tmp_path}/a_file is a file, not a folder" if inside else "is a file, not a folder"
+    assert f"{script}: --log_dir {log_dir} {expected}" in result.stderr
+    assert (tmp_path / "a_file").read_text() == ""
+
+
+class _OtherRankComm:
+    """A comm seen from rank 1 of 2, whose rank 0 could not start a tracking format."""
+
+    def __init__(self, refusal):
+        self.refusal = refusal
+
+    def Get_rank(self):
+        return 1
+
+    def bcast(self, obj, root=0):
+        return obj if isinstance(obj, str) else self.refusal  # the folder, then rank 0's refusal
+
+
+def test_a_format_rank_zero_cannot_start_stops_every_rank(tmp_path, isolated_logger):
+    refusal = (ValueError, "LOG/tb is not a folder")
+    with pytest.raises(ValueError, match="LOG/tb is not a folder"):
+        isolated_logger.configure(str(tmp_path), format_strs=["log"], comm=_OtherRankComm(refusal))
+    isolated_logger.configure(str(tmp_path), format_strs=["log"], comm=_OtherRankComm(None))
+    assert isolated_logger.get_dir() == str(tmp_path)

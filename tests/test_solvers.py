@@ -4,6 +4,7 @@ analytic model with a closed-form answer, the existing loops' numbers for ddim a
 guidance, the continuous schedule, and the errors.
 """
 
+import inspect
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion
 from guided_diffusion.solver_schedule import DEFAULT_GRIDS, ContinuousSchedule, time_grid
-from guided_diffusion.solvers import SAMPLERS, Denoiser, grid_points, run_sampler
+from guided_diffusion.solvers import OPTION_RANGES, SAMPLERS, Denoiser, grid_points, run_sampler
 
 DATA_STD = 0.5  # x_0 ~ N(0, DATA_STD^2 I)
 
@@ -164,6 +165,47 @@ def test_bad_sampler_arguments_are_named(guided, arguments, message):
     options = dict(dict(sampler="ddim", steps=3), **arguments)
     with pytest.raises(ValueError, match=message):
         diffusion.sample_loop(model, (3, 3, 8, 8), model_kwargs={"y": labels}, **options)
+
+
+@pytest.mark.parametrize("sampler, options, message", [
+    ("heun", dict(s_churn=-0.5), r"s_churn=-0.5: heun expects a number >= 0"),
+    ("heun", dict(s_churn=-5.0), r"s_churn=-5.0: heun expects"),  # was a math domain error
+    ("heun", dict(s_churn=float("nan")), r"s_churn=nan: heun expects a number >= 0"),
+    ("heun", dict(s_tmin=-0.1), r"s_tmin=-0.1: heun expects a noise level >= 0"),
+    ("heun", dict(s_tmax=-1), r"s_tmax=-1: heun expects a noise level >= 0"),
+    ("heun", dict(s_tmin=2.0, s_tmax=1.0), r"s_tmin=2.0 and s_tmax=1.0: .*need s_tmin <= s_tmax"),
+    ("heun", dict(s_noise=0.0), r"s_noise=0.0: heun expects a finite number > 0"),
+    ("heun", dict(s_noise=float("inf")), r"s_noise=inf: heun expects a finite number > 0"),
+    ("heun", dict(s_noise="1.0"), r"s_noise=1.0: heun expects a finite number > 0"),
+    ("ddim", dict(eta=-0.1), r"eta=-0.1: ddim expects a number in \[0, 1\]"),
+    ("ddim", dict(eta=1.5), r"eta=1.5: ddim expects a number in \[0, 1\]"),
+    ("ddim", dict(eta=float("nan")), r"eta=nan: ddim expects a number in \[0, 1\]"),
+    ("ddim", dict(eta=True), r"eta=True: ddim expects a number"),
+    ("unipc", dict(order=4), r"order=4: unipc expects 1, 2 or 3"),
+    ("unipc", dict(order=2.0), r"order=2.0: unipc expects 1, 2 or 3"),
+    ("unipc", dict(corrector=1), r"corrector=1: unipc expects True or False"),
+    ("dpmpp_2m", dict(lower_order_final="no"), r"lower_order_final=no: dpmpp_2m expects True or False"),
+    ("dpmpp_2m_sde", dict(lower_order_final=None), r"lower_order_final=None: dpmpp_2m_sde expects"),
+])
+def test_sampler_options_out_of_range_are_named_with_their_range(guided, sampler, options, message):
+    model, diffusion, _, labels = guided
+    with pytest.raises(ValueError, match=message):
+        diffusion.sample_loop(model, (3, 3, 8, 8), sampler=sampler, steps=3, model_kwargs={"y": labels},
+                              **options)
+
+
+def test_every_sampler_option_has_a_checked_range():
+    options = {name for sampler in SAMPLERS.values() for name in inspect.signature(sampler).parameters}
+    assert options - {"denoiser", "x", "times", "noise_fn", "progress"} == set(OPTION_RANGES)
+
+
+@pytest.mark.parametrize("sampler, options", [
+    ("ddim", dict(eta=1.0)), ("ddim", dict(eta=0)), ("heun", dict(s_churn=80.0, s_tmin=0.0, s_tmax=0.0)),
+    ("heun", dict(s_churn=float("inf"), s_noise=1.007, s_tmin=3.0)),  # s_tmax: inf ("unipc", dict(order=np.int64(3), corrector=False)),
+    ("dpmpp_2m", dict(lower_order_final=np.bool_(False))),
+])
+def test_sampler_options_at_the_ends_of_their_ranges_give_finite_samples(gaussian, sampler, options):
+    assert math.isfinite(error(gaussian, sampler, 6, **options))
 
 
 def test_every_sampler_has_a_default_grid_and_a_docstring_naming_its_paper():

@@ -141,3 +141,50 @@ def test_classifier_training_sends_its_losses_and_accuracies_to_tensorboard(tmp_
     events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
     assert {"train_loss", "train_acc@1", "val_loss", "val_acc@1"} <= set(events.Tags()["scalars"])
     assert [event.step for event in events.Scalars("train_loss")] == [0, 1]
+
+
+def test_file_in_the_way_names_the_file_that_blocks_a_folder(tmp_path):
+    from guided_diffusion.tracking import file_in_the_way
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    assert file_in_the_way(tmp_path / "new" / "deeper") is None
+    assert file_in_the_way(tmp_path) is None
+    assert file_in_the_way(tmp_path / "a_file") == str(tmp_path / "a_file")
+    assert file_in_the_way(tmp_path / "a_file" / "tb") == str(tmp_path / "a_file")
+    assert file_in_the_way(tmp_path / "broken" / "wandb") == str(tmp_path / "broken")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("package, flags, blocking, message", [
+    ("tensorboard", ["--log_format", "log,tensorboard"], "run/tb",
+     "the tensorboard log format writes its event files in"),
+    ("wandb", ["--wandb_project", "p"], "run/wandb", "the wandb log format writes its run files in"),
+    ("wandb", ["--wandb_project", "p"], "wandb_dir", "the wandb log format writes its run files in"),
+])
+def test_a_tracking_folder_that_is_a_file_is_refused_before_training(
+    tmp_path, tiny_image_dir, monkeypatch, package, flags, blocking, message
+):
+    pytest.importorskip(package)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    if blocking == "wandb_dir":
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / blocking))
+    else:
+        monkeypatch.delenv("WANDB_DIR", raising=False)
+    (tmp_path / "run").mkdir()
+    (tmp_path / blocking).write_text("")
+    result = run_script("image_train.py", ["--data_dir", tiny_image_dir, *TRAIN, "--max_steps", "1",
+                                           "--log_dir", tmp_path / "run", *flags], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"image_train.py: {tmp_path / blocking} is not a folder: {message}" in result.stderr
+    assert "training..." not in result.stdout and (tmp_path / blocking).read_text() == ""
+
+
+def test_a_wandb_run_id_file_that_is_a_folder_is_refused(tmp_path):
+    pytest.importorskip("wandb")
+    from guided_diffusion.tracking import WANDB_ID_FILE, WandbOutputFormat
+
+    (tmp_path / WANDB_ID_FILE).mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / WANDB_ID_FILE} is a folder: the wandb log format "
+                                         "keeps its run id in a file there"):
+        WandbOutputFormat(str(tmp_path), "p")

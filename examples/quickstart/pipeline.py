@@ -211,7 +211,7 @@ def read_labelled_images(data_dir, image_size, class_from, class_names=None):
     :return: (uint8 images [N x S x S x 3], int64 labels [N], class names).
     """
     entries = list_image_files(data_dir)
-    labels, names = class_labels(entries, class_from)
+    labels, names = class_labels(entries, class_from, data_dir=data_dir)
     if class_names is not None:
         unknown = sorted(set(names) - set(class_names))
         if unknown:
