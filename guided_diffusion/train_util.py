@@ -110,8 +110,9 @@ def _refuse_a_log_dir_holding_a_run(logdir):
     latest = training_state.latest_complete_checkpoint(found)
     choices = ("start a new run in another log directory, or pass overwrite_log_dir=True to "
                "write over it")
-    advice = (f"Continue it with resume_checkpoint={bf.join(logdir, latest)}, {choices} ({latest} "
-              "is its latest complete step)" if latest else f"None of its steps is complete: {choices}")
+    advice = (f"Continue it from its latest complete step with resume_checkpoint="
+              f"{bf.join(logdir, latest)}, {choices}" if latest
+              else f"None of its steps is complete: {choices}")
     raise ValueError(
         f"log_dir={logdir} already holds a run ({shown}): a new run would overwrite its "
         f"checkpoints. {advice}"

@@ -305,7 +305,7 @@ def test_interrupted_seeded_sampling_continues_bit_identically(conditional, tmp_
     with pytest.raises(Interrupted):
         sample(model, diffusion, partial=InterruptedAfterOneRound(folder, record), **options)
     assert sorted(p.name for p in (tmp_path / "partial_samples").iterdir()) == ["000000000-000000002.npz", "record.json"]
-    with pytest.raises(ValueError, match=r"other flags \(seed: partial 7, now 8\).*same flags"):
+    with pytest.raises(ValueError, match=r"other flags or checkpoint files \(seed: partial 7, now 8\).*same flags"):
         sample(model, diffusion, partial=PartialSamples(folder, dict(record, seed=8)), **options)
     images, labels = sample(model, diffusion, partial=PartialSamples(folder, record), **options)
     assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
