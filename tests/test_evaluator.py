@@ -12,8 +12,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy import linalg
 
-from evaluations import evaluator as evaluator_module
+from evaluations import evaluator as evaluator_module, scores
 from evaluations.evaluator import Evaluator, FIDStatistics, format_results
 from evaluations.manifold import DistanceBlock, ManifoldEstimator
 from evaluations.npz_batches import check_image_batch, open_npz_array
@@ -104,10 +105,29 @@ def test_frechet_distance_refuses_statistics_that_are_not_finite(first, second, 
 
 def test_frechet_distance_never_returns_nan(monkeypatch):
     monkeypatch.setattr("evaluations.scores.linalg.sqrtm", lambda m: np.full_like(m, np.nan))
-    identity = FIDStatistics(np.zeros(2), np.eye(2))
+    skewed = FIDStatistics(np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))  # sqrtm's path
     with pytest.warns(UserWarning, match="singular product"), \
             pytest.raises(ValueError, match="frechet_distance: the distance is nan"):
-        identity.frechet_distance(identity)
+        skewed.frechet_distance(skewed)
+
+
+# Rank 5 of 64 (singular, as in tiny tests): the 59 zero eigenvalues' rounding noise, square
+# rooted, moves both results by about 1e-7 relative; full rank: they agree to rounding.
+@pytest.mark.parametrize("samples, tolerance", [(6, 3e-7), (300, 1e-10)])
+def test_the_symmetric_trace_equals_scipys_sqrtm_on_covariances(samples, tolerance):
+    rng = np.random.default_rng(samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the singular covariance's warning
+        first = compute_statistics(rng.standard_normal((samples, 64)))
+        second = compute_statistics(rng.standard_normal((samples, 64)) * 1.5 + 0.2)
+    ours = scores.trace_sqrt_product(first.sigma, second.sigma)
+    scipys = np.trace(linalg.sqrtm(first.sigma @ second.sigma)).real
+    assert ours == pytest.approx(scipys, rel=tolerance)
+    eigenvalues = np.sort(np.linalg.eigvals(first.sigma @ second.sigma).real)[::-1][: samples - 1]
+    exact = np.sqrt(eigenvalues).sum()  # only samples - 1 of them are not zero
+    assert abs(ours - exact) <= abs(scipys - exact) + 1e-12
+    assert scores.trace_sqrt_product(np.diag([1.0, -1.0]), np.eye(2)) is None  # indefinite
+    assert scores.trace_sqrt_product(np.triu(np.ones((2, 2))), np.eye(2)) is None  # not symmetric
 
 
 def test_check_statistics_names_the_array_and_the_problem():
