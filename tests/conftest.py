@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch as th
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N worker processes share the cores, one torch thread each.
+    th.set_num_threads(1)
 
 
 class TinyDenoiser(th.nn.Module):

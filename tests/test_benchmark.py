@@ -49,6 +49,7 @@ def tiny_run():
     return result
 
 
+@pytest.mark.slow
 def test_json_line_has_every_measurement(tiny_run):
     assert set(tiny_run["paths"]) == {"exact", "fast", "fast_bf16"}
     for result in tiny_run["paths"].values():
@@ -69,6 +70,7 @@ def test_json_line_has_every_measurement(tiny_run):
     assert tiny_run["flops"]["model_forward_backward"] > 2 * tiny_run["flops"]["model_forward"] > 0
 
 
+@pytest.mark.slow
 def test_fast_and_exact_paths_agree(tiny_run):
     fast = tiny_run["agreement"]["fast"]
     assert fast["model_output_rel"] < 1e-5 and fast["train_loss_rel"] < 1e-5 and fast["train_grad_rel"] < 1e-4
@@ -78,6 +80,7 @@ def test_fast_and_exact_paths_agree(tiny_run):
     assert 0 < bf16["model_output_rel"] < 0.05 and 0 < bf16["train_loss_rel"] < 0.05
 
 
+@pytest.mark.slow
 def test_the_exact_path_is_the_originals_execution(tiny_run):
     exact, fast = tiny_run["paths"]["exact"]["switches"], tiny_run["paths"]["fast"]["switches"]
     assert exact == dict(fast_attention=False, train_recompute=True, sample_recompute=True)

@@ -5,8 +5,8 @@ a checkpoint named by a flag, and the translation of flags into library argument
 
 import argparse
 import inspect
+import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch as th
 
+from launchers import run_command
 from test_sampling import tiny_flags, tiny_model
 from guided_diffusion.attention import AttentionBlock
 from guided_diffusion.command_line import (
@@ -44,12 +45,10 @@ def test_library_argument_names_become_flags():
     assert in_flag_terms("num_samples=3", []) == "num_samples=3"
 
 
+@pytest.mark.slow
 def test_a_script_reports_a_library_error_in_flag_terms_without_a_traceback(tmp_path):
-    run = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "image_sample.py"), "--batch_size", "0",
-         "--model_path", "x.pt", "--log_dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
+    run = run_command([sys.executable, str(REPO / "scripts" / "image_sample.py"), "--batch_size", "0",
+                       "--model_path", "x.pt", "--log_dir", str(tmp_path)], os.environ, os.getcwd(), 120)
     assert run.returncode == 1
     assert run.stderr.strip() == "image_sample.py: --batch_size 0: expected a positive integer"
 

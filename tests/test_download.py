@@ -161,6 +161,7 @@ def test_create_pretrained_downloads_loads_and_refuses_a_bad_file(server, tmp_pa
     assert not os.path.exists(download.cached_path(f"{server}/cut.pt"))
 
 
+@pytest.mark.slow
 def test_sampling_with_a_config_fetches_the_missing_checkpoint(server, tmp_path):
     model, _ = tiny_model(class_cond=True, class_dropout_prob=0.1)
     Files.FILES["/tiny.pt"] = checkpoint_bytes(model, tmp_path / "tiny.pt")

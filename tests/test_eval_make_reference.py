@@ -96,6 +96,7 @@ def test_npz_input_is_resized_only_when_sizes_differ(tmp_path):
     np.testing.assert_array_equal(kept, images)
 
 
+@pytest.mark.slow
 def test_command_line_writes_a_reference_batch(tmp_path):
     _write_images(tmp_path / "images")
     weights = tmp_path / "inception-2015-12-05.pt"

@@ -21,6 +21,7 @@ from evaluations.npz_batches import check_image_batch, open_npz_array
 from evaluations.scores import (
     RunningStatistics, check_statistics, compute_statistics, describe_non_finite, inception_score,
 )
+from launchers import run_command
 from test_inception import random_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -356,6 +357,7 @@ def test_features_that_are_not_finite_are_refused(tmp_path, evaluator, monkeypat
         evaluator.read_activations(path)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:3 samples for")
 def test_a_cache_holding_nan_is_ignored(tmp_path, evaluator):
     path = str(tmp_path / "samples.npz")
@@ -373,6 +375,7 @@ def test_a_cache_holding_nan_is_ignored(tmp_path, evaluator):
 
 
 # --- features, cache and command line ---
+@pytest.mark.slow
 def test_features_are_cached_next_to_the_batch(tmp_path, evaluator, monkeypatch):
     path = str(tmp_path / "samples.npz")
     np.savez(path, _images(4, seed=7))
@@ -393,6 +396,7 @@ def test_features_are_cached_next_to_the_batch(tmp_path, evaluator, monkeypatch)
         evaluator.read_batch_features(path)
 
 
+@pytest.mark.slow
 def test_command_line_on_a_batch_against_itself(tmp_path, weights_path, capsys, evaluator, monkeypatch):
     batch = str(tmp_path / "batch.npz")
     np.savez(batch, _images(4, seed=9, size=24))
@@ -430,6 +434,7 @@ def test_output_lines_are_the_originals():
     ]
 
 
+@pytest.mark.slow
 def test_script_runs_without_installation():
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "evaluations", "evaluator.py"), "--help"],
@@ -463,6 +468,7 @@ def test_a_corrupt_inception_file_is_named(tmp_path, weights_path):
     ("mu_nan", "mu holds 1 NaN values"),
     ("sigma_asymmetric", "sigma is not symmetric"),
 ])
+@pytest.mark.slow
 def test_the_script_refuses_damaged_reference_statistics(tmp_path, weights_path, damage, message):
     mu, sigma = np.zeros(2048), np.eye(2048)
     if damage == "sigma_inf":
@@ -474,17 +480,16 @@ def test_the_script_refuses_damaged_reference_statistics(tmp_path, weights_path,
     reference, samples = str(tmp_path / "REF.npz"), str(tmp_path / "SAMPLE.npz")
     np.savez_compressed(reference, arr_0=_images(2, 0), mu=mu, sigma=sigma)
     np.savez(samples, _images(2, 1))
-    result = subprocess.run(
+    result = run_command(  # scipy's sqrtm on inf would spin: the timeout fails the test
         [sys.executable, os.path.join(REPO, "evaluations", "evaluator.py"), reference, samples,
-         "--inception_path", weights_path],
-        capture_output=True, text=True, timeout=120,  # scipy's sqrtm on inf would spin
-    )
+         "--inception_path", weights_path], os.environ, os.getcwd(), 120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert f"evaluator.py: {reference}: {message}" in result.stderr
     assert "FID" not in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["evaluator.py", "make_reference.py"])
 def test_offline_without_weights_the_scripts_print_only_the_fix(tmp_path, script):
     batch = str(tmp_path / "batch.npz")
@@ -493,10 +498,8 @@ def test_offline_without_weights_the_scripts_print_only_the_fix(tmp_path, script
     env = {**os.environ, "GUIDED_DIFFUSION_CACHE": str(tmp_path / "cache"), "https_proxy": "http://127.0.0.1:9",
            "HTTPS_PROXY": "http://127.0.0.1:9"}
     env.pop("GUIDED_DIFFUSION_INCEPTION", None)
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "evaluations", script), batch, str(tmp_path / "out.npz")],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
+    result = run_command([sys.executable, os.path.join(REPO, "evaluations", script), batch,
+                          str(tmp_path / "out.npz")], env, os.getcwd(), 120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"{script}: no weights in {tmp_path / 'cache'} and the download failed" in result.stderr

@@ -199,6 +199,7 @@ def test_diffusers_ddim_is_ours_with_use_clipped_model_output(tmp_path):
     assert clipped < 1e-3 and unclipped > 0.5  # measured: 4e-5 and 2.0 (samples lie in [-1, 1])
 
 
+@pytest.mark.slow
 def test_script_exports_a_checkpoint(tmp_path):
     model, _ = tiny_model()
     th.save(model.state_dict(), tmp_path / "model.pt")

@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from test_benchmark import tiny_run  # noqa: F401, F811 (a fixture shared with test_benchmark)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_cpu_rehearsal_runs_every_step(tmp_path):
     run = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu",
@@ -49,6 +51,7 @@ def test_a_failed_step_is_reported(tmp_path):
     assert not ok and seconds >= 0
 
 
+@pytest.mark.slow
 def test_the_summary_shows_each_paths_figures(tiny_run):  # noqa: F811
     check = runpy.run_path(str(REPO / "scripts" / "gpu_check.py"), run_name="gpu_check")
     lines = check["benchmark_summary"](json.dumps(tiny_run) + "\n")
@@ -57,6 +60,7 @@ def test_the_summary_shows_each_paths_figures(tiny_run):  # noqa: F811
     assert "img/s" in lines[1] and "MFU" in lines[1] and lines[-1].startswith("  speedup over exact")
 
 
+@pytest.mark.slow
 def test_the_switch_runs_change_one_switch_each_and_are_summarised(tmp_path, tiny_run):  # noqa: F811
     check = runpy.run_path(str(REPO / "scripts" / "gpu_check.py"), run_name="gpu_check")
     args = check["create_argparser"]().parse_args(["--device", "cpu", "--processes", "1"])

@@ -238,6 +238,7 @@ def _features(path, images):
         return load_inception(str(path))(images)
 
 
+@pytest.mark.slow
 def test_weight_formats_give_the_same_network(tmp_path, state):
     gammas = random_gammas()
     files = {

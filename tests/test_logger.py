@@ -172,6 +172,7 @@ def test_a_log_dir_that_is_not_a_folder_is_refused_naming_it(tmp_path, monkeypat
                         "--batch_size", "2", "--num_workers", "0", "--max_steps", "1"]),
     ("image_sample.py", ["--model_path", "missing.pt", "--num_samples", "2", "--batch_size", "2"]),
 ])
+@pytest.mark.slow
 def test_scripts_refuse_a_log_dir_that_is_a_file_without_a_traceback(
     tmp_path, tiny_image_dir, script, flags, inside
 ):

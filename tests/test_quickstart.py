@@ -168,6 +168,7 @@ def test_bad_options_are_refused():
 # ---------------------------------------------------------------------- the whole job
 
 
+@pytest.mark.slow
 def test_the_job_writes_grids_table_plot_and_checkpoints_that_parse(script_run):
     out = script_run
     with open(out / "results.csv") as f:
@@ -195,6 +196,7 @@ def test_the_job_writes_grids_table_plot_and_checkpoints_that_parse(script_run):
     assert (out / "diffusion" / "progress.csv").exists() and (out / "classifier" / "progress.csv").exists()
 
 
+@pytest.mark.slow
 def test_the_job_checkpoints_load_into_models_built_from_their_flags(script_run):
     from guided_diffusion.checkpoint import read_sidecar
 
@@ -211,6 +213,7 @@ def test_the_job_checkpoints_load_into_models_built_from_their_flags(script_run)
     assert classifier.out_channels == 3
 
 
+@pytest.mark.slow
 def test_a_rerun_into_the_same_folder_gives_the_same_results(script_run, tiny_folders,
                                                              isolated_logger):
     with open(script_run / "results.csv") as f:
@@ -228,6 +231,7 @@ def test_a_rerun_into_the_same_folder_gives_the_same_results(script_run, tiny_fo
     second = th.load(script_run / "diffusion" / "model000002.pt", weights_only=True)
     assert all(th.equal(first_weights[key], second[key]) for key in first_weights)
 
+@pytest.mark.slow
 def test_the_job_writes_the_sampler_study(script_run):
     with open(script_run / "samplers.csv") as f:
         rows = list(csv.DictReader(f))

@@ -100,6 +100,7 @@ def _gather_worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_local_losses_are_gathered_across_ragged_ranks(tmp_path):
     mp.spawn(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     history = [np.load(tmp_path / f"history{rank}.npy") for rank in (0, 1)]

@@ -38,6 +38,7 @@ def _start_holder(logdir):
     return holder
 
 
+@pytest.mark.slow
 def test_a_held_log_dir_is_refused_naming_the_holder(tmp_path):
     holder = _start_holder(tmp_path)
     try:
@@ -51,6 +52,7 @@ def test_a_held_log_dir_is_refused_naming_the_holder(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     holder = _start_holder(tmp_path)
     holder.send_signal(signal.SIGKILL)
@@ -66,6 +68,7 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_release_lets_the_next_run_in(tmp_path):
     assert run_lock.hold_log_dir(str(tmp_path / "new"))  # created
     run_lock.release_log_dir(str(tmp_path / "new"))

@@ -26,6 +26,7 @@ TRAIN = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "
          "--save_interval", "2", "--log_interval", "1", "--seed", "0", "--num_workers", "0"]
 
 
+@pytest.mark.slow
 def test_convert_both_ways_keeps_tensors_and_record(tmp_path):
     model, _ = tiny_model()
     record = {"format": "guided_diffusion/1", "kind": "model", "step": 7, "flags": {"lr": 0.1}}
@@ -61,6 +62,7 @@ def test_a_safetensors_file_loads_strictly_with_the_mismatch_report(tmp_path):
         read_state_dict(str(truncated))
 
 
+@pytest.mark.slow
 def test_training_writes_safetensors_resumes_from_them_and_samples(tmp_path, tiny_image_dir):
     flags = ["--data_dir", tiny_image_dir, *TRAIN, "--checkpoint_format", "safetensors"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -159,6 +161,7 @@ def test_a_truncated_or_damaged_safetensors_file_says_so(tmp_path):
                   "load it with diffusers (UNet2DModel.from_pretrained("),
     ("TRUNCATED", "is a truncated safetensors file: its header says"),
 ])
+@pytest.mark.slow
 def test_image_sample_names_a_wrong_model_path(tmp_path, diffusers_export, model_path, message):
     if model_path == "DIFFUSERS":
         model_path = diffusers_export / "export" / "unet" / "diffusion_pytorch_model.safetensors"

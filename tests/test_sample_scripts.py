@@ -20,7 +20,7 @@ from PIL import Image
 from test_sampling import NUM_CLASSES, tiny_classifier_flags, tiny_flags, tiny_model, tiny_sr_flags
 from guided_diffusion.command_line import in_flag_terms
 from guided_diffusion.script_util import create_classifier
-from launchers import find_mpiexec
+from launchers import find_mpiexec, run_python_script
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 180
@@ -59,10 +59,13 @@ def run_script(script, args, processes=1, launcher="mpiexec", check=True):
                   f"--nproc_per_node={processes}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("OPENAI_LOGDIR", None)
-    result = subprocess.run(
-        prefix + [str(REPO / "scripts" / script), *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT,
-    )
+    if processes == 1:
+        result = run_python_script(REPO / "scripts" / script, args, env, REPO, TIMEOUT)
+    else:
+        result = subprocess.run(
+            prefix + [str(REPO / "scripts" / script), *map(str, args)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+        )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -119,6 +122,7 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_image_sample_same_seed_same_images_for_one_and_two_processes(checkpoints, tmp_path):
     common = MODEL_FLAGS + COND + ["--model_path", checkpoints["cond"], "--num_samples", 5, "--seed", 3,
                                    "--cfg_scale", 2.0]
@@ -153,6 +157,7 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
 def test_a_killed_seeded_image_sample_continues_with_the_same_images(checkpoints, tmp_path, launcher):
     if launcher == "mpiexec" and find_mpiexec() is None:
@@ -178,6 +183,7 @@ def test_a_killed_seeded_image_sample_continues_with_the_same_images(checkpoints
     assert not (folder / "partial_samples").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc"])
 def test_fast_guided_sampler_same_seed_same_images_for_one_and_two_processes(checkpoints, tmp_path,
                                                                              sampler):
@@ -206,6 +212,7 @@ def test_fast_guided_sampler_same_seed_same_images_for_one_and_two_processes(che
     (["--sampler", "dpmpp_2m", "--use_ddim", "True"], "--use_ddim True and --sampler dpmpp_2m: choose one"),
     (["--sampler", "heun", "--steps", 0, "--num_samples", 1], None),  # 0: the default 15
 ])
+@pytest.mark.slow
 def test_fast_sampler_flag_errors(checkpoints, tmp_path, args, message):
     result = run_script("image_sample.py", MODEL_FLAGS + COND + [
         "--model_path", checkpoints["cond"], "--num_samples", 2, "--log_dir", tmp_path, *args,
@@ -217,6 +224,7 @@ def test_fast_sampler_flag_errors(checkpoints, tmp_path, args, message):
     assert re.search(message, result.stderr), result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_image_sample_from_a_config_file_unconditional_ddim(checkpoints, tmp_path):
     preset = tmp_path / "tiny.json"
     preset.write_text(
@@ -230,6 +238,7 @@ def test_image_sample_from_a_config_file_unconditional_ddim(checkpoints, tmp_pat
     assert "an interrupted run cannot be continued" in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_classifier_sample_class_balanced_one_and_two_processes(checkpoints, tmp_path):
     common = MODEL_FLAGS + CLASSIFIER_FLAGS + [
         "--model_path", checkpoints["uncond"], "--classifier_path", checkpoints["classifier"],
@@ -245,6 +254,7 @@ def test_classifier_sample_class_balanced_one_and_two_processes(checkpoints, tmp
     assert_same_images(one, two)
 
 
+@pytest.mark.slow
 def test_super_res_sample_cycles_base_samples_one_and_two_processes(checkpoints, tmp_path):
     common = SR_FLAGS + ["--model_path", checkpoints["sr"], "--base_samples", checkpoints["base"],
                          "--num_samples", 5, "--batch_size", 2, "--seed", 2]
@@ -262,6 +272,7 @@ def read_bpd(folder):
     return float(row["bpd"]), int(float(row["samples"]))
 
 
+@pytest.mark.slow
 def test_image_nll_one_and_two_processes(checkpoints, tmp_path):
     common = MODEL_FLAGS + COND + ["--model_path", checkpoints["cond"], "--data_dir", checkpoints["data"],
                                    "--num_samples", 4, "--batch_size", 2, "--seed", 5]
@@ -309,6 +320,7 @@ def test_script_errors_before_sampling(checkpoints, monkeypatch, script, args, e
                               "CHECKPOINTS/classifier16.pt"],
      "classifier16.pt' does not fit the model built from the flags.*image_size"),
 ])
+@pytest.mark.slow
 def test_script_errors_on_checkpoints(checkpoints, tmp_path, script, args, message):
     folder = str(checkpoints["cond"].parent)
     args = MODEL_FLAGS + CLASSIFIER_FLAGS * (script == "classifier_sample.py") + [

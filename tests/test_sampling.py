@@ -190,6 +190,7 @@ def test_zero_classifier_scale_equals_unguided_sampling(conditional):
     assert np.abs(ddim_plain.astype(int) - ddim_guided.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_classifier_guidance_raises_the_classifiers_accuracy(unconditional):
     model, diffusion = unconditional
     classifier = train_colour_classifier()
@@ -333,6 +334,7 @@ def eager_compile(monkeypatch):
                         lambda model, **kwargs: real_compile(model, backend="eager", **kwargs))
 
 
+@pytest.mark.slow
 def test_compiled_sampling_gives_the_same_images(conditional, monkeypatch):
     model, diffusion = conditional
     plain = sample(model, diffusion, num_samples=2, batch_size=2, seed=3, progress=False)

@@ -110,7 +110,8 @@ def test_ddim_and_ddpm_give_the_existing_loops_numbers_on_their_grid(guided, sam
     times = np.array(diffusion.timestep_map[::-1], np.float64)
     got = SAMPLERS[sampler](Denoiser(model, diffusion, clip_guided=False, **options), x_T, times)
     # float32 rounding of two forms of the same step, amplified by 1 / alpha at high noise
-    assert th.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    # (up to 1.0e-4 measured, depending on the number of torch threads)
+    assert th.allclose(got, expected, atol=2e-4), (got - expected).abs().max()
 
 
 def test_the_guided_prediction_is_condition_scores(guided):

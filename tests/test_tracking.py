@@ -30,6 +30,7 @@ def train_and_resume(data_dir, log_dir, extra):
                                           log_dir / "model000002.pt"])
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_losses_previews_and_flags_and_continue(tmp_path, tiny_image_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -71,6 +72,7 @@ def wandb_records(run_file):
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_losses_and_flags_and_is_continued(tmp_path, tiny_image_dir, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -100,6 +102,7 @@ def test_wandb_offline_run_holds_the_losses_and_flags_and_is_continued(tmp_path,
     assert {"max_steps", "lr", "wandb_project"} <= set(configs)
 
 
+@pytest.mark.slow
 def test_a_missing_tracking_package_is_named_before_training(tmp_path, tiny_image_dir):
     hide = tmp_path / "hide"
     hide.mkdir()
@@ -126,6 +129,7 @@ def test_a_missing_tracking_package_is_named_before_training(tmp_path, tiny_imag
         assert not (tmp_path / extra / "model000000.pt").exists() and "training..." not in result.stdout
 
 
+@pytest.mark.slow
 def test_classifier_training_sends_its_losses_and_accuracies_to_tensorboard(tmp_path, tiny_image_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -162,6 +166,7 @@ def test_file_in_the_way_names_the_file_that_blocks_a_folder(tmp_path):
     ("wandb", ["--wandb_project", "p"], "run/wandb", "the wandb log format writes its run files in"),
     ("wandb", ["--wandb_project", "p"], "wandb_dir", "the wandb log format writes its run files in"),
 ])
+@pytest.mark.slow
 def test_a_tracking_folder_that_is_a_file_is_refused_before_training(
     tmp_path, tiny_image_dir, monkeypatch, package, flags, blocking, message
 ):

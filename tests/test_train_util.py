@@ -89,6 +89,7 @@ def _same_tensors(first, second):
     return len(first) == len(second) and all(th.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, tiny_image_dir, two_step_run):
     # The uninterrupted run also writes sample grids, which must not disturb the RNG streams.
     full = _train(tmp_path / "full", tiny_image_dir, 4, sample_interval=2)
@@ -345,6 +346,7 @@ def test_training_needs_a_configured_log_directory(tiny_model):
         )
 
 
+@pytest.mark.slow
 def test_compile_channels_last_and_kept_attention_keep_the_training_gradients(tmp_path,
                                                                               monkeypatch):
     from guided_diffusion import acceleration

@@ -7,7 +7,6 @@ Every subprocess has a timeout so a deadlock fails the test instead of hanging C
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from guided_diffusion.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from launchers import find_mpiexec
+from launchers import find_mpiexec, run_command
 
+pytestmark = pytest.mark.slow  # every test runs the scripts, or shares a fixture that does
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, "tests", "dist_train_driver.py")
 TIMEOUT = 300
@@ -43,9 +43,7 @@ def _environment():
 def _run(command, out_dir=None):
     """Run a command that must succeed; on failure show its output and, for the driver, each
     rank's standard error (OUT_DIR/stderr_rank<R>.txt)."""
-    result = subprocess.run(
-        command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT
-    )
+    result = run_command(command, _environment(), REPO, TIMEOUT)
     if result.returncode != 0:
         ranks = "".join(f"\n--- {path.name}:\n{path.read_text()[-3000:]}"
                         for path in sorted(Path(out_dir or "/nonexistent").glob("stderr_rank*.txt")))
@@ -56,9 +54,7 @@ def _run(command, out_dir=None):
 
 def _fail(command):
     """Run a command that must fail; return its CompletedProcess."""
-    result = subprocess.run(
-        command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT
-    )
+    result = run_command(command, _environment(), REPO, TIMEOUT)
     assert result.returncode != 0, f"{command} succeeded:\n{result.stdout[-3000:]}"
     return result
 
@@ -92,6 +88,7 @@ def torchrun_run(tmp_path_factory, tiny_image_dir):
     return out_dir
 
 
+@pytest.mark.slow
 def test_mpiexec_ranks_end_with_identical_weights_after_a_resume(mpiexec_run):
     setups = [json.loads((mpiexec_run / f"setup_rank{r}.json").read_text()) for r in (0, 1)]
     assert [(s["launcher"], s["rank"], s["world_size"], s["backend"]) for s in setups] == [
@@ -120,6 +117,7 @@ def test_mpiexec_ranks_end_with_identical_weights_after_a_resume(mpiexec_run):
     assert str(mpiexec_run / "interrupted" / "model000004.pt") in refusals[0]
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_end_with_identical_weights(torchrun_run):
     setups = [json.loads((torchrun_run / f"setup_rank{r}.json").read_text()) for r in (0, 1)]
     summaries = [(s["launcher"], s["rank"], s["local_rank"]) for s in setups]
@@ -172,6 +170,7 @@ def script_runs(tmp_path_factory, tiny_image_dir):
     return root
 
 
+@pytest.mark.slow
 def test_image_train_checkpoints_load_into_the_model_their_flags_build(script_runs):
     logdir = script_runs / "image"
     flags = read_sidecar(str(logdir / "model000002.pt"))["flags"]
@@ -204,6 +203,7 @@ def test_super_res_train_checkpoints_load_into_the_upsampler(script_runs):
     model.load_state_dict(_weights(logdir / "ema_0.9999_000002.pt"), strict=True)
 
 
+@pytest.mark.slow
 def test_a_new_run_into_a_log_dir_holding_a_run_is_refused_unless_overwriting(
     script_runs, tiny_image_dir, tmp_path
 ):
@@ -224,6 +224,7 @@ def test_a_new_run_into_a_log_dir_holding_a_run_is_refused_unless_overwriting(
     assert (classifier_dir / "model000001.pt").exists()
 
 
+@pytest.mark.slow
 def test_classifier_validation_labels_use_the_training_class_map(tmp_path, tiny_image_dir):
     val_dir = tmp_path / "val"
     val_dir.mkdir()

@@ -141,6 +141,7 @@ def inception_weights(tmp_path_factory):
 # ---------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_continued_training_equals_the_uninterrupted_run(unconditional):
     full, part, output = unconditional
     assert_same_checkpoints(full, part, ["model000004.pt", "ema_0.9999_000004.pt"])
@@ -149,6 +150,7 @@ def test_continued_training_equals_the_uninterrupted_run(unconditional):
     assert (part / "samples_000004.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_two_process_training_continues_bit_for_bit(tmp_path, data_dir, launcher):
     if launcher == "mpiexec" and find_mpiexec() is None:
@@ -160,6 +162,7 @@ def test_two_process_training_continues_bit_for_bit(tmp_path, data_dir, launcher
     assert sorted(_weights(part / "opt000004.pt")["rng"]) == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_changed_batch_size_on_resume_is_refused_with_the_fix(tmp_path, unconditional, data_dir):
     _, part, _ = unconditional
     result = run_script("image_train.py", [
@@ -169,6 +172,7 @@ def test_a_changed_batch_size_on_resume_is_refused_with_the_fix(tmp_path, uncond
     assert "resume with the same data_dir, batch_size and number of processes" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_changed_architecture_on_resume_names_only_the_culprit(tmp_path, unconditional, data_dir):
     _, part, _ = unconditional
     result = run_script("image_train.py", [
@@ -181,6 +185,7 @@ def test_a_changed_architecture_on_resume_names_only_the_culprit(tmp_path, uncon
     assert message.count(": checkpoint ") == 1
 
 
+@pytest.mark.slow
 def test_init_checkpoint_starts_a_new_run_from_the_weights(tmp_path, unconditional, data_dir):
     full, _, _ = unconditional
     # lr 0: the first step keeps the weights, so the new run's checkpoint is the old one's.
@@ -195,6 +200,7 @@ def test_init_checkpoint_starts_a_new_run_from_the_weights(tmp_path, uncondition
     assert logged_steps(tmp_path) == [0]
 
 
+@pytest.mark.slow
 def test_classifier_training_continues_with_more_iterations(classifier):
     full, part, output = classifier
     assert_same_checkpoints(full, part, ["model000004.pt"])
@@ -203,6 +209,7 @@ def test_classifier_training_continues_with_more_iterations(classifier):
     assert {"train_loss", "train_acc@1", "val_loss", "val_acc@1"} <= set(header)
 
 
+@pytest.mark.slow
 def test_super_res_training_continues(super_res):
     full, part, _ = super_res
     assert_same_checkpoints(full, part, ["model000004.pt", "ema_0.9999_000004.pt"])
@@ -213,6 +220,7 @@ def test_super_res_training_continues(super_res):
 # ---------------------------------------------------------------------- sampling
 
 
+@pytest.mark.slow
 def test_image_sample_from_a_trained_model(tmp_path, unconditional):
     full, _, _ = unconditional
     for name, extra in (("ancestral", []), ("ddim", ["--use_ddim", "True"])):
@@ -222,6 +230,7 @@ def test_image_sample_from_a_trained_model(tmp_path, unconditional):
         assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unconditional", "conditional"])
 def test_own_model_guided_by_own_classifier(tmp_path, request, classifier, kind):
     # With the unconditional model, the README's "unconditional model, guided by the
@@ -239,6 +248,7 @@ def test_own_model_guided_by_own_classifier(tmp_path, request, classifier, kind)
     assert arrays["arr_0"].shape == (6, 8, 8, 3) and set(arrays["arr_1"]) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_upsample_the_samples_of_a_conditional_model(tmp_path, conditional, super_res):
     base_dir = tmp_path / "base"
     run_script("image_sample.py", [*TINY_MODEL, *CONDITIONAL, *SAMPLE, "--log_dir", base_dir,
@@ -252,6 +262,7 @@ def test_upsample_the_samples_of_a_conditional_model(tmp_path, conditional, supe
     np.testing.assert_array_equal(upsampled["arr_1"], base["arr_1"])  # output i from base i
 
 
+@pytest.mark.slow
 def test_image_nll_of_the_training_images(tmp_path, unconditional, data_dir):
     full, _, _ = unconditional
     run_script("image_nll.py", ["--data_dir", data_dir, *TINY_MODEL, "--num_samples", "2",
@@ -268,6 +279,7 @@ def test_image_nll_of_the_training_images(tmp_path, unconditional, data_dir):
 # ---------------------------------------------------------------------- evaluation
 
 
+@pytest.mark.slow
 def test_make_reference_and_evaluate_samples(tmp_path, data_dir, unconditional, inception_weights):
     full, _, _ = unconditional
     run_script("image_sample.py", [*TINY_MODEL, *SAMPLE, "--log_dir", tmp_path,
@@ -311,6 +323,7 @@ def flag_usage_runs(tmp_path, data_dir, unconditional, classifier, super_res):
     ]
 
 
+@pytest.mark.slow
 def test_every_parsed_flag_of_every_script_is_used(tmp_path, data_dir, unconditional, classifier,
                                                    super_res):
     # The quickstart passes all its flags to run_quickstart(**options), which refuses an
