@@ -81,3 +81,15 @@ def torch_single_thread():
     th.set_num_threads(1)
     yield
     th.set_num_threads(previous)
+
+
+# The files whose end-to-end runs take longest: collected first, so that with -n N one
+# worker starts each of them at once instead of finishing one alone at the end.
+LONGEST_FILES = ("test_gpu_check.py", "test_workflows.py", "test_sample_scripts.py",
+                 "test_training_scripts.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Move the tests of LONGEST_FILES to the front, each file's order kept."""
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from guided_diffusion import run_lock
+from launchers import run_command
 
 REPO = Path(__file__).resolve().parent.parent
 HOLD_AND_WAIT = """
@@ -92,7 +93,8 @@ TRAIN = ["scripts/image_train.py", "--image_size", "8", "--channel_mult", "1", "
 @pytest.mark.slow
 def test_a_second_training_run_on_a_busy_log_dir_is_refused_naming_the_first(tmp_path, tiny_image_dir):
     logdir = tmp_path / "run"
-    train = [sys.executable, *TRAIN, "--data_dir", tiny_image_dir, "--log_dir", str(logdir)]
+    train = [sys.executable, str(REPO / TRAIN[0]), *TRAIN[1:], "--data_dir", tiny_image_dir,
+             "--log_dir", str(logdir)]
     first = subprocess.Popen(train + ["--max_steps", "100000"], cwd=REPO, env=_environment(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -100,8 +102,7 @@ def test_a_second_training_run_on_a_busy_log_dir_is_refused_naming_the_first(tmp
         deadline = time.monotonic() + 120
         while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        second = subprocess.run(train + ["--max_steps", "1"], cwd=REPO, env=_environment(),
-                                capture_output=True, text=True, timeout=180)
+        second = run_command(train + ["--max_steps", "1"], _environment(), REPO, 180)
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert (f"image_train.py: --log_dir {logdir} is in use by another run (pid {first.pid} on "
                 in second.stderr), second.stderr
@@ -109,7 +110,6 @@ def test_a_second_training_run_on_a_busy_log_dir_is_refused_naming_the_first(tmp
     finally:
         first.send_signal(signal.SIGKILL)  # a crash: no clean-up
         first.wait()
-    third = subprocess.run(train + ["--max_steps", "1"], cwd=REPO, env=_environment(),
-                           capture_output=True, text=True, timeout=180)
+    third = run_command(train + ["--max_steps", "1"], _environment(), REPO, 180)
     assert third.returncode == 0, third.stderr[-3000:]
     assert (logdir / "model000001.pt").exists() and not lock.exists()
