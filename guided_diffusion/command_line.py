@@ -349,21 +349,21 @@ def sampling_argparser(doc, defaults, guidance=True, images=True):
 def add_sampling_flags(parser, guidance=True, images=True):
     """
     Add the flags this project adds to the original sampling scripts: --seed,
-    --log_dir, the speed-ups (acceleration_defaults) and those below.
+    --log_dir, --overwrite, the speed-ups (acceleration_defaults) and those below.
 
     :param parser: an argparse.ArgumentParser.
     :param guidance: add --cfg_scale and --class_balanced.
-    :param images: add --save_png, --overwrite, --sampler and --steps.
+    :param images: add --save_png, --sampler and --steps.
     """
     parser.add_argument("--seed", type=int, default=None,
                         help="same seed, same images whatever the batch size and process count")
     parser.add_argument("--log_dir", default="", help="output folder (default: $OPENAI_LOGDIR)")
+    parser.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                        help="replace the outputs of another run in --log_dir")
     add_dict_to_argparser(parser, acceleration_defaults())
     if images:
         parser.add_argument("--save_png", type=str2bool, nargs="?", const=True, default=False,
                             help="also write every sample as a PNG")
-        parser.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
-                            help="replace the samples of another run in --log_dir")
         parser.add_argument("--sampler", default="", help=f"a fast sampler: {', '.join(SAMPLERS)} "
                             "(default: the original's DDPM / --use_ddim loops)")
         parser.add_argument("--steps", type=int, default=0,
@@ -577,12 +577,20 @@ def _refuse_to_replace_samples(run, overwrite):
     :param run: a sampling.SamplingRun.
     :param overwrite: whether replacing them was asked for.
     """
-    if overwrite or (run.partial is not None and run.partial.finished()):
-        return
-    found = existing_samples(logger.get_dir(), run.num_samples, run.image_shape)
-    if found:
+    if run.partial is None or not run.partial.finished():
+        refuse_to_replace(existing_samples(logger.get_dir(), run.num_samples, run.image_shape),
+                          overwrite)
+
+
+def refuse_to_replace(found, overwrite):
+    """
+    :param found: the outputs of this run that already exist in the log directory.
+    :param overwrite: whether replacing them was asked for (then nothing is raised).
+    :raises ValueError: naming them, when there are any and overwrite is False.
+    """
+    if found and not overwrite:
         raise ValueError(
-            f"log_dir={logger.get_dir()} already holds the samples of another run "
-            f"({', '.join(bf.basename(path) for path in found)}): sample into another log_dir, "
+            f"log_dir={logger.get_dir()} already holds the outputs of another run "
+            f"({', '.join(bf.basename(path) for path in found)}): write into another log_dir, "
             "or pass overwrite=True to replace them"
         )

@@ -16,6 +16,8 @@ from guided_diffusion import bpd, command_line, dist_util, logger, script_util
 from guided_diffusion.file_writing import write_npz
 from guided_diffusion.image_datasets import ImageDataset, class_labels, list_image_files
 
+TERMS = ("vb", "mse", "xstart_mse")  # the per-step terms written as NAME_terms.npz
+
 
 def main(argv=None):
     args = command_line.parse_args_with_config(create_argparser(), purpose="sample", argv=argv)
@@ -23,6 +25,9 @@ def main(argv=None):
         args.data_dir, args.image_size, args.class_cond, args.class_from, args.num_classes
     )
     command_line.start_sampling(args)
+    outputs = [bf.join(logger.get_dir(), f"{name}_terms.npz") for name in TERMS]
+    dist_util.on_rank_zero(lambda: command_line.refuse_to_replace(
+        [path for path in outputs if bf.exists(path)], args.overwrite))
     logger.log("creating model and diffusion...")
     model, diffusion = command_line.load_model_and_diffusion(
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
@@ -35,8 +40,7 @@ def main(argv=None):
         compile=args.compile,
     )
     if dist_util.get_rank() == 0:
-        for name in ("vb", "mse", "xstart_mse"):
-            path = bf.join(logger.get_dir(), f"{name}_terms.npz")
+        for name, path in zip(TERMS, outputs):
             logger.log(f"saving {name} terms to {path}")
             write_npz(path, terms[name].mean(axis=0))
     logger.logkv("bpd", float(terms["total_bpd"].mean()))

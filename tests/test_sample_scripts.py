@@ -284,6 +284,15 @@ def test_image_nll_one_and_two_processes(checkpoints, tmp_path):
     for name in ("vb", "mse", "xstart_mse"):
         with np.load(tmp_path / "one" / f"{name}_terms.npz") as data:
             assert data["arr_0"].shape == (6,) and np.isfinite(data["arr_0"]).all()
+    before = (tmp_path / "one" / "vb_terms.npz").read_bytes()
+    refused = run_script("image_nll.py", common + ["--log_dir", tmp_path / "one", "--num_samples", 2],
+                         check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert (f"--log_dir {tmp_path / 'one'} already holds the outputs of another run (vb_terms.npz, "
+            "mse_terms.npz, xstart_mse_terms.npz): write into another log_dir, or pass --overwrite True"
+            ) in refused.stderr
+    assert (tmp_path / "one" / "vb_terms.npz").read_bytes() == before
+    run_script("image_nll.py", common + ["--log_dir", tmp_path / "one", "--num_samples", 2, "--overwrite"])
 
 
 def run_main(script, args, monkeypatch):
@@ -340,8 +349,8 @@ def test_sampling_into_a_log_dir_holding_another_runs_samples_is_refused(checkpo
     assert sorted(before) == ["samples_2x8x8x3.npz", "samples_2x8x8x3.png"]
     refused = run_script("image_sample.py", common + ["--seed", 2], check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert (f"--log_dir {tmp_path} already holds the samples of another run (samples_2x8x8x3.npz, "
-            "samples_2x8x8x3.png): sample into another log_dir, or pass --overwrite True") in refused.stderr
+    assert (f"--log_dir {tmp_path} already holds the outputs of another run (samples_2x8x8x3.npz, "
+            "samples_2x8x8x3.png): write into another log_dir, or pass --overwrite True") in refused.stderr
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     run_script("image_sample.py", common + ["--seed", 2, "--overwrite"])
     assert (tmp_path / "samples_2x8x8x3.npz").read_bytes() != before["samples_2x8x8x3.npz"]
