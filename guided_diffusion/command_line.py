@@ -25,7 +25,7 @@ from .acceleration import (
 )
 from .checkpoint import load_for_inference
 from .download import fetch_and_load
-from .file_writing import SamplesWriter, existing_samples
+from .file_writing import SamplesWriter, samples_outputs
 from .presets import load_config, read_preset
 from .resample import create_named_schedule_sampler
 from .run_lock import hold_log_dir
@@ -552,7 +552,9 @@ def write_samples(run, save_png=False, overwrite=False):
     :param overwrite: replace the samples of another run of the same name in the log
         directory (else they are refused, unless this run continues from partial samples).
     """
-    dist_util.on_rank_zero(lambda: _refuse_to_replace_samples(run, overwrite))
+    continuing = run.partial is not None and run.partial.finished()
+    refuse_to_replace([] if continuing else samples_outputs(logger.get_dir(), run.num_samples,
+                                                            run.image_shape), overwrite)
     if dist_util.get_rank() > 0:
         for _ in run.new_rounds():
             pass
@@ -568,27 +570,18 @@ def write_samples(run, save_png=False, overwrite=False):
     logger.log("sampling complete")
 
 
-def _refuse_to_replace_samples(run, overwrite):
+def refuse_to_replace(outputs, overwrite):
     """
-    Raise a ValueError when the log directory holds the outputs a run would write (the
-    .npz, its grid, its PNG folder), unless overwrite or the run continues its own
-    partial samples.
+    Raise a ValueError on every rank when some of a run's outputs already exist (rank 0
+    looks; a collective: every rank calls it), unless overwrite.
 
-    :param run: a sampling.SamplingRun.
+    :param outputs: the paths this run will write.
     :param overwrite: whether replacing them was asked for.
     """
-    if run.partial is None or not run.partial.finished():
-        refuse_to_replace(existing_samples(logger.get_dir(), run.num_samples, run.image_shape),
-                          overwrite)
-
-
-def refuse_to_replace(found, overwrite):
-    """
-    :param found: the outputs of this run that already exist in the log directory.
-    :param overwrite: whether replacing them was asked for (then nothing is raised).
-    :raises ValueError: naming them, when there are any and overwrite is False.
-    """
-    if found and not overwrite:
+    if overwrite:
+        return
+    found = dist_util.on_rank_zero(lambda: [path for path in outputs if bf.exists(path)])
+    if found:
         raise ValueError(
             f"log_dir={logger.get_dir()} already holds the outputs of another run "
             f"({', '.join(bf.basename(path) for path in found)}): write into another log_dir, "

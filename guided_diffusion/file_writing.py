@@ -177,16 +177,16 @@ def samples_name(num_samples, image_shape):
     return "samples_" + "x".join(str(side) for side in (num_samples, *image_shape))
 
 
-def existing_samples(out_dir, num_samples, image_shape):
+def samples_outputs(out_dir, num_samples, image_shape):
     """
     :param out_dir: the folder (local or blobfile URL).
     :param num_samples: N.
     :param image_shape: (H, W, C).
-    :return: the paths of the outputs SamplesWriter would write there that exist already:
-        samples_NxHxWx3.npz, its .png grid and its PNG folder.
+    :return: the paths SamplesWriter writes there: samples_NxHxWx3.npz, its .png grid
+        and its PNG folder.
     """
     stem = bf.join(out_dir, samples_name(num_samples, image_shape))
-    return [path for path in (stem + ".npz", stem + ".png", stem) if bf.exists(path)]
+    return [stem + ".npz", stem + ".png", stem]
 
 
 class SamplesWriter:

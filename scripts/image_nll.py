@@ -26,8 +26,7 @@ def main(argv=None):
     )
     command_line.start_sampling(args)
     outputs = [bf.join(logger.get_dir(), f"{name}_terms.npz") for name in TERMS]
-    dist_util.on_rank_zero(lambda: command_line.refuse_to_replace(
-        [path for path in outputs if bf.exists(path)], args.overwrite))
+    command_line.refuse_to_replace(outputs, args.overwrite)
     logger.log("creating model and diffusion...")
     model, diffusion = command_line.load_model_and_diffusion(
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
