@@ -64,7 +64,7 @@ def test_golden_output_of_seeded_tiny_model():
         out = model(x, t, y)
     assert out.shape == (2, 6, 16, 16)
     # Golden values of this implementation, which equals the original ADM code
-    # for the same weights (checked with an oracle copy of it, see README).
+    # for the same weights (checked with an oracle copy of it, see docs/parity.md).
     assert out.sum().item() == pytest.approx(GOLDEN_UNET["sum"], rel=1e-5, abs=1e-4)
     assert out.abs().mean().item() == pytest.approx(GOLDEN_UNET["abs_mean"], rel=1e-5)
     assert out[1, 4, 7, 3].item() == pytest.approx(GOLDEN_UNET["entry"], rel=1e-5, abs=1e-6)

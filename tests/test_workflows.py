@@ -1,12 +1,14 @@
 """
-Every workflow the README documents, run through the scripts as a user types them
-(subprocesses, tiny sizes, the README's flags): train then continue with a larger
---max_steps (one process, mpiexec -n 2, torchrun), each ending bit-identical to an
-uninterrupted run; --init_checkpoint; classifier and super-resolution training
-continued; sampling, guided sampling (own unconditional or conditional model with own
-classifier), upsampling and image_nll.py from those checkpoints; make_reference.py and
-the evaluator on the outputs. The quickstart runs through its script in
-test_quickstart.py. Every README command parses with its script's parser.
+Every workflow the documentation (README.md and the pages in docs/) describes, run
+through the scripts as a user types them (subprocesses, tiny sizes, the documented
+flags): train then continue with a larger --max_steps (one process, mpiexec -n 2,
+torchrun), each ending bit-identical to an uninterrupted run; --init_checkpoint;
+classifier and super-resolution training continued; sampling, guided sampling (own
+unconditional or conditional model with own classifier), upsampling and image_nll.py
+from those checkpoints; make_reference.py and the evaluator on the outputs. The
+quickstart runs through its script in test_quickstart.py. Every command of README.md
+and docs/*.md parses with its script's parser; the links between them are checked in
+test_docs.py.
 """
 
 import importlib.util
@@ -26,7 +28,7 @@ from test_inception import random_state_dict
 from test_sample_scripts import run_script
 
 REPO = Path(__file__).resolve().parent.parent
-# The README's "A small CPU run" model, with 50 diffusion steps to keep image_nll.py short.
+# docs/training.md's "A small CPU run" model, with 50 diffusion steps to keep image_nll.py short.
 TINY_MODEL = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
               "--channel_mult", "1", "--attention_resolutions", "8", "--num_head_channels", "32",
               "--diffusion_steps", "50"]
@@ -233,7 +235,7 @@ def test_image_sample_from_a_trained_model(tmp_path, unconditional):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unconditional", "conditional"])
 def test_own_model_guided_by_own_classifier(tmp_path, request, classifier, kind):
-    # With the unconditional model, the README's "unconditional model, guided by the
+    # With the unconditional model, docs/guidance.md's "unconditional model, guided by the
     # classifier" recipe: the model records num_classes 1000 (unused without class_cond),
     # the classifier 2.
     if kind == "unconditional":
@@ -343,24 +345,34 @@ def test_every_parsed_flag_of_every_script_is_used(tmp_path, data_dir, unconditi
 
 # ---------------------------------------------------------------------- the README
 
+# The documentation: the README (the front page) and the pages it links in docs/.
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# The commands people type most, which the front page itself must show.
+FRONT_PAGE_SCRIPTS = {"scripts/image_train.py", "scripts/image_sample.py",
+                      "scripts/classifier_sample.py", "evaluations/evaluator.py"}
 
-def readme_commands():
+
+def readme_commands(documents=DOCUMENTS, root=REPO):
     """
-    Every `python scripts/NAME.py ...` or `python evaluations/NAME.py ...` of the README,
-    with the shell variables of its code block expanded: (script path, argv, the line).
+    Every `python scripts/NAME.py ...` or `python evaluations/NAME.py ...` of README.md
+    and docs/*.md, with the shell variables of its code block expanded:
+    (the file, relative to root, script path, argv, the line).
     """
-    text = (REPO / "README.md").read_text()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) + re.findall(r"`([^`\n]+)`", text):
-        block = block.replace("\\\n", " ")
-        variables = dict(re.findall(r'^(\w+)="([^"]*)"', block, flags=re.M))
-        for line in block.splitlines():
-            match = re.search(r"python ((?:scripts|evaluations)/\w+\.py)(.*)", line)
-            if not match:
-                continue
-            expanded = re.sub(r"\$(\w+)", lambda m: variables.get(m.group(1), ""), match.group(2))
-            argv = [part for part in shlex.split(expanded.split("#")[0]) if part != "..."]
-            commands.append((match.group(1), argv, line.strip()))
+    for document in documents:
+        text = document.read_text()
+        source = document.relative_to(root).as_posix()
+        blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S) + re.findall(r"`([^`\n]+)`", text)
+        for block in blocks:
+            block = block.replace("\\\n", " ")
+            variables = dict(re.findall(r'^(\w+)="([^"]*)"', block, flags=re.M))
+            for line in block.splitlines():
+                match = re.search(r"python ((?:scripts|evaluations)/\w+\.py)(.*)", line)
+                if not match:
+                    continue
+                expanded = re.sub(r"\$(\w+)", lambda m: variables.get(m.group(1), ""), match.group(2))
+                argv = [part for part in shlex.split(expanded.split("#")[0]) if part != "..."]
+                commands.append((source, match.group(1), argv, line.strip()))
     return commands
 
 
@@ -376,16 +388,30 @@ def parse_as_the_script_does(script, argv):
 
 
 def test_the_readme_has_commands_for_every_workflow():
-    scripts = {script for script, _, _ in readme_commands()}
+    # Across the README and docs/*.md; the front page itself keeps the four most typed.
+    scripts = {script for _, script, _, _ in readme_commands()}
     assert {"scripts/image_train.py", "scripts/classifier_train.py", "scripts/super_res_train.py",
             "scripts/image_sample.py", "scripts/classifier_sample.py", "scripts/super_res_sample.py",
             "scripts/image_nll.py", "scripts/quickstart.py", "evaluations/evaluator.py",
             "evaluations/make_reference.py"} <= scripts
+    front_page = {script for _, script, _, _ in readme_commands([REPO / "README.md"])}
+    assert FRONT_PAGE_SCRIPTS <= front_page, f"README.md lacks {FRONT_PAGE_SCRIPTS - front_page}"
 
 
-@pytest.mark.parametrize("script, argv, line", readme_commands(), ids=lambda value: None)
-def test_every_readme_command_parses(script, argv, line):
+@pytest.mark.parametrize("source, script, argv, line", readme_commands(), ids=lambda value: None)
+def test_every_readme_command_parses(source, script, argv, line):
     try:
         parse_as_the_script_does(script, argv)
     except SystemExit as error:  # argparse: unknown flag or bad value
-        pytest.fail(f"README command does not parse ({error}): {line}")
+        pytest.fail(f"{source}: command does not parse ({error}): {line}")
+
+
+def test_readme_commands_names_the_file_of_each_command(tmp_path):
+    # A command in a docs page is found, with its code block's variables, and named by file.
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    page.write_text('```bash\nFLAGS="--batch_size 4"\npython scripts/image_sample.py $FLAGS \\\n'
+                    '    --num_samples 2  # a comment\n```\n')
+    [(source, script, argv, _)] = readme_commands([page], root=tmp_path)
+    assert (source, script, argv) == ("docs/page.md", "scripts/image_sample.py",
+                                      ["--batch_size", "4", "--num_samples", "2"])

@@ -139,7 +139,7 @@ def class_grid(images, labels, num_classes, columns):
     return make_image_grid(np.concatenate(rows), nrow=columns)
 
 
-def _font(size):
+def label_font(size):
     """A scalable default font, or Pillow's bitmap one where it has no sizes (Pillow < 10.1)."""
     try:
         return ImageFont.load_default(size=size)
@@ -147,7 +147,7 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def _text(draw, xy, text, font, align="left"):
+def draw_text(draw, xy, text, font, align="left"):
     """Draw text vertically centred on xy, starting, centred or ending at its x."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     shift = {"left": 0, "center": (right - left) / 2, "right": right - left}[align]
@@ -162,7 +162,7 @@ def draw_tradeoff_plot(rows, width=460, height=300):
     """
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = _font(13)
+    font = label_font(13)
     left, right, top, bottom = 44, width - 110, 24, height - 48
 
     def y_of(value):
@@ -170,12 +170,12 @@ def draw_tradeoff_plot(rows, width=460, height=300):
 
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         draw.line([(left, y_of(tick)), (right, y_of(tick))], fill=(225, 225, 225))
-        _text(draw, (left - 6, y_of(tick)), f"{tick:g}", font, align="right")
+        draw_text(draw, (left - 6, y_of(tick)), f"{tick:g}", font, align="right")
     draw.rectangle([left, top, right, bottom], outline="black")
     xs = [left + (right - left) * (index + 0.5) / len(rows) for index in range(len(rows))]
     for x, row in zip(xs, rows):
-        _text(draw, (x, bottom + 12), f"{row['classifier_scale']:g}", font, align="center")
-    _text(draw, ((left + right) / 2, height - 14), "classifier scale", font, align="center")
+        draw_text(draw, (x, bottom + 12), f"{row['classifier_scale']:g}", font, align="center")
+    draw_text(draw, ((left + right) / 2, height - 14), "classifier scale", font, align="center")
     for index, (key, label, colour) in enumerate(SERIES):
         points = [(x, y_of(row[key])) for x, row in zip(xs, rows)]
         if len(points) > 1:
@@ -184,7 +184,7 @@ def draw_tradeoff_plot(rows, width=460, height=300):
             draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], fill=colour)
         legend_y = top + 12 + 22 * index
         draw.line([(right + 10, legend_y), (right + 30, legend_y)], fill=colour, width=2)
-        _text(draw, (right + 36, legend_y), label, font)
+        draw_text(draw, (right + 36, legend_y), label, font)
     return image
 
 
@@ -195,14 +195,14 @@ def overview_picture(grids, plot, zoom=2, gap=12, caption_height=24):
     :param zoom: pixel repetition of the grids.
     :return: an RGB PIL image: the captioned grids in a near-square block, the plot to its right.
     """
-    font = _font(14)
+    font = label_font(14)
     tiles = []
     for caption, grid in grids:
         picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
         picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
         tile = Image.new("RGB", (picture.width, picture.height + caption_height), "white")
         tile.paste(picture, (0, caption_height))
-        _text(ImageDraw.Draw(tile), (tile.width / 2, caption_height / 2), caption, font, "center")
+        draw_text(ImageDraw.Draw(tile), (tile.width / 2, caption_height / 2), caption, font, "center")
         tiles.append(tile)
     per_row = math.ceil(math.sqrt(len(tiles)))
     tile_width, tile_height = max(t.width for t in tiles), max(t.height for t in tiles)

@@ -19,7 +19,7 @@ from guided_diffusion import logger
 from guided_diffusion.sampling import sample
 from guided_diffusion.solvers import SAMPLERS, evaluations
 
-from .report import _font, _text, png_bytes, write_bytes
+from .report import draw_text, label_font, png_bytes, write_bytes
 
 # The studies the quickstart's --sampler_study flag names: samplers and evaluations per sample.
 STUDIES = {
@@ -120,7 +120,7 @@ def draw_study_plot(rows, scale, width=560, height=320):
     if baseline:  # larger values are drawn at the top, as open circles
         highest = min(highest, PLOT_RANGE * baseline)
     image = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(image), _font(13)
+    draw, font = ImageDraw.Draw(image), label_font(13)
     left, right, top, bottom = 54, width - 145, 28, height - 48
 
     def x_of(count):
@@ -131,12 +131,12 @@ def draw_study_plot(rows, scale, width=560, height=320):
 
     for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
         draw.line([(left, y_of(fraction * highest)), (right, y_of(fraction * highest))], fill=(225, 225, 225))
-        _text(draw, (left - 6, y_of(fraction * highest)), f"{fraction * highest:.2g}", font, "right")
+        draw_text(draw, (left - 6, y_of(fraction * highest)), f"{fraction * highest:.2g}", font, "right")
     draw.rectangle([left, top, right, bottom], outline="black")
     for count in counts:
-        _text(draw, (x_of(count), bottom + 12), str(count), font, "center")
-    _text(draw, ((left + right) / 2, height - 14), "model evaluations per sample", font, "center")
-    _text(draw, ((left + right) / 2, 12), f"Frechet distance, classifier scale {scale:g}", font, "center")
+        draw_text(draw, (x_of(count), bottom + 12), str(count), font, "center")
+    draw_text(draw, ((left + right) / 2, height - 14), "model evaluations per sample", font, "center")
+    draw_text(draw, ((left + right) / 2, 12), f"Frechet distance, classifier scale {scale:g}", font, "center")
     samplers = list(dict.fromkeys(row["sampler"] for row in at_scale))
     for index, sampler in enumerate(samplers):
         colour = COLOURS[index % len(COLOURS)]
@@ -148,7 +148,7 @@ def draw_study_plot(rows, scale, width=560, height=320):
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="white" if clipped else colour, outline=colour)
         legend_y = top + 10 + 20 * index
         draw.line([(right + 10, legend_y), (right + 28, legend_y)], fill=colour, width=2)
-        _text(draw, (right + 34, legend_y), sampler, font)
+        draw_text(draw, (right + 34, legend_y), sampler, font)
     return image
 
 
