@@ -30,6 +30,9 @@ _RELEASED_SR_CHANNEL_MULT = {
     64: (1, 2, 3, 4),
 }
 
+# Flags that a builder's argument names differently (see _build).
+_BUILDER_ARGUMENT_NAMES = {"diffusion_steps": "steps"}
+
 
 def diffusion_defaults():
     """
@@ -214,28 +217,9 @@ def create_model_and_diffusion(
 
     :return: a (model, diffusion) pair.
     """
-    diffusion = _diffusion_from_flags(locals())
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        channel_mult=channel_mult,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order,
-        class_dropout_prob=class_dropout_prob,
-        num_classes=num_classes,
-    )
-    return model, diffusion
+    flags = locals()
+    diffusion = _build(create_gaussian_diffusion, flags)
+    return _build(create_model, flags), diffusion
 
 
 def create_model(
@@ -341,19 +325,9 @@ def create_classifier_and_diffusion(
 
     :return: a (classifier, diffusion) pair.
     """
-    diffusion = _diffusion_from_flags(locals())
-    classifier = create_classifier(
-        image_size,
-        classifier_use_fp16,
-        classifier_width,
-        classifier_depth,
-        classifier_attention_resolutions,
-        classifier_use_scale_shift_norm,
-        classifier_resblock_updown,
-        classifier_pool,
-        num_classes=num_classes,
-    )
-    return classifier, diffusion
+    flags = locals()
+    diffusion = _build(create_gaussian_diffusion, flags)
+    return _build(create_classifier, flags), diffusion
 
 
 def create_classifier(
@@ -424,26 +398,9 @@ def sr_create_model_and_diffusion(
 
     :return: a (model, diffusion) pair.
     """
-    diffusion = _diffusion_from_flags(locals())
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        num_classes=num_classes,
-    )
-    return model, diffusion
+    flags = locals()
+    diffusion = _build(create_gaussian_diffusion, flags)
+    return _build(sr_create_model, flags), diffusion
 
 
 def sr_create_model(
@@ -496,13 +453,20 @@ def sr_create_model(
     )
 
 
-def _diffusion_from_flags(flags):
+def _build(builder, flags):
     """
-    Build the diffusion from a dict holding (at least) the diffusion_defaults() flags.
+    Call a builder with the flags it takes: those of `flags` named in its signature,
+    --diffusion_steps as create_gaussian_diffusion's `steps` (_BUILDER_ARGUMENT_NAMES).
+    The model-and-diffusion factories forward their flags through this one place.
+
+    :param builder: create_model, create_classifier, sr_create_model or
+                    create_gaussian_diffusion.
+    :param flags: a factory's arguments, by flag name.
+    :return: what the builder returns.
     """
-    kwargs = {name: flags[name] for name in diffusion_defaults()}
-    kwargs["steps"] = kwargs.pop("diffusion_steps")
-    return create_gaussian_diffusion(**kwargs)
+    accepted = inspect.signature(builder).parameters
+    kwargs = {_BUILDER_ARGUMENT_NAMES.get(name, name): value for name, value in flags.items()}
+    return builder(**{name: value for name, value in kwargs.items() if name in accepted})
 
 
 def create_gaussian_diffusion(

@@ -35,27 +35,16 @@ def main(argv=None):
 
 
 def create_argparser():
-    defaults = dict(
-        data_dir="",
+    defaults = {name: value for name, value in command_line.training_defaults().items()
+                if name not in command_line.DIFFUSION_TRAINING_FLAGS}
+    defaults.update(  # the original's classifier flags, learning rate and batch size
         val_data_dir="",
         noised=True,
         iterations=150000,
         lr=3e-4,
-        weight_decay=0.0,
         anneal_lr=False,
         batch_size=4,
-        microbatch=-1,
-        schedule_sampler="uniform",
-        resume_checkpoint="",
-        log_interval=10,
         eval_interval=5,
-        save_interval=10000,
-        # Not in the original:
-        log_dir="",  # default: $OPENAI_LOGDIR, else a new folder in the temp directory
-        class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
-        num_workers=1,
-        init_checkpoint="",  # start a new run from these weights
-        overwrite_log_dir=False,  # let a new run write over the checkpoints in --log_dir
     )
     defaults.update(script_util.classifier_and_diffusion_defaults())
     return command_line.training_argparser(__doc__, defaults)

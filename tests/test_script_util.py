@@ -1,6 +1,9 @@
 import argparse
+import functools
+import inspect
 
 import pytest
+import torch as th
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.acceleration import acceleration_defaults, configure_runtime
@@ -179,3 +182,112 @@ def test_factories_refuse_image_sizes_below_one(image_size):
                         attention_resolutions="")
     with pytest.raises(ValueError, match=f"image_size={image_size}: expected a positive number"):
         su.create_classifier(**dict(_tiny_classifier_flags(), image_size=image_size))
+
+
+# The original ADM's factory signatures: (name, default) per argument, in order.
+_REQUIRED = object()
+_ORIGINAL_SIGNATURES = {
+    "create_model_and_diffusion": [
+        "image_size", "class_cond", "learn_sigma", "num_channels", "num_res_blocks",
+        "channel_mult", "num_heads", "num_head_channels", "num_heads_upsample",
+        "attention_resolutions", "dropout", "diffusion_steps", "noise_schedule",
+        "timestep_respacing", "use_kl", "predict_xstart", "rescale_timesteps",
+        "rescale_learned_sigmas", "use_checkpoint", "use_scale_shift_norm", "resblock_updown",
+        "use_fp16", "use_new_attention_order", ("class_dropout_prob", 0.0),
+        ("num_classes", su.NUM_CLASSES),
+    ],
+    "create_classifier_and_diffusion": [
+        "image_size", "classifier_use_fp16", "classifier_width", "classifier_depth",
+        "classifier_attention_resolutions", "classifier_use_scale_shift_norm",
+        "classifier_resblock_updown", "classifier_pool", "learn_sigma", "diffusion_steps",
+        "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart", "rescale_timesteps",
+        "rescale_learned_sigmas", ("num_classes", su.NUM_CLASSES),
+    ],
+    "sr_create_model_and_diffusion": [
+        "large_size", "small_size", "class_cond", "learn_sigma", "num_channels",
+        "num_res_blocks", "num_heads", "num_head_channels", "num_heads_upsample",
+        "attention_resolutions", "dropout", "diffusion_steps", "noise_schedule",
+        "timestep_respacing", "use_kl", "predict_xstart", "rescale_timesteps",
+        "rescale_learned_sigmas", "use_checkpoint", "use_scale_shift_norm", "resblock_updown",
+        "use_fp16", ("num_classes", su.NUM_CLASSES),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ORIGINAL_SIGNATURES))
+def test_factory_signatures_are_the_originals(name):
+    parameters = inspect.signature(getattr(su, name)).parameters.values()
+    expected = [arg if isinstance(arg, tuple) else (arg, _REQUIRED)
+                for arg in _ORIGINAL_SIGNATURES[name]]
+    assert [(p.name, _REQUIRED if p.default is p.empty else p.default)
+            for p in parameters] == expected
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters)
+
+
+# Tiny flags for each factory, and for each of its flags a value that changes what it builds.
+_TINY_FLAGS = {
+    "create_model_and_diffusion": dict(
+        su.model_and_diffusion_defaults(), image_size=8, num_channels=32, num_res_blocks=1,
+        attention_resolutions="4", class_cond=True, num_classes=10, diffusion_steps=40),
+    "create_classifier_and_diffusion": dict(
+        su.classifier_and_diffusion_defaults(), image_size=8, classifier_width=64,
+        classifier_depth=1, classifier_attention_resolutions="4", num_classes=10,
+        diffusion_steps=40),
+    "sr_create_model_and_diffusion": dict(
+        su.sr_model_and_diffusion_defaults(), large_size=8, small_size=4, num_channels=32,
+        num_res_blocks=1, attention_resolutions="4", class_cond=True, num_classes=10,
+        diffusion_steps=40),
+}
+_CHANGED_FLAGS = dict(
+    image_size=16, large_size=16, class_cond=False, learn_sigma=True, num_channels=64,
+    num_res_blocks=2, channel_mult="1,1", num_heads=2, num_head_channels=16,
+    num_heads_upsample=2, attention_resolutions="8", dropout=0.1, diffusion_steps=30,
+    noise_schedule="cosine", timestep_respacing="5", use_kl=True, predict_xstart=True,
+    rescale_timesteps=True, rescale_learned_sigmas=True, use_checkpoint=True,
+    use_scale_shift_norm=False, resblock_updown=True, use_fp16=True,
+    use_new_attention_order=True, class_dropout_prob=0.1, num_classes=7,
+    classifier_use_fp16=True, classifier_width=128, classifier_depth=2,
+    classifier_attention_resolutions="8", classifier_use_scale_shift_norm=False,
+    classifier_resblock_updown=False, classifier_pool="adaptive",
+)
+_SIMPLE_TYPES = (bool, int, float, str, tuple, type(None), th.dtype)
+
+
+def _fingerprint(built):
+    """Everything a flag can change in a (network, diffusion) pair, as comparable values."""
+    network, diffusion = built
+    modules = [(name, type(module).__name__,
+                sorted((key, value) for key, value in vars(module).items()
+                       if not key.startswith("_") and isinstance(value, _SIMPLE_TYPES)))
+               for name, module in network.named_modules()]
+    tensors = [(name, tuple(tensor.shape), tensor.dtype)
+               for name, tensor in network.state_dict().items()]
+    schedule = (diffusion.num_timesteps, diffusion.loss_type, diffusion.model_var_type,
+                diffusion.model_mean_type, diffusion.rescale_timesteps,
+                tuple(diffusion.betas), tuple(diffusion.timestep_map))
+    return modules, tensors, schedule
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_fingerprint(name):
+    return _fingerprint(getattr(su, name)(**_TINY_FLAGS[name]))
+
+
+@pytest.mark.parametrize("name, flag", [
+    (name, flag) for name in sorted(_ORIGINAL_SIGNATURES)
+    for flag in inspect.signature(getattr(su, name)).parameters
+])
+def test_every_factory_flag_reaches_what_the_factory_builds(name, flag):
+    factory, flags = getattr(su, name), _TINY_FLAGS[name]
+    if flag == "small_size":  # only checked: the model upsamples any low-resolution input
+        with pytest.raises(ValueError, match="small_size=16 must be positive and at most"):
+            factory(**dict(flags, small_size=16))
+        return
+    changed = factory(**dict(flags, **{flag: _CHANGED_FLAGS[flag]}))
+    assert _fingerprint(changed) != _tiny_fingerprint(name)
+
+
+@pytest.mark.parametrize("name", sorted(_ORIGINAL_SIGNATURES))
+def test_factories_refuse_unknown_flags(name):
+    with pytest.raises(TypeError, match="fast_attention"):
+        getattr(su, name)(**_TINY_FLAGS[name], fast_attention=True)
