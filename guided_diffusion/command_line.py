@@ -156,6 +156,11 @@ def apply_runtime_flags(model, args):
 # ------------------------------------------------------------------ training
 
 
+# The flags of training_defaults() that only diffusion training has (diffusion_loop_kwargs).
+DIFFUSION_TRAINING_FLAGS = ("lr_anneal_steps", "ema_rate", "use_fp16", "fp16_scale_growth",
+                            "max_steps", "sample_interval", "sampler", "steps")
+
+
 def training_defaults():
     """
     :return: the flag defaults of scripts/image_train.py and super_res_train.py besides
@@ -296,7 +301,6 @@ def diffusion_loop_kwargs(args):
         sample_interval=args.sample_interval,
         preview_sampler=args.sampler or None,
         preview_steps=args.steps or PREVIEW_STEPS,
-        class_dropout_prob=getattr(args, "class_dropout_prob", 0.0),
     )
 
 
@@ -390,53 +394,65 @@ def start_sampling(args):
     dist_util.setup_dist()
     hold_requested_log_dir(args.log_dir)
     logger.configure(dir=args.log_dir or None, comm=logger.TorchDistComm())
-    if getattr(args, "sampler", "") and args.timestep_respacing:
-        logger.warn(f"--timestep_respacing {args.timestep_respacing} is not used with --sampler "
-                    f"{args.sampler}: the sampler chooses its own times of the full schedule (--steps)")
-        args.timestep_respacing = ""
 
 
-def sample_kwargs(args):
+def sampling_respacing(timestep_respacing, sampler):
     """
-    :param args: the parsed flags of a sampling script.
-    :return: the sampling.sample arguments the flags set (classifier_scale, cfg_scale and
-        class_balanced where the script has them).
+    Decide the respacing of the diffusion a sampling script builds (after start_sampling,
+    so that the warning is logged).
+
+    :param timestep_respacing: the --timestep_respacing flag.
+    :param sampler: the --sampler flag ("" for the original's loops).
+    :return: timestep_respacing, or "" (the full schedule) with a fast sampler, which
+        chooses its own times of the full schedule.
+    """
+    if sampler and timestep_respacing:
+        logger.warn(f"--timestep_respacing {timestep_respacing} is not used with --sampler "
+                    f"{sampler}: the sampler chooses its own times of the full schedule (--steps)")
+        return ""
+    return timestep_respacing
+
+
+def sample_kwargs(args, guidance=True):
+    """
+    :param args: the parsed flags of a sampling script (sampling_argparser with images).
+    :param guidance: whether the script has the guidance flags (sampling_argparser's
+        `guidance`): --cfg_scale and --class_balanced.
+    :return: the sampling.SamplingRun arguments these flags set.
     """
     kwargs = dict(
         num_samples=args.num_samples, batch_size=args.batch_size, use_ddim=args.use_ddim,
         clip_denoised=args.clip_denoised, seed=args.seed, num_classes=args.num_classes,
-        use_bf16=args.use_bf16, compile=args.compile,
+        use_bf16=args.use_bf16, compile=args.compile, sampler=args.sampler or None,
+        steps=args.steps or None,
     )
-    for name in ("classifier_scale", "cfg_scale", "class_balanced"):
-        if hasattr(args, name):
-            kwargs[name] = getattr(args, name)
-    if hasattr(args, "sampler"):
-        kwargs.update(sampler=args.sampler or None, steps=args.steps or None)
+    if guidance:
+        kwargs.update(cfg_scale=args.cfg_scale, class_balanced=args.class_balanced)
     return kwargs
 
 
-def load_for_sampling(model, args, path_flag="model_path", use_fp16=None, defaults=None):
+def load_for_sampling(model, path, path_flag, flags, args, use_fp16=None):
     """
-    Load the checkpoint a flag names into a model built from the flags
-    (checkpoint.load_for_inference, on this process's device, with --channels_last and
-    --fast_attention), its parameters frozen: guidance differentiates with respect to the
-    image only, and a compiled classifier would otherwise compute weight gradients too.
+    Load a checkpoint into a model built from flags (checkpoint.load_for_inference, on
+    this process's device, with --channels_last and --fast_attention), its parameters
+    frozen: guidance differentiates with respect to the image only, and a compiled
+    classifier would otherwise compute weight gradients too.
 
-    :param model: the model built from the flags.
-    :param args: the parsed flags.
-    :param path_flag: the flag naming the checkpoint, e.g. "classifier_path".
+    :param model: the model built from `flags`.
+    :param path: the checkpoint's path (the value of the flag `path_flag`).
+    :param path_flag: the flag naming the checkpoint, e.g. "classifier_path" (for messages,
+        and for the download of a preset's checkpoint that is not there).
+    :param flags: the flags the model was built from: their architecture flags are
+        compared with the checkpoint's record.
+    :param args: the parsed flags, for --use_fp16, --channels_last and --fast_attention.
     :param use_fp16: convert to float16 (default: --use_fp16).
-    :param defaults: the flag defaults the model was built from (their architecture flags
-        are compared with the checkpoint's record; default: all flags).
     :return: the model.
     """
-    path = getattr(args, path_flag)
     if not path:
         raise ValueError(
             f"--{path_flag} is empty: pass the checkpoint file (e.g. --{path_flag} models/"
             "256x256_diffusion.pt), or --config NAME, whose preset sets it"
         )
-    flags = vars(args) if defaults is None else args_to_dict(args, defaults.keys())
 
     def load(checkpoint):
         load_for_inference(
@@ -455,7 +471,7 @@ def load_for_sampling(model, args, path_flag="model_path", use_fp16=None, defaul
     return apply_runtime_flags(model, args)
 
 
-def load_model_and_diffusion(args, factory, defaults):
+def load_model_and_diffusion(args, factory, defaults, timestep_respacing):
     """
     Build a model and its diffusion from flags, then load --model_path into it
     (load_for_sampling).
@@ -463,10 +479,13 @@ def load_model_and_diffusion(args, factory, defaults):
     :param args: the parsed flags.
     :param factory: e.g. script_util.create_model_and_diffusion.
     :param defaults: the factory's flag defaults; the flags of these names build the model.
+    :param timestep_respacing: the diffusion's respacing (in place of the flag's: the
+        script decides it, e.g. with sampling_respacing).
     :return: (model, diffusion).
     """
-    model, diffusion = factory(**args_to_dict(args, defaults.keys()))
-    load_for_sampling(model, args, defaults=defaults)
+    flags = dict(args_to_dict(args, defaults.keys()), timestep_respacing=timestep_respacing)
+    model, diffusion = factory(**flags)
+    load_for_sampling(model, args.model_path, "model_path", flags, args)
     return model, diffusion
 
 

@@ -21,20 +21,21 @@ def main(argv=None):
     command_line.start_sampling(args)
     partial = command_line.partial_samples(args)
     logger.log("creating model and diffusion...")
+    respacing = command_line.sampling_respacing(args.timestep_respacing, args.sampler)
     model, diffusion = command_line.load_model_and_diffusion(
-        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
+        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults(),
+        respacing,
     )
     logger.log("loading classifier...")
-    classifier_defaults = script_util.classifier_defaults()
+    classifier_flags = script_util.args_to_dict(args, script_util.classifier_defaults().keys())
     classifier = command_line.load_for_sampling(
-        script_util.create_classifier(**script_util.args_to_dict(args, classifier_defaults.keys())),
-        args, "classifier_path", use_fp16=args.classifier_use_fp16, defaults=classifier_defaults,
+        script_util.create_classifier(**classifier_flags), args.classifier_path, "classifier_path",
+        classifier_flags, args, use_fp16=args.classifier_use_fp16,
     )
     logger.log("sampling...")
     run = sampling.SamplingRun(
-        model, diffusion, classifier=classifier, device=dist_util.dev(),
-        partial=partial,
-        **command_line.sample_kwargs(args),
+        model, diffusion, classifier=classifier, classifier_scale=args.classifier_scale,
+        device=dist_util.dev(), partial=partial, **command_line.sample_kwargs(args),
     )
     command_line.write_samples(run, args.save_png, args.overwrite)
 

@@ -21,9 +21,8 @@ def main(argv=None):
     if args.timestep_respacing:
         print(f"--timestep_respacing {args.timestep_respacing} is not exported: the scheduler gets "
               "the full process (diffusers respaces it with num_inference_steps)")
-        args.timestep_respacing = ""
     model, diffusion = command_line.load_model_and_diffusion(
-        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
+        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults(), ""
     )
     unet_dir, scheduler_dir = export_to_diffusers(model, diffusion, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {unet_dir}, {scheduler_dir} and {os.path.join(args.out_dir, PIPELINE_INDEX)}")

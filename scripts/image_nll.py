@@ -29,7 +29,8 @@ def main(argv=None):
     command_line.refuse_to_replace(outputs, args.overwrite)
     logger.log("creating model and diffusion...")
     model, diffusion = command_line.load_model_and_diffusion(
-        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
+        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults(),
+        args.timestep_respacing,
     )
     logger.log("evaluating...")
     terms = bpd.evaluate_bpd(

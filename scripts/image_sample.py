@@ -14,8 +14,10 @@ def main(argv=None):
     command_line.start_sampling(args)
     partial = command_line.partial_samples(args)
     logger.log("creating model and diffusion...")
+    respacing = command_line.sampling_respacing(args.timestep_respacing, args.sampler)
     model, diffusion = command_line.load_model_and_diffusion(
-        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
+        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults(),
+        respacing,
     )
     logger.log("sampling...")
     run = sampling.SamplingRun(

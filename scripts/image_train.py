@@ -22,6 +22,7 @@ def main(argv=None):
     command_line.run_training(
         args, model, diffusion, data,
         **command_line.training_loop_kwargs(args, diffusion), **command_line.diffusion_loop_kwargs(args),
+        class_dropout_prob=args.class_dropout_prob,
     )
 
 

@@ -22,10 +22,10 @@ def main(argv=None):
     command_line.start_sampling(args)
     partial = command_line.partial_samples(args)
     logger.log("creating model...")
+    respacing = command_line.sampling_respacing(args.timestep_respacing, args.sampler)
     model, diffusion = command_line.load_model_and_diffusion(
-        args,
-        script_util.sr_create_model_and_diffusion,
-        script_util.sr_model_and_diffusion_defaults(),
+        args, script_util.sr_create_model_and_diffusion,
+        script_util.sr_model_and_diffusion_defaults(), respacing,
     )
     logger.log(f"upsampling {len(base_images)} base samples...")
     order = np.arange(args.num_samples) % len(base_images)
@@ -36,7 +36,7 @@ def main(argv=None):
         labels=None if base_labels is None else base_labels[order],
         device=dist_util.dev(),
         partial=partial,
-        **command_line.sample_kwargs(args),
+        **command_line.sample_kwargs(args, guidance=False),
     )
     command_line.write_samples(run, args.save_png, args.overwrite)
 

@@ -23,6 +23,7 @@ from guided_diffusion.command_line import (
     load_for_sampling,
     read_base_samples,
     sample_kwargs,
+    sampling_respacing,
     training_argparser,
     training_defaults,
     training_loop_kwargs,
@@ -91,13 +92,18 @@ def _sampling_args(path, **flags):
     return argparse.Namespace(**dict(values, **flags))
 
 
+def _load(model, args):
+    flags = {name: getattr(args, name) for name in model_and_diffusion_defaults() if hasattr(args, name)}
+    return load_for_sampling(model, args.model_path, "model_path", flags, args)
+
+
 def test_load_for_sampling(tmp_path):
     model, _ = tiny_model(class_cond=True)
     path = str(tmp_path / "model.pt")
     th.save(model.state_dict(), path)
     fresh, _ = create_model_and_diffusion(**tiny_flags(class_cond=True))
     args = _sampling_args(path)
-    load_for_sampling(fresh, args, defaults=model_and_diffusion_defaults())
+    _load(fresh, args)
     assert not fresh.training
     assert not any(p.requires_grad for p in fresh.parameters())  # no weight gradients in guidance
     blocks = [module for module in fresh.modules() if isinstance(module, AttentionBlock)]
@@ -106,21 +112,28 @@ def test_load_for_sampling(tmp_path):
     assert fresh.input_blocks[0][0].weight.is_contiguous(memory_format=th.channels_last)
     assert all(th.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     with pytest.raises(ValueError, match="--model_path is empty"):
-        load_for_sampling(fresh, _sampling_args(""))
+        _load(fresh, _sampling_args(""))
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
-        load_for_sampling(fresh, _sampling_args(str(tmp_path / "nothing.pt")))
+        _load(fresh, _sampling_args(str(tmp_path / "nothing.pt")))
     unconditional, _ = create_model_and_diffusion(**tiny_flags())
     with pytest.raises(ValueError, match="class_cond"):
-        load_for_sampling(unconditional, _sampling_args(path, class_cond=False))
+        _load(unconditional, _sampling_args(path, class_cond=False))
 
 
 def test_every_sampling_flag_reaches_the_sampling_run():
     parser = runpy.run_path(str(REPO / "scripts" / "classifier_sample.py"))["create_argparser"]()
     args = parser.parse_args([])
-    kwargs = sample_kwargs(args)
+    kwargs = dict(sample_kwargs(args), classifier_scale=args.classifier_scale)  # as the script
     accepted = set(inspect.signature(SamplingRun).parameters)
     assert set(kwargs) <= accepted
     assert set(kwargs) == accepted & {action.dest for action in parser._actions}
+
+
+def test_a_fast_sampler_decides_the_respacing(capsys):
+    assert sampling_respacing("250", "") == "250"
+    assert sampling_respacing("", "dpmpp_2m") == ""
+    assert sampling_respacing("ddim25", "dpmpp_2m") == ""
+    assert "--timestep_respacing ddim25 is not used with --sampler dpmpp_2m" in capsys.readouterr().out
 
 
 def test_training_flags_become_loop_arguments():
@@ -130,7 +143,8 @@ def test_training_flags_become_loop_arguments():
     _, diffusion = create_model_and_diffusion(**dict(model_and_diffusion_defaults(), image_size=8,
                                                       num_channels=32, num_res_blocks=1,
                                                       attention_resolutions="4"))
-    kwargs = dict(training_loop_kwargs(args, diffusion), **diffusion_loop_kwargs(args))
+    kwargs = dict(training_loop_kwargs(args, diffusion), **diffusion_loop_kwargs(args),
+                  class_dropout_prob=args.class_dropout_prob)  # as image_train.py
     assert kwargs["lr"] == 0.5 and kwargs["compile"] is True and kwargs["channels_last"] is True
     assert kwargs["recompute_attention"] is True  # the original's memory use
     assert type(kwargs["schedule_sampler"]).__name__ == "LossSecondMomentResampler"
