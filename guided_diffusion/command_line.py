@@ -33,9 +33,9 @@ from .sampling import DEFAULT_STEPS
 from .sampling_state import PartialSamples, file_identity
 from .solvers import SAMPLERS
 from .script_util import add_dict_to_argparser, architecture_flags, args_to_dict, str2bool
-from .train_util import PREVIEW_STEPS, TrainLoop, set_seed
+from .train_util import PREVIEW_STEPS, TrainLoop
 from .training_state import parse_resume_step_from_filename
-from .work_split import check_counts, check_seed
+from .work_split import check_counts, check_seed, set_seed
 
 
 # ------------------------------------------------------------------ parsing

@@ -22,7 +22,7 @@ import torch as th
 import torch.nn as nn
 
 from .file_writing import TEMPORARY_MARK, atomic_write, is_local
-from .gaussian_diffusion import ModelMeanType, ModelVarType
+from .diffusion_types import ModelMeanType, ModelVarType
 from .nn import GROUPNORM_GROUPS
 from .respace import SpacedDiffusion
 from .unet import AttentionBlock, Downsample, ResBlock, SuperResModel, UNetModel, Upsample
@@ -315,7 +315,7 @@ def scheduler_config(diffusion):
 
 
 def _check_pair(model, diffusion):
-    learns_sigma = diffusion.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+    learns_sigma = diffusion.model_var_type.is_learned()
     expected = model.in_channels * (2 if learns_sigma else 1)
     if model.out_channels != expected:
         raise ValueError(

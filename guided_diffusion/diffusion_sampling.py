@@ -14,13 +14,21 @@ _predict_eps_from_xstart, _extract, _scale_timesteps).
 
 The order of random draws is documented in gaussian_diffusion's module
 docstring and on each step below.
+
+Every sampling loop takes a per-step callback (solvers.report_step): once per
+step, after its model evaluation, callback({"i": i, "t": t, "x": x,
+"denoised": pred_xstart}) with i the step's 0-based index in the loop, t the [N]
+int64 timesteps given to the step (p_sample, ddim_sample), x the sample the
+step starts from and pred_xstart the step's. Its return value is ignored.
 """
 
 import functools
 
 import torch as th
+from tqdm.auto import tqdm
 
-from .solvers import Denoiser, check_options, check_sampler, run_sampler
+from .denoiser import Denoiser
+from .solvers import check_options, check_sampler, report_step, run_sampler
 
 
 class SamplingMixin:
@@ -106,7 +114,7 @@ class SamplingMixin:
 
     def p_sample_loop(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, noise_fn=None,
+        model_kwargs=None, device=None, progress=False, noise_fn=None, callback=None,
     ):
         """
         Ancestral sampling from pure noise (Ho et al. 2020, algorithm 2).
@@ -126,17 +134,19 @@ class SamplingMixin:
         :param progress: if True, show a tqdm progress bar.
         :param noise_fn: if not None, draws every step's noise and, when
             `noise` is None, x_T (as noise_fn(th.empty(shape))); see p_sample.
+        :param callback: if not None, called after every step's model call as
+            callback({"i", "t", "x", "denoised"}) (see the module docstring).
         :return: the final samples, computed without gradients.
         """
         return _last_sample(self.p_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
-            noise_fn=noise_fn,
+            noise_fn=noise_fn, callback=callback,
         ))
 
     def p_sample_loop_progressive(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, noise_fn=None,
+        model_kwargs=None, device=None, progress=False, noise_fn=None, callback=None,
     ):
         """
         As p_sample_loop, but yield p_sample's dict at every step, t = T-1 .. 0.
@@ -146,7 +156,7 @@ class SamplingMixin:
             cond_fn=cond_fn, model_kwargs=model_kwargs, noise_fn=noise_fn,
         )
         img = self._initial_image(model, shape, noise, device, noise_fn)
-        yield from _loop(step, img, self._descending(), progress)
+        yield from _loop(step, img, self._descending(), progress, callback)
 
     def ddim_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
@@ -211,7 +221,7 @@ class SamplingMixin:
 
     def ddim_sample_loop(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None,
+        model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None, callback=None,
     ):
         """
         DDIM sampling from pure noise (Song et al. 2020). Random draws as
@@ -225,12 +235,12 @@ class SamplingMixin:
         return _last_sample(self.ddim_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
-            noise_fn=noise_fn,
+            noise_fn=noise_fn, callback=callback,
         ))
 
     def ddim_sample_loop_progressive(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-        model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None,
+        model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None, callback=None,
     ):
         """
         As ddim_sample_loop, but yield ddim_sample's dict at every step, t = T-1 .. 0.
@@ -241,12 +251,12 @@ class SamplingMixin:
             cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn,
         )
         img = self._initial_image(model, shape, noise, device, noise_fn)
-        yield from _loop(step, img, self._descending(), progress)
+        yield from _loop(step, img, self._descending(), progress, callback)
 
     def sample_loop(
         self, model, shape, sampler="dpmpp_2m", steps=10, noise=None, clip_denoised=True,
         model_kwargs=None, cond_fn=None, device=None, progress=False, noise_fn=None,
-        time_grid=None, dynamic_threshold=None, **options,
+        time_grid=None, dynamic_threshold=None, callback=None, **options,
     ):
         """
         Sample with one of the fast samplers of solvers.py (ddim, ddpm, dpmpp_2m,
@@ -264,6 +274,8 @@ class SamplingMixin:
         :param noise_fn: the noise of x_T and of the stochastic samplers' steps.
         :param time_grid: None (the sampler's default) or "time_uniform", "logSNR", "karras".
         :param dynamic_threshold: None or a percentile such as 0.995 (Saharia et al. 2022).
+        :param callback: if not None, called at each of the sampler's
+            solvers.sampler_steps(sampler, steps) steps (the solvers module docstring).
         :param options: the sampler's own options (ddim: eta; heun: s_churn, s_tmin, s_tmax,
             s_noise; dpmpp_2m, dpmpp_2m_sde, unipc: lower_order_final; unipc: order, corrector).
         :return: the final samples (the x_0 estimate at timestep 0), without gradients.
@@ -275,10 +287,11 @@ class SamplingMixin:
                             clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
         x = self._initial_image(model, shape, noise, device, noise_fn)
         return run_sampler(denoiser, x, sampler, steps, grid=time_grid, noise_fn=noise_fn,
-                           progress=progress, **options)
+                           progress=progress, callback=callback, **options)
 
     def ddim_reverse_sample_loop(
-        self, model, x, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False
+        self, model, x, clip_denoised=True, denoised_fn=None, model_kwargs=None, progress=False,
+        callback=None,
     ):
         """
         Encode data into a DDIM latent by running the DDIM ODE forwards (Song et
@@ -290,6 +303,7 @@ class SamplingMixin:
         (the explicit ODE steps and treating x as step 0 cost a little accuracy).
 
         :param x: the [N x C x ...] data to encode.
+        :param callback: as in p_sample_loop, at t = 0 .. T-2.
         :return: the latents, x's shape, computed without gradients.
 
         Other arguments as p_sample_loop.
@@ -298,7 +312,7 @@ class SamplingMixin:
             self.ddim_reverse_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
         )
-        return _last_sample(_loop(step, x, range(self.num_timesteps - 1), progress))
+        return _last_sample(_loop(step, x, range(self.num_timesteps - 1), progress, callback))
 
     def _initial_image(self, model, shape, noise, device, noise_fn):
         """
@@ -330,26 +344,28 @@ def _nonzero_mask(t, x):
     return (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
 
 
-def _maybe_tqdm(indices, progress):
+def progress_bar(indices, progress):
     """
-    Wrap indices in a tqdm progress bar if progress is True.
+    The indices of a loop over timesteps, shown as a tqdm progress bar when asked.
+
+    :param indices: an iterable with a length (e.g. a range of timesteps).
+    :param progress: show the bar.
+    :return: tqdm(indices) if progress, else indices.
     """
-    if not progress:
-        return indices
-    from tqdm.auto import tqdm
-
-    return tqdm(indices)
+    return tqdm(indices) if progress else indices
 
 
-def _loop(step, img, indices, progress):
+def _loop(step, img, indices, progress, callback):
     """
     Apply `img = step(img, t)["sample"]` for each timestep in `indices`,
-    without gradients, yielding each step's output dict.
+    without gradients, reporting each step to callback and yielding its
+    output dict.
     """
-    for i in _maybe_tqdm(indices, progress):
-        t = th.full((img.shape[0],), i, dtype=th.long, device=img.device)  # no host copy
+    for i, timestep in enumerate(progress_bar(indices, progress)):
+        t = th.full((img.shape[0],), timestep, dtype=th.long, device=img.device)  # no host copy
         with th.no_grad():
             out = step(img, t)
+        report_step(callback, i, t, img, out["pred_xstart"])
         yield out
         img = out["sample"]
 

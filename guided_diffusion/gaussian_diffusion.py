@@ -19,17 +19,18 @@ The sampling loops and calc_bpd_loop take a `noise_fn` that replaces these draws
 (e.g. per-sample generators whose images do not depend on the batch size).
 
 The sampling steps and loops are in diffusion_sampling (SamplingMixin, which
-GaussianDiffusion inherits); this module keeps the schedules, the forward and
-reverse process, the losses and the likelihood.
+GaussianDiffusion inherits) and the enums of its options in diffusion_types
+(re-exported here); this module keeps the schedules, the forward and reverse
+process, the losses and the likelihood.
 """
 
-import enum
 import math
 
 import numpy as np
 import torch as th
 
-from .diffusion_sampling import SamplingMixin, _maybe_tqdm
+from .diffusion_sampling import SamplingMixin, progress_bar
+from .diffusion_types import LossType, ModelMeanType, ModelVarType  # re-exported: the original's names
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
@@ -91,48 +92,6 @@ def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=_MAX_BETA):
         t_end = (i + 1) / num_diffusion_timesteps
         betas.append(min(1 - alpha_bar(t_end) / alpha_bar(t_start), max_beta))
     return np.array(betas, dtype=np.float64)
-
-
-class ModelMeanType(enum.Enum):
-    """
-    What the model's (first C) output channels predict.
-    """
-
-    PREVIOUS_X = enum.auto()  # x_{t-1}
-    START_X = enum.auto()  # x_0
-    EPSILON = enum.auto()  # the noise epsilon
-
-
-class ModelVarType(enum.Enum):
-    """
-    Where the variance of p(x_{t-1} | x_t) comes from.
-
-    LEARNED: the model outputs the log-variance. LEARNED_RANGE: the model
-    outputs v in [-1, 1] interpolating the log-variance between the posterior
-    variance (FIXED_SMALL) and beta_t (FIXED_LARGE).
-    """
-
-    LEARNED = enum.auto()
-    FIXED_SMALL = enum.auto()
-    FIXED_LARGE = enum.auto()
-    LEARNED_RANGE = enum.auto()
-
-
-class LossType(enum.Enum):
-    """
-    The training objective.
-    """
-
-    MSE = enum.auto()  # MSE on the mean prediction, plus the VLB if variances are learned
-    RESCALED_MSE = enum.auto()  # as MSE, the VLB term scaled by num_timesteps / 1000
-    KL = enum.auto()  # the variational lower bound term for the sampled t
-    RESCALED_KL = enum.auto()  # as KL, scaled by num_timesteps to estimate the full VLB
-
-    def is_vb(self):
-        """
-        :return: True for the variational-bound losses (KL, RESCALED_KL).
-        """
-        return self in (LossType.KL, LossType.RESCALED_KL)
 
 
 class GaussianDiffusion(SamplingMixin):
@@ -296,7 +255,7 @@ class GaussianDiffusion(SamplingMixin):
         self._check_timesteps(t, x)
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
 
-        if self._learns_variance():
+        if self.model_var_type.is_learned():
             model_output, model_var_values = _split_mean_and_variance(model_output, x)
             model_variance, model_log_variance = self._learned_variance(
                 model_var_values, t, x.shape
@@ -332,9 +291,6 @@ class GaussianDiffusion(SamplingMixin):
         _check_same_shape(model_mean=model_mean, x=x)
         return {"mean": model_mean, "variance": model_variance, "log_variance": model_log_variance,
                 "pred_xstart": pred_xstart}
-
-    def _learns_variance(self):
-        return self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
 
     def _learned_variance(self, model_var_values, t, shape):
         """
@@ -455,7 +411,7 @@ class GaussianDiffusion(SamplingMixin):
             return terms
 
         model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
-        if self._learns_variance():
+        if self.model_var_type.is_learned():
             model_output, model_var_values = _split_mean_and_variance(model_output, x_t)
             # Stop the VLB's gradient through the mean; it trains the variance only.
             frozen_out = th.cat([model_output.detach(), model_var_values], dim=1)
@@ -511,7 +467,7 @@ class GaussianDiffusion(SamplingMixin):
         """
         batch_size = x_start.shape[0]
         vb, xstart_mse, mse = [], [], []
-        for step in _maybe_tqdm(self._descending(), progress):
+        for step in progress_bar(self._descending(), progress):
             t = th.full((batch_size,), step, dtype=th.long, device=x_start.device)
             noise = (noise_fn or th.randn_like)(x_start)
             x_t = self.q_sample(x_start=x_start, t=t, noise=noise)

@@ -156,6 +156,33 @@ class SpacedDiffusion(GaussianDiffusion):
         return t
 
 
+def respace_diffusion(diffusion, section_counts):
+    """
+    Keep fewer steps of a diffusion, e.g. to sample previews of its model in a few DDIM
+    steps. A SpacedDiffusion is spaced again: the kept steps are steps of its own
+    process, and the model still sees the base process's timesteps.
+
+    :param diffusion: a GaussianDiffusion or SpacedDiffusion.
+    :param section_counts: which of its diffusion.num_timesteps steps to keep, in any
+        form space_timesteps takes.
+    :return: a SpacedDiffusion whose loops take the model that diffusion's loops take.
+    """
+    respaced = SpacedDiffusion(
+        use_timesteps=space_timesteps(diffusion.num_timesteps, section_counts),
+        betas=diffusion.betas,
+        model_mean_type=diffusion.model_mean_type,
+        model_var_type=diffusion.model_var_type,
+        loss_type=diffusion.loss_type,
+        rescale_timesteps=diffusion.rescale_timesteps,
+    )
+    if isinstance(diffusion, SpacedDiffusion):
+        # Its kept steps, and the timesteps the model sees, in the base process's time.
+        respaced.timestep_map = [diffusion.timestep_map[t] for t in respaced.timestep_map]
+        respaced.use_timesteps = set(respaced.timestep_map)
+        respaced.original_num_steps = diffusion.original_num_steps
+    return respaced
+
+
 class _WrappedModel:
     """
     Calls a model (or cond_fn) with spaced timesteps mapped to base timesteps,

@@ -16,6 +16,7 @@ Random draws:
   processes.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -27,7 +28,7 @@ from .acceleration import accelerate
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import to_uint8_nhwc
 from .sampling_labels import check_labels, choose_labels, resolve_num_classes
-from .solvers import SAMPLERS, check_sampler, evaluations
+from .solvers import SAMPLERS, check_sampler, evaluations, sampler_steps
 from .unet import SuperResModel
 from .work_split import PerSampleNoise, check_counts, check_seed, gather_in_order, rounds
 
@@ -43,6 +44,11 @@ class SamplingRun:
     With `partial` (which needs a seed), the samples it holds are not drawn again and
     rank 0 adds each new round to it, so an interrupted run continues where it
     stopped, with the same images as an uninterrupted one.
+
+    Every batch goes through one sampling function with the signature of the diffusion's
+    loops (p_sample_loop, ddim_sample_loop, sample_loop), chosen once (_sampling_function);
+    it reports each step to one callback, which advances the progress bar and calls the
+    user's `callback`.
 
     Attributes: num_samples, image_shape (H, W, C), labelled (whether the samples have
     labels: a class-conditional model or classifier guidance).
@@ -74,53 +80,47 @@ class SamplingRun:
         time_grid=None,         # the sampler's time grid (None: its default)
         dynamic_threshold=None,  # the sampler's dynamic thresholding percentile (e.g. 0.995)
         sampler_options=None,   # the sampler's own options, e.g. {"eta": 0.5} for "ddim"
+        callback=None,          # called at every step: the loop's dict and "indices" (the batch's samples)
     ):
-        if device is None:
-            device = next(model.parameters()).device
         conditional = getattr(model, "num_classes", None) is not None
         self.labelled = conditional or classifier is not None
         num_classes = resolve_num_classes(model, classifier, num_classes, cfg_scale)
-        if labels is not None and np.ndim(labels) == 0:
-            if num_samples is None:
-                raise ValueError(f"labels={labels}: one label for all samples needs num_samples")
-            labels = [int(labels)] * num_samples
-        labels = check_labels(labels, self.labelled, num_classes)
         low_res = None if low_res is None else _check_low_res(low_res)
-        num_samples = _count_samples(num_samples, labels, low_res)
-        check_counts(num_samples=num_samples, batch_size=batch_size)
+        labels = _expand_labels(labels, num_samples)
+        labels = check_labels(labels, self.labelled, num_classes)
+        self.num_samples = _count_samples(num_samples, labels, low_res)
+        _check_guidance(classifier, classifier_scale, cfg_scale, class_balanced, self.labelled, labels)
+        check_counts(num_samples=self.num_samples, batch_size=batch_size)
         check_seed(seed)
-        shape = _sample_shape(model, low_res)
-        for name, scale in (("classifier_scale", classifier_scale), ("cfg_scale", cfg_scale)):
-            if scale is not None and not math.isfinite(scale):
-                raise ValueError(f"{name}={scale}: expected a finite number")
-        if classifier is None and classifier_scale != 1.0:
-            raise ValueError(
-                f"classifier_scale={classifier_scale} without a classifier: classifier guidance needs "
-                "a classifier (or use cfg_scale with a model trained for classifier-free guidance)"
-            )
-        if class_balanced and (not self.labelled or labels is not None):
-            raise ValueError("class_balanced needs labels to choose: a class-conditional model or a "
-                             "classifier, and no explicit labels")
-        if labels is None and self.labelled:
-            labels = choose_labels(num_samples, num_classes, class_balanced, seed)
         if partial is not None and seed is None:
             raise ValueError("partial samples need a seed: without one an interrupted run cannot be continued")
-        self._solver = _solver_options(sampler, steps, time_grid, dynamic_threshold, sampler_options,
-                                       use_ddim)
-
-        speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
-        run = accelerate(model, **speed_ups)
-        self._model_fn = _model_function(model, run, conditional, cfg_scale, num_classes)
-        self._cond_fn = None
-        if classifier is not None:
-            check_classifier(classifier, shape[-1], num_classes)
-            self._cond_fn = classifier_cond_fn(accelerate(classifier, **speed_ups), classifier_scale)
-        self.num_samples, self.image_shape = num_samples, (shape[2], shape[3], shape[1])
-        self._shape, self._diffusion, self._labels, self._num_classes = shape, diffusion, labels, num_classes
-        self._low_res, self._batch_size, self._seed, self._device = low_res, batch_size, seed, device
-        self._use_ddim, self._clip_denoised, self._progress = use_ddim, clip_denoised, progress
+        shape = _sample_shape(model, low_res)
+        self.image_shape = (shape[2], shape[3], shape[1])
+        if labels is None and self.labelled:
+            labels = choose_labels(self.num_samples, num_classes, class_balanced, seed)
+        self._labels, self._num_classes, self._low_res = labels, num_classes, low_res
+        self._sample_fn, self._steps_per_batch = _sampling_function(
+            diffusion, sampler, steps, time_grid, dynamic_threshold, sampler_options, use_ddim
+        )
+        device = next(model.parameters()).device if device is None else device
+        self._build_networks(model, classifier, classifier_scale, cfg_scale, conditional,
+                             dict(compile=compile, use_bf16=use_bf16, device=device))
+        self._shape, self._batch_size, self._seed, self._device = shape, batch_size, seed, device
+        self._clip_denoised, self._progress, self._callback = clip_denoised, progress, callback
         self.partial = partial
         self.finished = partial.finished() if partial is not None else 0
+
+    def _build_networks(self, model, classifier, classifier_scale, cfg_scale, conditional, speed_ups):
+        """
+        Set the model function the loop calls (accelerated, with classifier-free guidance
+        or without labels for an unconditional model) and the classifier guidance gradient.
+        """
+        self._model_fn = _model_function(model, accelerate(model, **speed_ups), conditional,
+                                         cfg_scale, self._num_classes)
+        self._cond_fn = None
+        if classifier is not None:
+            check_classifier(classifier, model.image_size, self._num_classes)
+            self._cond_fn = classifier_cond_fn(accelerate(classifier, **speed_ups), classifier_scale)
 
     def rounds(self):
         """
@@ -143,11 +143,8 @@ class SamplingRun:
         if self.finished:
             logger.log(f"continuing after {self.finished} finished samples in {self.partial.folder}")
         plan = rounds(self.num_samples, self._batch_size, world_size, first=self.finished)
-        per_batch = (evaluations(self._solver["sampler"], self._solver["steps"]) if self._solver
-                     else self._diffusion.num_timesteps)
-        steps = sum(len(work[rank]) > 0 for work in plan) * per_batch
-        disable = not self._progress or rank > 0
-        with tqdm(total=steps, unit="step", desc="sampling", disable=disable) as bar:
+        steps = sum(len(work[rank]) > 0 for work in plan) * self._steps_per_batch
+        with tqdm(total=steps, unit="step", desc="sampling", disable=not self._progress or rank > 0) as bar:
             for work in plan:
                 images, labels = self._sample_round(work, work[rank], bar)
                 if self.partial is not None and rank == 0:
@@ -159,16 +156,11 @@ class SamplingRun:
         """
         :return: one round's (images, labels), gathered from all ranks, checked to be finite.
         """
-        model_kwargs = _batch_kwargs(indices, self.labelled, self._labels, self._num_classes,
-                                     self._low_res, self._device)
+        model_kwargs = self._model_kwargs(indices)
         images = th.zeros((0, *self.image_shape), dtype=th.uint8, device=self._device)
         finite = th.ones(0, dtype=th.uint8, device=self._device)
         if len(indices):
-            batch = _sample_batch(
-                self._diffusion, self._model_fn, self._cond_fn, (len(indices), *self._shape[1:]),
-                model_kwargs, indices, self._seed, self._use_ddim, self._clip_denoised, self._device,
-                bar, self._solver,
-            )
+            batch = self._sample_batch(indices, model_kwargs, bar)
             images = to_uint8_nhwc(batch)
             finite = th.isfinite(batch).flatten(1).all(1).to(th.uint8)
         _check_finite_samples(gather_in_order(finite, work, self._batch_size), work)
@@ -176,6 +168,41 @@ class SamplingRun:
         if not self.labelled:
             return images, None
         return images, gather_in_order(model_kwargs["y"], work, self._batch_size).cpu()
+
+    def _model_kwargs(self, indices):
+        """
+        The model keyword arguments of a batch: "y", the chosen labels or, when none
+        were chosen, labels drawn now with th.randint on the global RNG (the
+        original's draw, just before the batch's noise); "low_res" for super-resolution.
+        """
+        model_kwargs = {}
+        if self.labelled:
+            model_kwargs["y"] = (
+                th.randint(0, self._num_classes, (len(indices),), device=self._device)
+                if self._labels is None
+                else self._labels[list(indices)].to(self._device)
+            )
+        if self._low_res is not None:
+            model_kwargs["low_res"] = _to_model_range(self._low_res[list(indices)], self._device)
+        return model_kwargs
+
+    def _sample_batch(self, indices, model_kwargs, bar):
+        """
+        Run one batch through the sampling function, advancing the progress bar per step.
+
+        :return: the float [N x C x H x W] samples.
+        """
+        def on_step(state):
+            bar.update(1)
+            if self._callback is not None:
+                self._callback(dict(state, indices=indices))
+
+        noise_fn = None if self._seed is None else PerSampleNoise(self._seed, indices)  # x_T, then each step
+        return self._sample_fn(
+            self._model_fn, (len(indices), *self._shape[1:]), clip_denoised=self._clip_denoised,
+            cond_fn=self._cond_fn, model_kwargs=model_kwargs, device=self._device, noise_fn=noise_fn,
+            callback=on_step,
+        )
 
 
 def sample(model, diffusion, **options):
@@ -219,24 +246,6 @@ def _check_finite_samples(finite, work):
             "classifier outputs (a diverged checkpoint), too large a classifier_scale or "
             "cfg_scale, or float16 overflow (try use_fp16=False or use_bf16=True)"
         )
-
-
-def _batch_kwargs(indices, uses_labels, labels, num_classes, low_res, device):
-    """
-    The model keyword arguments of a batch: "y", the chosen labels or, when none
-    were chosen, labels drawn now with th.randint on the global RNG (the
-    original's draw, just before the batch's noise); "low_res" for super-resolution.
-    """
-    model_kwargs = {}
-    if uses_labels:
-        model_kwargs["y"] = (
-            th.randint(0, num_classes, (len(indices),), device=device)
-            if labels is None
-            else labels[list(indices)].to(device)
-        )
-    if low_res is not None:
-        model_kwargs["low_res"] = _to_model_range(low_res[list(indices)], device)
-    return model_kwargs
 
 
 def _count_samples(num_samples, labels, low_res):
@@ -310,37 +319,42 @@ def _to_model_range(images_uint8, device):
     return batch.permute(0, 3, 1, 2).to(device)
 
 
-def _sample_batch(
-    diffusion, model_fn, cond_fn, shape, model_kwargs, indices, seed, use_ddim, clip_denoised,
-    device, bar, solver,
-):
+def _expand_labels(labels, num_samples):
     """
-    Run one batch through the sampling loop (or the fast sampler of `solver`), advancing
-    the progress bar per step (per model evaluation for a fast sampler).
-
-    :return: the float [N x C x H x W] samples.
+    :return: labels, with one int label made one per sample.
     """
-    options = dict(
-        clip_denoised=clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
-        progress=False,
-    )
-    if seed is not None:
-        options["noise_fn"] = PerSampleNoise(seed, indices)  # draws x_T first, then each step
-    if solver:
-        samples = diffusion.sample_loop(model_fn, shape, **solver, **options)
-        bar.update(evaluations(solver["sampler"], solver["steps"]))
-        return samples
-    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
-    for out in loop(model_fn, shape, **options):
-        bar.update(1)
-    return out["sample"]
+    if labels is None or np.ndim(labels) != 0:
+        return labels
+    if num_samples is None:
+        raise ValueError(f"labels={labels}: one label for all samples needs num_samples")
+    return [int(labels)] * num_samples
 
 
-def _solver_options(sampler, steps, time_grid, dynamic_threshold, sampler_options, use_ddim):
+def _check_guidance(classifier, classifier_scale, cfg_scale, class_balanced, labelled, labels):
     """
-    Check the fast sampler's arguments and log its model evaluations per sample.
+    Check the guidance scales and the label choice they allow.
+    """
+    for name, scale in (("classifier_scale", classifier_scale), ("cfg_scale", cfg_scale)):
+        if scale is not None and not math.isfinite(scale):
+            raise ValueError(f"{name}={scale}: expected a finite number")
+    if classifier is None and classifier_scale != 1.0:
+        raise ValueError(
+            f"classifier_scale={classifier_scale} without a classifier: classifier guidance needs "
+            "a classifier (or use cfg_scale with a model trained for classifier-free guidance)"
+        )
+    if class_balanced and (not labelled or labels is not None):
+        raise ValueError("class_balanced needs labels to choose: a class-conditional model or a "
+                         "classifier, and no explicit labels")
 
-    :return: the sample_loop keyword arguments of the sampler, or None without one.
+
+def _sampling_function(diffusion, sampler, steps, time_grid, dynamic_threshold, sampler_options,
+                       use_ddim):
+    """
+    Choose the function that samples a batch: the diffusion's DDPM or DDIM loop, or its
+    fast sampler (checked, its model evaluations per sample logged). Each takes
+    (model, shape, clip_denoised=, cond_fn=, model_kwargs=, device=, noise_fn=, callback=).
+
+    :return: (the function, the number of steps it reports to its callback per batch).
     """
     if sampler is None:
         given = [f"{name}={value}" for name, value in (("steps", steps), ("time_grid", time_grid),
@@ -349,7 +363,8 @@ def _solver_options(sampler, steps, time_grid, dynamic_threshold, sampler_option
         if given:
             raise ValueError(f"{', '.join(given)} without a sampler: pass sampler= "
                              f"(one of {', '.join(SAMPLERS)})")
-        return None
+        loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+        return loop, diffusion.num_timesteps
     if use_ddim:
         raise ValueError(f"use_ddim=True and sampler={sampler}: choose one (sampler=ddim is DDIM "
                          "on the sampler's time grid)")
@@ -357,6 +372,6 @@ def _solver_options(sampler, steps, time_grid, dynamic_threshold, sampler_option
     options = dict(sampler_options or {})
     check_sampler(sampler, steps, time_grid, options)
     logger.log(f"sampler {sampler}: {evaluations(sampler, steps)} model evaluations per sample")
-    return dict(sampler=sampler, steps=steps, time_grid=time_grid,
-                dynamic_threshold=dynamic_threshold, **options)
-
+    function = functools.partial(diffusion.sample_loop, sampler=sampler, steps=steps,
+                                 time_grid=time_grid, dynamic_threshold=dynamic_threshold, **options)
+    return function, sampler_steps(sampler, steps)

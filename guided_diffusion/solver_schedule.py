@@ -12,6 +12,8 @@ With alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t), x_t = alph
 + sigma_t eps and lambda_t = log(alpha_t / sigma_t) is the half log-SNR.
 """
 
+import math
+
 import numpy as np
 
 TIME_GRIDS = ("time_uniform", "logSNR", "karras")
@@ -44,6 +46,14 @@ class ContinuousSchedule:
         :return: alpha_bar at t, float64.
         """
         return np.exp(np.interp(t, self.knots, self.log_alpha_bars))
+
+    def coefficients(self, t):
+        """
+        :param t: a real time in [t_min, t_max].
+        :return: (alpha_t, sigma_t) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)) as Python floats.
+        """
+        alpha_bar = float(self.alpha_bar(t))
+        return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
 
     def half_log_snr(self, t):
         """

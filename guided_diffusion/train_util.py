@@ -15,7 +15,6 @@ the model's dropout (torch's global generator).
 import contextlib
 import copy
 import inspect
-import random
 
 import blobfile as bf
 import numpy as np
@@ -36,7 +35,8 @@ from .nn import update_ema
 from .solvers import check_sampler
 from .resample import LossAwareSampler, UniformSampler
 from .run_lock import hold_log_dir, release_log_dir
-from .respace import SpacedDiffusion, space_timesteps
+from .respace import respace_diffusion
+from .work_split import forked_torch_seed, set_seed
 
 # Sample previews (--sample_interval): how many images, DDIM steps, and the noise seed.
 PREVIEW_SAMPLES = 8
@@ -72,18 +72,6 @@ def parse_ema_rates(ema_rate):
     return rates
 
 
-def set_seed(seed):
-    """
-    Seed Python's, numpy's and torch's global generators with seed + rank.
-
-    :param seed: an integer.
-    """
-    seed = seed + dist_util.get_rank()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    th.manual_seed(seed)
-
-
 def _gather_by_rank(obj):
     """
     :param obj: a picklable object from this rank (a collective: every rank calls it).
@@ -94,29 +82,6 @@ def _gather_by_rank(obj):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return dict(enumerate(gathered))
-
-
-def _refuse_a_log_dir_holding_a_run(logdir):
-    """
-    Raise a ValueError on every rank when the log directory holds checkpoints (rank 0
-    looks; a collective: every rank calls it).
-
-    :param logdir: the log directory of a new (not resumed) run.
-    """
-    found = dist_util.on_rank_zero(lambda: training_state.run_checkpoints(logdir))
-    if not found:
-        return
-    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-    latest = training_state.latest_complete_checkpoint(found)
-    choices = ("start a new run in another log directory, or pass overwrite_log_dir=True to "
-               "write over it")
-    advice = (f"Continue it from its latest complete step with resume_checkpoint="
-              f"{bf.join(logdir, latest)}, {choices}" if latest
-              else f"None of its steps is complete: {choices}")
-    raise ValueError(
-        f"log_dir={logdir} already holds a run ({shown}): a new run would overwrite its "
-        f"checkpoints. {advice}"
-    )
 
 
 def _check_arguments(batch_size, log_interval, save_interval, lr_anneal_steps,
@@ -143,17 +108,6 @@ def _check_arguments(batch_size, log_interval, save_interval, lr_anneal_steps,
             f"resume_checkpoint={resume_checkpoint} continues a run and "
             f"init_checkpoint={init_checkpoint} starts a new one: pass one"
         )
-
-
-def _prepare_log_dir(logdir, new_run, overwrite):
-    """
-    Refuse a new run in a log directory holding another run's checkpoints (unless
-    overwrite), and remove the temporary files an interrupted save left (rank 0).
-    """
-    if new_run and not overwrite:
-        _refuse_a_log_dir_holding_a_run(logdir)
-    if dist_util.get_rank() == 0:
-        training_state.remove_stale_temporaries(logdir)
 
 
 class TrainLoop:
@@ -214,8 +168,8 @@ class TrainLoop:
             raise ValueError(f"checkpoint_format={checkpoint_format}: expected one of "
                              f"{', '.join(training_state.CHECKPOINT_FORMATS)}")
         self.checkpoint_format = checkpoint_format
-        _prepare_log_dir(logger.get_dir(), new_run=not resume_checkpoint,
-                         overwrite=overwrite_log_dir)
+        training_state.prepare_log_dir(logger.get_dir(), new_run=not resume_checkpoint,
+                                       overwrite=overwrite_log_dir)
         self.model = model
         self.device = next(model.parameters()).device
         self.diffusion = diffusion
@@ -550,9 +504,7 @@ class TrainLoop:
         preview_model.load_state_dict(self.mp_trainer.master_params_to_state_dict(params))
         preview_model.eval()
         model_kwargs = {key: value[:count].to(self.device) for key, value in cond.items()}
-        devices = [self.device] if self.device.type == "cuda" else []
-        with th.random.fork_rng(devices=devices):
-            th.manual_seed(PREVIEW_SEED)
+        with forked_torch_seed(PREVIEW_SEED, self.device):
             with self.mp_trainer.autocast():
                 images = sample_preview(
                     preview_model, self.diffusion, (count, *batch.shape[1:]), model_kwargs,
@@ -584,26 +536,24 @@ def sample_preview(model, diffusion, shape, model_kwargs=None, steps=PREVIEW_STE
     if sampler is not None:
         return diffusion.sample_loop(model, shape, sampler=sampler, steps=steps, noise=noise,
                                      model_kwargs=model_kwargs)
-    if isinstance(diffusion, SpacedDiffusion):
-        base_model, rescale = diffusion._wrap_model(model), False
-    else:
-        base_model, rescale = model, diffusion.rescale_timesteps
-    preview_diffusion = SpacedDiffusion(
-        use_timesteps=space_timesteps(
-            diffusion.num_timesteps, [min(steps, diffusion.num_timesteps)]
-        ),
-        betas=diffusion.betas,
-        model_mean_type=diffusion.model_mean_type,
-        model_var_type=diffusion.model_var_type,
-        loss_type=diffusion.loss_type,
-        rescale_timesteps=rescale,
-    )
-    return preview_diffusion.ddim_sample_loop(
-        lambda x, t, **kwargs: base_model(x, t, **kwargs),
-        shape,
-        noise=noise,
-        model_kwargs=model_kwargs,
-    )
+    preview_diffusion = respace_diffusion(diffusion, [min(steps, diffusion.num_timesteps)])
+    return preview_diffusion.ddim_sample_loop(model, shape, noise=noise, model_kwargs=model_kwargs)
+
+
+def get_blob_logdir():
+    """
+    :return: the folder checkpoints are written to: the logger's (as in the original).
+    """
+    return logger.get_dir()
+
+
+def find_resume_checkpoint():
+    """
+    The original's hook for finding a checkpoint on blob storage to resume from.
+
+    :return: None: resume from --resume_checkpoint (training_state.resume_plan).
+    """
+    return None
 
 
 def log_loss_dict(diffusion, ts, losses):

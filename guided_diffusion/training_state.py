@@ -1,5 +1,6 @@
 """
-Writing training checkpoints and resuming from them: file names, sidecar records, RNG states and the checks that decide how a run resumes
+Writing training checkpoints and resuming from them: file names, sidecar records, RNG
+states, the checks that decide how a run resumes and what a log directory may hold
 (reading and strict loading of weights live in checkpoint.py).
 
 A save at step N (N optimizer steps done) writes, in the log directory:
@@ -111,6 +112,45 @@ def latest_complete_checkpoint(names):
     steps.pop(None, None)
     complete = [step for step in steps if opt_filename(step) in names]
     return steps[max(complete)] if complete else None
+
+
+def prepare_log_dir(logdir, new_run, overwrite=False):
+    """
+    Refuse a new run in a log directory holding another run's checkpoints (unless
+    overwrite), then remove the temporaries that interrupted saves left there (rank 0).
+    A collective: every rank calls it.
+
+    :param logdir: the run's log directory (local or blobfile URL).
+    :param new_run: whether the run starts afresh (False: it resumes the run there).
+    :param overwrite: whether a new run may write over the checkpoints there.
+    """
+    if new_run and not overwrite:
+        _refuse_a_log_dir_holding_a_run(logdir)
+    if dist_util.get_rank() == 0:
+        remove_stale_temporaries(logdir)
+
+
+def _refuse_a_log_dir_holding_a_run(logdir):
+    """
+    Raise a ValueError on every rank when the log directory holds checkpoints, with
+    what to do instead (rank 0 looks; a collective: every rank calls it).
+
+    :param logdir: the log directory of a new (not resumed) run.
+    """
+    found = dist_util.on_rank_zero(lambda: run_checkpoints(logdir))
+    if not found:
+        return
+    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    latest = latest_complete_checkpoint(found)
+    choices = ("start a new run in another log directory, or pass overwrite_log_dir=True to "
+               "write over it")
+    advice = (f"Continue it from its latest complete step with resume_checkpoint="
+              f"{bf.join(logdir, latest)}, {choices}" if latest
+              else f"None of its steps is complete: {choices}")
+    raise ValueError(
+        f"log_dir={logdir} already holds a run ({shown}): a new run would overwrite its "
+        f"checkpoints. {advice}"
+    )
 
 
 def _resume_remedy(logdir, model_path):

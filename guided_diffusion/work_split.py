@@ -1,7 +1,8 @@
 """
 Splitting and seeding work across ranks: the rounds that sampling and bpd cut their
-indices into, the in-order gathering of each round's results, and the per-sample
-generators that make outputs independent of the batch size and the number of processes.
+indices into, the in-order gathering of each round's results, the per-sample
+generators that make outputs independent of the batch size and the number of processes,
+and the seeding of training's global generators (one stream per rank).
 
 Work is cut into rounds of `batch_size * world_size` consecutive indices; in each
 round rank r takes indices [start + r * batch_size, start + (r + 1) * batch_size),
@@ -12,6 +13,9 @@ Every purpose draws from its own family of derived seeds (its stream), so no two
 purposes share draws.
 """
 
+import contextlib
+import random
+
 import numpy as np
 import torch as th
 import torch.distributed as dist
@@ -21,6 +25,34 @@ from . import dist_util
 NOISE_STREAM = 0  # sampling noise: x_T, then one draw per step
 LABEL_STREAM = 1  # the labels of a seeded sampling run
 BPD_STREAM = 2  # bpd's evaluation noise
+
+
+def set_seed(seed):
+    """
+    Seed Python's, numpy's and torch's global generators with seed + rank.
+
+    :param seed: an integer.
+    """
+    seed = seed + dist_util.get_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    th.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def forked_torch_seed(seed, device):
+    """
+    Run a block with torch's global generators seeded to seed, then restore the CPU's
+    and (for a GPU) device's generator: the block's draws repeat from run to run and
+    leave the caller's streams on those devices where they were.
+
+    :param seed: an integer.
+    :param device: the torch.device the block draws on.
+    """
+    devices = [device] if th.device(device).type == "cuda" else []
+    with th.random.fork_rng(devices=devices):
+        th.manual_seed(seed)
+        yield
 
 
 def derived_seed(*words):

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch as th
 
+from guided_diffusion import diffusion_types
+from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.acceleration import set_fast_attention
+from guided_diffusion.diffusion_sampling import progress_bar
 from guided_diffusion.gaussian_diffusion import (
     GaussianDiffusion,
     LossType,
@@ -724,3 +727,70 @@ def test_schedules_are_copied_to_the_device_once_with_the_same_numbers(tiny_mode
     monkeypatch.setattr(uncached, "_extract", _extract_into_tensor)
     assert all(th.equal(a, b) for a, b in zip(cached_outputs, outputs(uncached)))
     assert uncached._device_schedules == {}
+
+
+# ----------------------------------------------------------------------------- enums
+
+
+def test_the_enums_are_diffusion_types_reexported():
+    assert gd.ModelMeanType is diffusion_types.ModelMeanType
+    assert gd.ModelVarType is diffusion_types.ModelVarType
+    assert gd.LossType is diffusion_types.LossType
+    assert [loss for loss in LossType if loss.is_vb()] == [LossType.KL, LossType.RESCALED_KL]
+    learned = [var for var in ModelVarType if var.is_learned()]
+    assert learned == [ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE]
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+LOOPS = {"p_sample_loop": {}, "ddim_sample_loop": {"eta": 0.5}}  # both draw noise every step
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_the_loop_callback_reports_each_step_and_changes_no_number(tiny_model, loop):
+    diffusion = make_diffusion(20, "cosine", var_type=ModelVarType.FIXED_LARGE)
+    model, noise, shape = tiny_model(), th.randn(2, 3, 4, 4), (2, 3, 4, 4)
+    th.manual_seed(4)
+    plain = getattr(diffusion, loop)(model, shape, noise=noise, **LOOPS[loop])
+    th.manual_seed(4)
+    steps = list(getattr(diffusion, loop + "_progressive")(model, shape, noise=noise, **LOOPS[loop]))
+    reports = []
+    th.manual_seed(4)
+    reported = getattr(diffusion, loop)(model, shape, noise=noise, callback=reports.append, **LOOPS[loop])
+    assert th.equal(reported, plain) and th.equal(reported, steps[-1]["sample"])
+    assert [report["i"] for report in reports] == list(range(20))
+    assert [report["t"].tolist() for report in reports] == [[t, t] for t in range(19, -1, -1)]
+    assert all(report["t"].dtype == th.int64 for report in reports)
+    starts = [noise] + [step["sample"] for step in steps[:-1]]
+    for report, start, step in zip(reports, starts, steps):
+        assert th.equal(report["x"], start) and th.equal(report["denoised"], step["pred_xstart"])
+
+
+def test_the_progressive_loop_reports_each_step_before_yielding_it(tiny_model):
+    diffusion = make_diffusion(10, "cosine")
+    reports = []
+    for number, step in enumerate(diffusion.ddim_sample_loop_progressive(
+            tiny_model(), (2, 3, 4, 4), callback=reports.append)):
+        assert len(reports) == number + 1 and reports[-1]["denoised"] is step["pred_xstart"]
+    assert len(reports) == 10
+
+
+def test_a_respaced_loop_reports_its_own_timesteps(tiny_model):
+    diffusion = SpacedDiffusion(space_timesteps(20, "4"), **_diffusion_kwargs(20))
+    model, reports = tiny_model(), []
+    diffusion.p_sample_loop(model, (2, 3, 4, 4), callback=reports.append)
+    assert [report["t"][0].item() for report in reports] == [3, 2, 1, 0]
+    assert [calls[0].item() for calls in model.calls] == sorted(diffusion.timestep_map, reverse=True)
+
+
+def _diffusion_kwargs(steps):
+    return dict(betas=get_named_beta_schedule("cosine", steps), model_mean_type=ModelMeanType.EPSILON,
+                model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE)
+
+
+def test_progress_bar_wraps_the_timesteps_only_when_asked():
+    timesteps_ = range(5, -1, -1)
+    assert progress_bar(timesteps_, False) is timesteps_
+    bar = progress_bar(timesteps_, True)
+    assert list(bar) == list(timesteps_) and bar.total == 6

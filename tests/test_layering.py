@@ -1,8 +1,8 @@
 """
-The layering of guided_diffusion (README, "Map of the code"): imports point one way,
+The layering of guided_diffusion (docs/code_map.md): imports point one way,
 command line -> jobs -> runtime and I/O -> core, with no cycles; argparse only in the
 command-line layer; the package imports neither evaluations/ nor the examples; no
-source file over 700 lines.
+module imports another's private name; no source file over 700 lines.
 """
 
 import ast
@@ -15,8 +15,8 @@ PACKAGE = REPO / "guided_diffusion"
 MAX_LINES = 700
 
 LAYERS = {
-    "core": ["nn", "losses", "attention", "unet", "gaussian_diffusion", "diffusion_sampling",
-             "solver_schedule", "solvers",
+    "core": ["nn", "losses", "attention", "unet", "diffusion_types", "gaussian_diffusion", "diffusion_sampling",
+             "solver_schedule", "denoiser", "solvers",
              "respace", "resample", "guidance"],
     "runtime": ["dist_util", "download", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
                 "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state",
@@ -114,3 +114,22 @@ def test_no_source_file_is_too_long():
     long = {str(path.relative_to(REPO)): n for path in sources
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def private_names_imported(path):
+    """The `_names` a file imports from this project's modules (from .x / guided_diffusion.x
+    / examples.x import _name)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            own = node.level > 0 or (node.module or "").split(".")[0] in ("guided_diffusion", "examples")
+            found += [f"{node.module}.{alias.name}" for alias in node.names
+                      if own and alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_name():
+    files = [*PACKAGE.glob("*.py"), *(REPO / "scripts").glob("*.py"), *(REPO / "examples").rglob("*.py")]
+    offenders = {str(path.relative_to(REPO)): names for path in files
+                 if (names := private_names_imported(path))}
+    assert not offenders

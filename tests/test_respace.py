@@ -9,7 +9,7 @@ from guided_diffusion.gaussian_diffusion import (
     ModelVarType,
     get_named_beta_schedule,
 )
-from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion.respace import SpacedDiffusion, respace_diffusion, space_timesteps
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -149,3 +149,25 @@ def test_rescaled_timesteps_are_scaled_by_the_original_step_count(tiny_model):
 def test_spaced_diffusion_rejects_steps_outside_the_base():
     with pytest.raises(ValueError, match=r"use_timesteps \[100\]: steps must lie in \[0, 99\]"):
         SpacedDiffusion([0, 50, 100], **diffusion_kwargs(100))
+
+
+# ----------------------------------------------------------------------------- respace_diffusion
+
+
+def test_respacing_keeps_the_timesteps_the_model_was_trained_with(tiny_model):
+    kwargs = diffusion_kwargs(200, var_type=ModelVarType.FIXED_SMALL, rescale_timesteps=True)
+    base = GaussianDiffusion(**kwargs)
+    model = tiny_model()
+    fewer = respace_diffusion(base, [3])
+    assert fewer.timestep_map == [0, 100, 199] and fewer.original_num_steps == 200
+    fewer.ddim_sample_loop(model, (1, 3, 2, 2))
+    assert [t.tolist() for t in model.calls] == [[995.0], [500.0], [0.0]]  # scaled to [0, 1000)
+
+    # A SpacedDiffusion spaced again: steps 0 and 3 of its own four, base steps 0 and 199.
+    spaced = SpacedDiffusion([0, 50, 100, 199], **kwargs)
+    again = respace_diffusion(spaced, [2])
+    assert again.timestep_map == [0, 199] and again.num_timesteps == 2
+    assert np.allclose(again.alphas_cumprod, base.alphas_cumprod[[0, 199]], rtol=1e-12)
+    model.calls.clear()
+    again.ddim_sample_loop(model, (1, 3, 2, 2))
+    assert [t.tolist() for t in model.calls] == [[995.0], [0.0]]

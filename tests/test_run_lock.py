@@ -101,6 +101,7 @@ def test_a_second_training_run_on_a_busy_log_dir_is_refused_naming_the_first(tmp
         lock = logdir / run_lock.LOCK_NAME
         deadline = time.monotonic() + 120
         while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+            assert first.poll() is None, "the first run ended before it took the lock"
             time.sleep(0.2)
         second = run_command(train + ["--max_steps", "1"], _environment(), REPO, 180)
         assert second.returncode == 1 and "Traceback" not in second.stderr

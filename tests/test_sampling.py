@@ -389,3 +389,18 @@ def test_low_res_images_on_a_device_are_copied_to_the_host():
 
     images = th.randint(0, 256, (2, 4, 4, 3), dtype=th.uint8)
     assert np.array_equal(_check_low_res(images.as_subclass(DeviceTensor)), images.numpy())
+
+
+@pytest.mark.parametrize("sampler, steps, calls", [(None, None, 6), ("heun", 5, 3), ("dpmpp_2m", 4, 4)])
+def test_the_callback_sees_every_step_of_every_batch(sampler, steps, calls):
+    model, diffusion = tiny_model(class_cond=True)
+    options = dict(num_samples=5, batch_size=2, seed=4, progress=False, sampler=sampler, steps=steps)
+    seen = []
+    images, labels = sample(model, diffusion, callback=seen.append, **options)
+    assert [list(state["indices"]) for state in seen] == (
+        [[0, 1]] * calls + [[2, 3]] * calls + [[4]] * calls)
+    assert [state["i"] for state in seen] == list(range(calls)) * 3
+    assert all(state["x"].shape == state["denoised"].shape == (len(state["indices"]), 3, 8, 8)
+               for state in seen)
+    plain_images, plain_labels = sample(model, diffusion, **options)
+    assert np.array_equal(images, plain_images) and np.array_equal(labels, plain_labels)

@@ -1,7 +1,8 @@
 """
 Tests for guided_diffusion/solvers.py and solver_schedule.py: convergence orders on an
 analytic model with a closed-form answer, the existing loops' numbers for ddim and ddpm,
-guidance, the continuous schedule, and the errors.
+guidance, the continuous schedule, the Denoiser's pieces each replaced alone, the
+per-step callback, and the errors.
 """
 
 import inspect
@@ -16,7 +17,13 @@ from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion
 from guided_diffusion.solver_schedule import DEFAULT_GRIDS, ContinuousSchedule, time_grid
-from guided_diffusion.solvers import OPTION_RANGES, SAMPLERS, Denoiser, grid_points, run_sampler
+from guided_diffusion.diffusion_types import ModelMeanType, ModelVarType
+from guided_diffusion.denoiser import (
+    CallCounter, Denoiser, NetworkPrediction, classifier_guidance, clip_prediction,
+)
+from guided_diffusion.solvers import (
+    OPTION_RANGES, SAMPLER_ARGUMENTS, SAMPLERS, evaluations, grid_points, run_sampler, sampler_steps,
+)
 
 DATA_STD = 0.5  # x_0 ~ N(0, DATA_STD^2 I)
 
@@ -197,7 +204,8 @@ def test_sampler_options_out_of_range_are_named_with_their_range(guided, sampler
 
 def test_every_sampler_option_has_a_checked_range():
     options = {name for sampler in SAMPLERS.values() for name in inspect.signature(sampler).parameters}
-    assert options - {"denoiser", "x", "times", "noise_fn", "progress"} == set(OPTION_RANGES)
+    assert set(SAMPLER_ARGUMENTS) == {"denoiser", "x", "times", "noise_fn", "progress", "callback"}
+    assert options - set(SAMPLER_ARGUMENTS) == set(OPTION_RANGES)
 
 
 @pytest.mark.parametrize("sampler, options", [
@@ -213,3 +221,150 @@ def test_every_sampler_has_a_default_grid_and_a_docstring_naming_its_paper():
     assert set(DEFAULT_GRIDS) == set(SAMPLERS)
     for sampler in SAMPLERS.values():
         assert "(" in sampler.__doc__.strip().splitlines()[0] or "et al." in sampler.__doc__
+
+
+# ----------------------------------------------------------------------------- the Denoiser's pieces
+
+
+def test_the_network_prediction_splits_the_variance_at_the_fractional_timestep():
+    diffusion = create_gaussian_diffusion(steps=100, learn_sigma=True, rescale_timesteps=True)
+    schedule, seen = ContinuousSchedule(diffusion), []
+
+    def network(x, timesteps):
+        seen.append(timesteps)
+        return th.cat([0.5 * x, th.full_like(x, 0.3)], dim=1)
+
+    x = th.randn(2, 3, 4, 4)
+    out = NetworkPrediction(network, schedule, ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE)(x, 10.25)
+    alpha, sigma = schedule.coefficients(10.25)
+    assert alpha**2 == pytest.approx(schedule.alpha_bar(10.25)) and alpha**2 + sigma**2 == pytest.approx(1)
+    assert th.equal(seen[0], th.full((2,), 102.5))  # scaled to [0, 1000) like the trained timesteps
+    assert th.equal(out["variance_values"], th.full_like(x, 0.3))
+    assert th.equal(out["x0"], (x - sigma * (0.5 * x)) / alpha)
+    assert th.equal(out["eps"], (x - alpha * out["x0"]) / sigma)
+    start_x = NetworkPrediction(lambda x, t: x.repeat(1, 2, 1, 1), schedule, ModelMeanType.START_X,
+                                ModelVarType.LEARNED)(x, 3.0)
+    assert th.equal(start_x["x0"], x) and th.equal(start_x["variance_values"], x)
+    with pytest.raises(ValueError, match="not x_{t-1}"):
+        NetworkPrediction(network, schedule, ModelMeanType.PREVIOUS_X, ModelVarType.FIXED_SMALL)
+
+
+def test_classifier_guidance_and_clipping_in_closed_form():
+    x0, eps, gradient = th.tensor([[0.5, -2.0]]), th.tensor([[1.0, 3.0]]), th.tensor([[2.0, -1.0]])
+    guided_x0, guided_eps = classifier_guidance(x0, eps, gradient, alpha=0.5, sigma=0.25)
+    assert th.equal(guided_x0, x0 + 0.125 * gradient) and th.equal(guided_eps, eps - 0.25 * gradient)
+    wide = th.tensor([[4.0, -3.0, 0.5, 0.0], [0.5, -0.25, 0.0, 0.0]])
+    assert th.equal(clip_prediction(wide), wide.clamp(-1, 1))
+    assert th.equal(clip_prediction(wide, clip_denoised=False, dynamic_threshold=1.0),
+                    th.stack([wide[0] / 4, wide[1]]))  # s = max |x0|, at least 1
+    assert th.equal(clip_prediction(wide, clip_denoised=False), wide)
+
+
+def test_the_call_counter_counts_returned_calls():
+    def network(*args, **kwargs):
+        if kwargs.get("fail"):
+            raise RuntimeError("failed")
+        return args, kwargs
+
+    counter = CallCounter(network)
+    assert counter(1, y=2) == ((1,), {"y": 2}) and counter.calls == 1
+    with pytest.raises(RuntimeError):
+        counter(fail=True)
+    assert counter.calls == 1
+
+
+@pytest.fixture(scope="module")
+def constant_gradient(guided):
+    """The guided fixture's model with a constant classifier gradient, unclipped."""
+    model, diffusion, _, labels = guided
+    return model, diffusion, lambda x, t, **kwargs: th.full_like(x, 0.1), {"y": labels}
+
+
+def test_a_replaced_guidance_alone_changes_the_prediction(constant_gradient):
+    model, diffusion, cond_fn, kwargs = constant_gradient
+    x, t = th.randn(3, 3, 8, 8), 20.5
+    unguided = Denoiser(model, diffusion, model_kwargs=kwargs, clip_denoised=False)(x, t)
+    denoiser = Denoiser(model, diffusion, model_kwargs=kwargs, cond_fn=cond_fn, clip_denoised=False)
+    denoiser.guidance = lambda x0, eps, gradient, alpha, sigma: (x0 + gradient, eps - 2 * gradient)
+    out = denoiser(x, t)
+    assert th.equal(out["x0"], unguided["x0"] + 0.1) and th.equal(out["eps"], unguided["eps"] - 0.2)
+    assert denoiser.evaluations == 1
+
+
+def test_a_replaced_clipping_alone_changes_the_prediction(constant_gradient):
+    model, diffusion, cond_fn, kwargs = constant_gradient
+    x, t = th.randn(3, 3, 8, 8), 20.5
+    alpha, sigma = ContinuousSchedule(diffusion).coefficients(t)
+    raw = Denoiser(model, diffusion, model_kwargs=kwargs, clip_denoised=False)(x, t)
+    denoiser = Denoiser(model, diffusion, model_kwargs=kwargs)
+    denoiser.clip_before_guidance = lambda x0: x0.clamp(-0.5, 0.5)
+    out = denoiser(x, t)
+    assert th.equal(out["x0"], raw["x0"].clamp(-0.5, 0.5)) and raw["x0"].abs().max() > 0.5
+    assert th.equal(out["eps"], (x - alpha * out["x0"]) / sigma)
+    guided = Denoiser(model, diffusion, model_kwargs=kwargs, cond_fn=cond_fn)
+    guided.clip_after_guidance = lambda x0: th.zeros_like(x0)
+    out = guided(x, t)
+    assert th.equal(out["x0"], th.zeros_like(x)) and th.equal(out["eps"], x / sigma)
+
+
+def test_a_replaced_network_alone_drives_the_sampler(guided):
+    model, diffusion, _, labels = guided
+    denoiser = Denoiser(model, diffusion, model_kwargs={"y": labels})
+    denoiser.network = lambda x, t: {"x0": th.full_like(x, 0.25), "eps": th.zeros_like(x),
+                                     "variance_values": None}
+    reports = []
+    out = run_sampler(denoiser, th.randn(3, 3, 8, 8), "dpmpp_2m", 4, callback=reports.append)
+    assert th.equal(out, th.full_like(out, 0.25)) and len(reports) == 4
+    assert all(th.equal(report["denoised"], out) for report in reports) and denoiser.evaluations == 0
+
+
+# ----------------------------------------------------------------------------- the callback
+
+STOCHASTIC_OPTIONS = {"ddim": dict(eta=0.5), "heun": dict(s_churn=2.0)}
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("steps", [5, 6])
+def test_each_sampler_reports_its_steps_and_changes_no_number(guided, sampler, steps):
+    model, diffusion, cond_fn, labels = guided
+    options = dict(sampler=sampler, steps=steps, model_kwargs={"y": labels}, cond_fn=cond_fn,
+                   **STOCHASTIC_OPTIONS.get(sampler, {}))
+    x_T = th.randn(3, 3, 8, 8)
+    th.manual_seed(4)
+    plain = diffusion.sample_loop(model, x_T.shape, noise=x_T, **options)
+    reports = []
+    th.manual_seed(4)
+    reported = diffusion.sample_loop(model, x_T.shape, noise=x_T, callback=reports.append, **options)
+    assert th.equal(reported, plain)
+    assert [report["i"] for report in reports] == list(range(sampler_steps(sampler, steps)))
+    times = [report["t"] for report in reports]
+    assert all(type(t) is float for t in times) and times == sorted(times, reverse=True)
+    assert times[0] == diffusion.timestep_map[-1] and times[-1] == 0.0 and len(set(times)) == len(times)
+    assert th.equal(reports[0]["x"], x_T) and all(report["x"].shape == x_T.shape for report in reports)
+    if sampler != "ddpm":  # ddpm returns the last step's guided mean
+        assert th.equal(reports[-1]["denoised"], reported)
+
+
+@pytest.mark.parametrize("sampler, options", [("ddim", {}), ("ddpm", {}), ("dpmpp_2m", {}),
+                                               ("unipc", dict(corrector=False))])
+def test_the_reported_prediction_is_the_denoisers_at_the_reported_sample(guided, sampler, options):
+    model, diffusion, _, labels = guided
+    denoiser = Denoiser(model, diffusion, model_kwargs={"y": labels})
+    reports = []
+    run_sampler(denoiser, th.randn(3, 3, 8, 8), sampler, 4, callback=reports.append, **options)
+    assert len(reports) == 4
+    for report in reports:
+        assert th.equal(denoiser(report["x"], report["t"])["x0"], report["denoised"])
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_sampler_steps_counts_the_callbacks(gaussian, sampler):
+    diffusion, exact_eps, x_T, _ = gaussian
+    for steps in (1, 2, 3, 6, 7):
+        denoiser, reports = Denoiser(exact_eps, diffusion, clip_denoised=False), []
+        run_sampler(denoiser, x_T[:2].clone(), sampler, steps, callback=reports.append)
+        assert len(reports) == sampler_steps(sampler, steps), steps
+        assert denoiser.evaluations == evaluations(sampler, steps)
+    assert sampler_steps(sampler, 7) == (4 if sampler == "heun" else 7)
+    with pytest.raises(ValueError, match="steps=0"):
+        sampler_steps(sampler, 0)

@@ -1,4 +1,5 @@
-"""Tests for guided_diffusion.training_state: names, atomic writes, sidecars, RNG states."""
+"""Tests for guided_diffusion.training_state: names, atomic writes, sidecars, RNG states,
+resume plans and what a log directory may hold."""
 
 import errno
 import io
@@ -139,3 +140,56 @@ def test_an_unreadable_opt_file_is_named_with_what_to_do(tmp_path, content, mess
         f"from these weights with init_checkpoint={model}"
     )):
         training_state.resume_plan(model)
+
+
+def _touch(folder, *names):
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_a_new_run_is_refused_a_log_dir_holding_a_run_with_what_to_do(tmp_path):
+    run = _touch(tmp_path / "run", "model000002.pt", "ema_0.9_000002.pt", "opt000002.pt")
+    with pytest.raises(ValueError, match=(
+        f"log_dir={run} already holds a run .*resume_checkpoint={run / 'model000002.pt'}, "
+        "start a new run in another log directory, or pass overwrite_log_dir=True"
+    )):
+        training_state.prepare_log_dir(str(run), new_run=True)
+    for name in ("opt000002.pt", "ema_0.9_000002.pt"):  # any checkpoint marks a run
+        alone = _touch(tmp_path / f"holds_{name}", name)
+        with pytest.raises(ValueError, match="already holds a run .*None of its steps is complete"):
+            training_state.prepare_log_dir(str(alone), new_run=True)
+    # A save of step 4 interrupted before its opt file: the advice is step 2, the last complete one.
+    _touch(run, "model000004.pt", "ema_0.9_000004.pt")
+    with pytest.raises(ValueError, match=(
+        f"its latest complete step with resume_checkpoint={run / 'model000002.pt'}, start a new run"
+    )):
+        training_state.prepare_log_dir(str(run), new_run=True)
+    training_state.prepare_log_dir(str(run), new_run=True, overwrite=True)
+    training_state.prepare_log_dir(str(run), new_run=False)
+    training_state.prepare_log_dir(str(_touch(tmp_path / "other", "notes.txt")), new_run=True)
+    training_state.prepare_log_dir(str(tmp_path / "not_yet_made"), new_run=True)
+
+
+def test_preparing_a_log_dir_removes_stale_temporaries_of_its_saves(tmp_path):
+    stale = "model000010.pt.tmp-" + "0" * 32
+    _touch(tmp_path, stale, "notes.txt")
+    training_state.prepare_log_dir(str(tmp_path), new_run=True)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_resuming_an_incomplete_step_names_the_latest_complete_one(tmp_path):
+    for name in ("model000002.pt", "opt000002.pt", "model000004.pt"):
+        training_state.save_checkpoint(str(tmp_path / name), dict(optimizer={}, step=2))
+    with pytest.raises(FileNotFoundError, match=(
+        "opt000004.pt is missing.*the save of step 4 was interrupted.*The latest complete step in "
+        f".* is 2: continue with resume_checkpoint={tmp_path / 'model000002.pt'}"
+    )):
+        training_state.resume_plan(str(tmp_path / "model000004.pt"))
+    os.remove(tmp_path / "opt000002.pt")
+    with pytest.raises(FileNotFoundError, match=(
+        f"No step in .* is complete: start a new run from these weights with "
+        f"init_checkpoint={tmp_path / 'model000004.pt'}"
+    )):
+        training_state.resume_plan(str(tmp_path / "model000004.pt"))

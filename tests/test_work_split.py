@@ -1,18 +1,25 @@
 """
 Tests for guided_diffusion/work_split.py: derived seeds, per-sample noise, the rounds
-that split work across processes, and the argument checks.
+that split work across processes, the argument checks, and the seeding of the global
+generators.
 """
 
+import random
+
+import numpy as np
 import pytest
 import torch as th
 
+from guided_diffusion import dist_util
 from guided_diffusion.work_split import (
     PerSampleNoise,
     check_counts,
     check_seed,
     derived_seed,
+    forked_torch_seed,
     gather_in_order,
     rounds,
+    set_seed,
 )
 
 
@@ -58,3 +65,32 @@ def test_counts_and_seeds_are_checked_in_argument_terms():
     with pytest.raises(ValueError, match="seed=-1"):
         check_seed(-1)
     check_seed(None)
+
+
+def _draws():
+    return random.random(), np.random.random(), th.rand(1).item()
+
+
+def test_set_seed_seeds_every_global_generator_with_the_seed_plus_the_rank(monkeypatch):
+    set_seed(3)
+    first = _draws()
+    set_seed(3)
+    assert _draws() == first
+    monkeypatch.setattr(dist_util, "get_rank", lambda: 1)
+    set_seed(2)  # rank 1 of seed 2 draws what rank 0 of seed 3 draws
+    assert _draws() == first
+    set_seed(3)
+    assert _draws() != first
+
+
+def test_forked_torch_seed_repeats_its_draws_and_leaves_the_callers_stream():
+    th.manual_seed(5)
+    expected = th.rand(2)
+    th.manual_seed(5)
+    inside = []
+    for _ in range(2):
+        with forked_torch_seed(0, th.device("cpu")):
+            inside.append(th.rand(3))
+    assert th.equal(inside[0], inside[1])
+    assert th.equal(inside[0], th.rand(3, generator=th.Generator().manual_seed(0)))
+    assert th.equal(th.rand(2), expected)

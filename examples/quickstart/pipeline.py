@@ -62,8 +62,9 @@ from guided_diffusion.script_util import (
     diffusion_defaults,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import TrainLoop, set_seed
+from guided_diffusion.train_util import TrainLoop
 from guided_diffusion.training_state import ema_filename, model_filename
+from guided_diffusion.work_split import set_seed
 
 from .sampler_study import check_study, frechet_distance, run_sampler_study, write_study
 from .report import (
