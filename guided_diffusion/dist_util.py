@@ -367,3 +367,15 @@ def on_rank_zero(check):
     if kind == "result":
         return value
     raise kind(value)
+
+
+def gather_by_rank(obj):
+    """
+    :param obj: a picklable object from this rank (a collective: every rank calls it).
+    :return: a dict from rank to each rank's object.
+    """
+    if get_world_size() == 1:
+        return {0: obj}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return dict(enumerate(gathered))

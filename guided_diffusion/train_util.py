@@ -72,18 +72,6 @@ def parse_ema_rates(ema_rate):
     return rates
 
 
-def _gather_by_rank(obj):
-    """
-    :param obj: a picklable object from this rank (a collective: every rank calls it).
-    :return: a dict from rank to each rank's object.
-    """
-    if dist_util.get_world_size() == 1:
-        return {0: obj}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return dict(enumerate(gathered))
-
-
 def _check_arguments(batch_size, log_interval, save_interval, lr_anneal_steps,
                      resume_checkpoint, init_checkpoint):
     """
@@ -443,8 +431,8 @@ class TrainLoop:
         Write model, EMA and optimizer checkpoints of the current step (a collective:
         every rank contributes its RNG states and data position; rank 0 writes).
         """
-        rng_states = _gather_by_rank(training_state.capture_rng_state())
-        data_states = _gather_by_rank(
+        rng_states = dist_util.gather_by_rank(training_state.capture_rng_state())
+        data_states = dist_util.gather_by_rank(
             {name: loader.state_dict() for name, loader in self._loaders().items()
              if hasattr(loader, "state_dict")}
         )

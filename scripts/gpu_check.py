@@ -66,16 +66,16 @@ def write_images(folder, count=16, size=16):
         Image.fromarray(pixels).save(folder / f"c{index % 2}_{index}.png")
 
 
-def steps(work, args):
-    """The check's steps: (name, command) in order."""
+def steps(work, args, processes):
+    """The check's steps with `processes` ranks: (name, command) in order."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-              f"--nproc_per_node={args.processes}"]
+              f"--nproc_per_node={processes}"]
     script = lambda name: str(REPO / "scripts" / name)  # noqa: E731
     data = ["--data_dir", str(work / "images")]
     inception = args.inception_path or str(work / "inception.pt")
-    samples = work / "guided" / f"samples_{2 * args.processes}x16x16x3.npz"
+    samples = work / "guided" / f"samples_{2 * processes}x16x16x3.npz"
     guided = [*launch, script("classifier_sample.py"), *MODEL, *CLASSIFIER, "--classifier_scale", "1.0",
-              "--seed", "0", "--num_samples", str(2 * args.processes), "--batch_size", "2",
+              "--seed", "0", "--num_samples", str(2 * processes), "--batch_size", "2",
               "--model_path", str(work / "fp16" / "ema_0.9999_000004.pt"),
               "--classifier_path", str(work / "classifier" / "model000002.pt")]
     listed = [
@@ -146,7 +146,7 @@ def main(argv=None):
     args = create_argparser().parse_args(argv)
     if args.device == "cuda" and not th.cuda.is_available():
         sys.exit("gpu_check.py: no CUDA device visible (use --device cpu for the CPU rehearsal)")
-    args.processes = args.processes or max(1, th.cuda.device_count())
+    processes = args.processes or max(1, th.cuda.device_count())
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check-"))
     write_images(work / "images")
     if not args.inception_path:
@@ -158,7 +158,7 @@ def main(argv=None):
         env["CUDA_VISIBLE_DEVICES"] = ""
     summary, failed = [], False
     with open(work / "gpu_check.log", "w") as log:
-        for name, command in steps(work, args):
+        for name, command in steps(work, args, processes):
             ok, seconds, stdout = run_step(name, command, env, log)
             failed |= not ok
             summary.append(f"{'ok  ' if ok else 'FAIL'} {seconds:7.1f} s  {name}")

@@ -6,11 +6,12 @@ import runpy
 from pathlib import Path
 
 from guided_diffusion.command_line import training_argparser
+from guided_diffusion.script_util import classifier_and_diffusion_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The script's own flag defaults (beyond training_argparser's), as they were before they
-# were derived from command_line.training_defaults().
+# The script's flag defaults (beyond training_argparser's), as they were before they were
+# derived from command_line.training_defaults().
 _CLASSIFIER_TRAIN_DEFAULTS = dict(
     data_dir="",
     val_data_dir="",
@@ -31,23 +32,8 @@ _CLASSIFIER_TRAIN_DEFAULTS = dict(
     num_workers=1,
     init_checkpoint="",
     overwrite_log_dir=False,
-    image_size=64,
-    classifier_use_fp16=False,
-    classifier_width=128,
-    classifier_depth=2,
-    classifier_attention_resolutions="32,16,8",
-    classifier_use_scale_shift_norm=True,
-    classifier_resblock_updown=True,
-    classifier_pool="attention",
-    num_classes=1000,
-    learn_sigma=False,
-    diffusion_steps=1000,
-    noise_schedule="linear",
-    timestep_respacing="",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=False,
-    rescale_learned_sigmas=False,
+    # The classifier's and the diffusion's (tested in test_script_util.py).
+    **classifier_and_diffusion_defaults(),
 )
 
 

@@ -64,7 +64,7 @@ def test_the_summary_shows_each_paths_figures(tiny_run):  # noqa: F811
 def test_the_switch_runs_change_one_switch_each_and_are_summarised(tmp_path, tiny_run):  # noqa: F811
     check = runpy.run_path(str(REPO / "scripts" / "gpu_check.py"), run_name="gpu_check")
     args = check["create_argparser"]().parse_args(["--device", "cpu", "--processes", "1"])
-    listed = dict(check["steps"](tmp_path, args))
+    listed = dict(check["steps"](tmp_path, args, processes=1))
     runs = {name: command for name, command in listed.items() if name.startswith("switches: ")}
     base = runs["switches: defaults"]
     assert "--use_bf16" in base and "--compile" not in base
