@@ -441,3 +441,9 @@ def test_emas_and_optimizer_state_share_the_channels_last_weights_memory_format(
     for params in [loop.mp_trainer.master_params, *loop.ema_params]:
         four_d = [p for p in params if p.dim() == 4]
         assert [p.stride() for p in four_d] == [p.stride() for p in weights]
+
+
+def test_the_originals_blob_helpers_point_at_the_log_dir(tmp_path):
+    logger.configure(str(tmp_path / "run"), ["log"])
+    assert train_util.get_blob_logdir() == str(tmp_path / "run")
+    assert train_util.find_resume_checkpoint() is None  # resume_checkpoint names the file
