@@ -16,7 +16,7 @@ MAX_LINES = 700
 
 LAYERS = {
     "core": ["nn", "losses", "attention", "unet", "diffusion_types", "gaussian_diffusion", "diffusion_sampling",
-             "solver_schedule", "denoiser", "solvers",
+             "solver_schedule", "denoiser", "solvers", "consistency",
              "respace", "resample", "guidance"],
     "runtime": ["dist_util", "download", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
                 "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state",
