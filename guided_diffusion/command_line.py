@@ -23,13 +23,13 @@ from . import dist_util, logger
 from .acceleration import (
     acceleration_defaults, configure_runtime, set_cuda_math, training_acceleration_defaults,
 )
-from .checkpoint import load_for_inference
+from .checkpoint import load_for_inference, read_sidecar
 from .download import fetch_and_load
 from .file_writing import SamplesWriter, samples_outputs
 from .presets import load_config, read_preset
 from .resample import create_named_schedule_sampler
 from .run_lock import hold_log_dir
-from .sampling import DEFAULT_STEPS
+from .sampling import CONSISTENCY, DEFAULT_STEPS
 from .sampling_state import PartialSamples, file_identity
 from .solvers import SAMPLERS
 from .script_util import add_dict_to_argparser, architecture_flags, args_to_dict, str2bool
@@ -368,10 +368,11 @@ def add_sampling_flags(parser, guidance=True, images=True):
     if images:
         parser.add_argument("--save_png", type=str2bool, nargs="?", const=True, default=False,
                             help="also write every sample as a PNG")
-        parser.add_argument("--sampler", default="", help=f"a fast sampler: {', '.join(SAMPLERS)} "
-                            "(default: the original's DDPM / --use_ddim loops)")
-        parser.add_argument("--steps", type=int, default=0,
-                            help=f"the sampler's model evaluations per sample (default {DEFAULT_STEPS})")
+        parser.add_argument("--sampler", default="", help=f"a fast sampler: {', '.join(SAMPLERS)}, or "
+                            f"{CONSISTENCY} for a consistency student (default: the original's DDPM / "
+                            "--use_ddim loops)")
+        parser.add_argument("--steps", type=int, default=0, help="the sampler's model evaluations per "
+                            f"sample (default {DEFAULT_STEPS}; {CONSISTENCY}: 1)")
     if guidance:
         parser.add_argument("--cfg_scale", type=float, default=None,
                             help="classifier-free guidance weight (needs --class_dropout_prob > 0)")
@@ -471,22 +472,48 @@ def load_for_sampling(model, path, path_flag, flags, args, use_fp16=None):
     return apply_runtime_flags(model, args)
 
 
-def load_model_and_diffusion(args, factory, defaults, timestep_respacing):
+def load_model_and_diffusion(args, factory, defaults, timestep_respacing, sampler=""):
     """
     Build a model and its diffusion from flags, then load --model_path into it
-    (load_for_sampling).
+    (load_for_sampling), once check_checkpoint_kind has accepted it for the sampler.
 
     :param args: the parsed flags.
     :param factory: e.g. script_util.create_model_and_diffusion.
     :param defaults: the factory's flag defaults; the flags of these names build the model.
     :param timestep_respacing: the diffusion's respacing (in place of the flag's: the
         script decides it, e.g. with sampling_respacing).
+    :param sampler: the --sampler flag ("" for the original's loops, and for the scripts
+        that do not sample).
     :return: (model, diffusion).
     """
+    check_checkpoint_kind(args.model_path, "model_path", sampler)
     flags = dict(args_to_dict(args, defaults.keys()), timestep_respacing=timestep_respacing)
     model, diffusion = factory(**flags)
     load_for_sampling(model, args.model_path, "model_path", flags, args)
     return model, diffusion
+
+
+def check_checkpoint_kind(path, path_flag, sampler):
+    """
+    Refuse a consistency student (its record's flags hold consistency_student, written by
+    scripts/consistency_distill.py) for anything but --sampler consistency, and a
+    diffusion model for --sampler consistency.
+
+    :param path: the checkpoint's path.
+    :param path_flag: the flag that names it.
+    :param sampler: the --sampler flag ("" for the original's loops or no sampling).
+    """
+    record = read_sidecar(path) if path else None
+    flags = record.get("flags") if isinstance(record, dict) else None
+    student = isinstance(flags, dict) and bool(flags.get("consistency_student"))
+    if student and sampler != CONSISTENCY:
+        raise ValueError(f"--{path_flag} {path} is a consistency student (scripts/consistency_distill.py), "
+                         f"not a diffusion model: sample it with --sampler {CONSISTENCY} --steps 1 "
+                         "(up to 4)")
+    if sampler == CONSISTENCY and not student:
+        raise ValueError(f"--sampler {CONSISTENCY} samples a consistency student, and --{path_flag} "
+                         f"{path} is not one (its record has no consistency_student): choose another "
+                         "--sampler, or distill the model with scripts/consistency_distill.py")
 
 
 def read_base_samples(path, small_size, class_cond):

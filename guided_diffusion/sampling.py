@@ -28,11 +28,14 @@ from .acceleration import accelerate
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import to_uint8_nhwc
 from .sampling_labels import check_labels, choose_labels, resolve_num_classes
+from .consistency import ConsistencyFunction, consistency_sample, consistency_sigmas, teacher_sigma_range
+from .solver_schedule import ContinuousSchedule
 from .solvers import SAMPLERS, check_sampler, evaluations, sampler_steps
 from .unet import SuperResModel
 from .work_split import PerSampleNoise, check_counts, check_seed, gather_in_order, rounds
 
 DEFAULT_STEPS = 15  # a fast sampler's model evaluations per sample when steps is not given
+CONSISTENCY = "consistency"  # the sampler of consistency students: one evaluation per step (default 1)
 
 
 class SamplingRun:
@@ -75,8 +78,9 @@ class SamplingRun:
         use_bf16=False,         # bfloat16 autocast for the model and classifier (other numbers)
         compile=False,          # torch.compile them (eager if compilation fails)
         partial=None,           # a PartialSamples: continue from its finished samples, add each round
-        sampler=None,           # a fast sampler of solvers.py (e.g. "dpmpp_2m"; None: DDPM / DDIM loops)
-        steps=None,             # the sampler's model evaluations per sample (default DEFAULT_STEPS)
+        sampler=None,           # a fast sampler of solvers.py (e.g. "dpmpp_2m"), "consistency" (a
+                                # consistency student), or None (the DDPM / DDIM loops)
+        steps=None,             # the sampler's model evaluations per sample (default DEFAULT_STEPS; consistency: 1)
         time_grid=None,         # the sampler's time grid (None: its default)
         dynamic_threshold=None,  # the sampler's dynamic thresholding percentile (e.g. 0.995)
         sampler_options=None,   # the sampler's own options, e.g. {"eta": 0.5} for "ddim"
@@ -90,6 +94,9 @@ class SamplingRun:
         labels = check_labels(labels, self.labelled, num_classes)
         self.num_samples = _count_samples(num_samples, labels, low_res)
         _check_guidance(classifier, classifier_scale, cfg_scale, class_balanced, self.labelled, labels)
+        if sampler == CONSISTENCY and (classifier is not None or cfg_scale is not None):
+            raise ValueError(f"sampler={CONSISTENCY} with a classifier or cfg_scale: a consistency "
+                             "student samples the guidance it was distilled with, on its own")
         check_counts(num_samples=self.num_samples, batch_size=batch_size)
         check_seed(seed)
         if partial is not None and seed is None:
@@ -356,18 +363,24 @@ def _sampling_function(diffusion, sampler, steps, time_grid, dynamic_threshold, 
 
     :return: (the function, the number of steps it reports to its callback per batch).
     """
-    if sampler is None:
+    if sampler is None or sampler == CONSISTENCY:
         given = [f"{name}={value}" for name, value in (("steps", steps), ("time_grid", time_grid),
                  ("dynamic_threshold", dynamic_threshold), ("sampler_options", sampler_options))
-                 if value is not None]
+                 if value is not None and (sampler is None or name != "steps")]
         if given:
-            raise ValueError(f"{', '.join(given)} without a sampler: pass sampler= "
-                             f"(one of {', '.join(SAMPLERS)})")
-        loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
-        return loop, diffusion.num_timesteps
-    if use_ddim:
+            raise ValueError(f"{', '.join(given)} without a sampler: pass sampler= (one of "
+                             f"{', '.join(SAMPLERS)})" if sampler is None else
+                             f"{', '.join(given)}: not options of sampler={CONSISTENCY} (only steps)")
+    if use_ddim and sampler is not None:
         raise ValueError(f"use_ddim=True and sampler={sampler}: choose one (sampler=ddim is DDIM "
                          "on the sampler's time grid)")
+    if sampler is None:
+        loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+        return loop, diffusion.num_timesteps
+    if sampler == CONSISTENCY:
+        steps = 1 if steps is None else steps
+        logger.log(f"sampler {CONSISTENCY}: {steps} model evaluations per sample")
+        return _consistency_sampling(diffusion, steps), steps
     steps = DEFAULT_STEPS if steps is None else steps
     options = dict(sampler_options or {})
     check_sampler(sampler, steps, time_grid, options)
@@ -375,3 +388,26 @@ def _sampling_function(diffusion, sampler, steps, time_grid, dynamic_threshold, 
     function = functools.partial(diffusion.sample_loop, sampler=sampler, steps=steps,
                                  time_grid=time_grid, dynamic_threshold=dynamic_threshold, **options)
     return function, sampler_steps(sampler, steps)
+
+
+def _consistency_sampling(diffusion, steps):
+    """
+    Multistep consistency sampling of a consistency student (consistency.consistency_sample)
+    on its diffusion's schedule, as a function with the signature of the diffusion's loops
+    (cond_fn must be None: a student samples the guidance it was distilled with).
+
+    :param diffusion: the student's diffusion (its teacher's schedule).
+    :param steps: the model evaluations per sample (consistency.consistency_sigmas).
+    """
+    schedule = ContinuousSchedule(diffusion)
+    sigma_min, sigma_max = teacher_sigma_range(schedule)
+    sigmas = consistency_sigmas(sigma_min, sigma_max, steps)
+
+    def sample_batch(model, shape, clip_denoised=True, cond_fn=None, model_kwargs=None, device=None,
+                     noise_fn=None, callback=None):
+        function = ConsistencyFunction(model, schedule, diffusion.model_mean_type, sigma_min)
+        return consistency_sample(function, schedule, shape, sigmas, noise_fn=noise_fn,
+                                  model_kwargs=model_kwargs, clip_denoised=clip_denoised,
+                                  callback=callback, device=device)
+
+    return sample_batch

@@ -24,7 +24,7 @@ def main(argv=None):
     respacing = command_line.sampling_respacing(args.timestep_respacing, args.sampler)
     model, diffusion = command_line.load_model_and_diffusion(
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults(),
-        respacing,
+        respacing, args.sampler,
     )
     logger.log("loading classifier...")
     classifier_flags = script_util.args_to_dict(args, script_util.classifier_defaults().keys())

@@ -17,7 +17,7 @@ def main(argv=None):
     respacing = command_line.sampling_respacing(args.timestep_respacing, args.sampler)
     model, diffusion = command_line.load_model_and_diffusion(
         args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults(),
-        respacing,
+        respacing, args.sampler,
     )
     logger.log("sampling...")
     run = sampling.SamplingRun(

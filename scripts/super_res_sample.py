@@ -25,7 +25,7 @@ def main(argv=None):
     respacing = command_line.sampling_respacing(args.timestep_respacing, args.sampler)
     model, diffusion = command_line.load_model_and_diffusion(
         args, script_util.sr_create_model_and_diffusion,
-        script_util.sr_model_and_diffusion_defaults(), respacing,
+        script_util.sr_model_and_diffusion_defaults(), respacing, args.sampler,
     )
     logger.log(f"upsampling {len(base_images)} base samples...")
     order = np.arange(args.num_samples) % len(base_images)

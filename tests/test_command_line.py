@@ -5,6 +5,7 @@ a checkpoint named by a flag, and the translation of flags into library argument
 
 import argparse
 import inspect
+import json
 import os
 import runpy
 import sys
@@ -19,6 +20,7 @@ from test_sampling import tiny_flags, tiny_model
 from guided_diffusion import logger
 from guided_diffusion.attention import AttentionBlock
 from guided_diffusion.command_line import (
+    check_checkpoint_kind,
     diffusion_loop_kwargs,
     in_flag_terms,
     load_for_sampling,
@@ -157,3 +159,19 @@ def test_training_flags_become_loop_arguments():
     assert "data_dir" not in kwargs and "image_size" not in kwargs
     accepted = set(inspect.signature(TrainLoop).parameters)
     assert set(kwargs) <= accepted
+
+
+def test_a_consistency_student_and_a_diffusion_model_each_need_their_sampler(tmp_path):
+    student, model = tmp_path / "student.pt", tmp_path / "model.pt"
+    for path, flags in ((student, {"consistency_student": True}), (model, {"image_size": 8})):
+        path.write_bytes(b"")
+        path.with_suffix(".json").write_text(json.dumps({"format": 1, "kind": "model", "flags": flags}))
+    check_checkpoint_kind(str(student), "model_path", "consistency")
+    check_checkpoint_kind(str(model), "model_path", "dpmpp_2m")
+    check_checkpoint_kind(str(tmp_path / "no_record.pt"), "model_path", "")
+    with pytest.raises(ValueError, match=f"--model_path {student} is a consistency student .*"
+                                         "--sampler consistency --steps 1"):
+        check_checkpoint_kind(str(student), "model_path", "")
+    with pytest.raises(ValueError, match=f"--sampler consistency samples a consistency student, and "
+                                         f"--model_path {model} is not one"):
+        check_checkpoint_kind(str(model), "model_path", "consistency")

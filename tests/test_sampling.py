@@ -404,3 +404,39 @@ def test_the_callback_sees_every_step_of_every_batch(sampler, steps, calls):
                for state in seen)
     plain_images, plain_labels = sample(model, diffusion, **options)
     assert np.array_equal(images, plain_images) and np.array_equal(labels, plain_labels)
+
+
+def test_consistency_sampling_of_a_student_is_the_cores_multistep_sampler():
+    from guided_diffusion.consistency import (
+        ConsistencyFunction, consistency_sample, consistency_sigmas, teacher_sigma_range,
+    )
+    from guided_diffusion.solver_schedule import ContinuousSchedule
+
+    model, diffusion = tiny_model(class_cond=True, timestep_respacing="")
+    seen = []
+    images, labels = sample(model, diffusion, num_samples=3, batch_size=2, seed=6, progress=False,
+                            sampler="consistency", steps=2, callback=seen.append)
+    assert [state["i"] for state in seen] == [0, 1, 0, 1]  # two evaluations per sample
+    same, _ = sample(model, diffusion, num_samples=3, batch_size=3, seed=6, progress=False,
+                     sampler="consistency", steps=2)
+    assert np.array_equal(images, same)  # seeded: independent of the batch size
+    schedule = ContinuousSchedule(diffusion)
+    sigma_min, sigma_max = teacher_sigma_range(schedule)
+    function = ConsistencyFunction(model, schedule, diffusion.model_mean_type, sigma_min)
+    direct = consistency_sample(function, schedule, (3, 3, 8, 8), consistency_sigmas(sigma_min, sigma_max, 2),
+                                noise_fn=PerSampleNoise(6, range(3)),
+                                model_kwargs={"y": th.from_numpy(labels)})
+    assert np.array_equal(images, to_uint8_nhwc(direct).numpy())
+    one, _ = sample(model, diffusion, num_samples=3, batch_size=3, seed=6, progress=False,
+                    sampler="consistency")
+    assert not np.array_equal(one, images)  # one evaluation by default
+
+
+def test_consistency_sampling_refuses_guidance_and_other_options():
+    model, diffusion = tiny_model(class_cond=True, class_dropout_prob=0.1)
+    with pytest.raises(ValueError, match="sampler=consistency with a classifier or cfg_scale"):
+        sample(model, diffusion, num_samples=1, sampler="consistency", cfg_scale=2.0)
+    with pytest.raises(ValueError, match="time_grid=karras: not options of sampler=consistency"):
+        sample(model, diffusion, num_samples=1, sampler="consistency", time_grid="karras")
+    with pytest.raises(ValueError, match="use_ddim=True and sampler=consistency"):
+        sample(model, diffusion, num_samples=1, sampler="consistency", use_ddim=True)
