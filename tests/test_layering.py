@@ -21,7 +21,7 @@ LAYERS = {
     "runtime": ["dist_util", "download", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
                 "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state",
                 "tracking", "diffusers_export", "run_lock"],
-    "jobs": ["train_util", "classifier_train_util", "sampling", "sampling_labels", "bpd"],
+    "jobs": ["train_util", "classifier_train_util", "consistency_train_util", "sampling", "sampling_labels", "bpd"],
     "command_line": ["script_util", "flag_checks", "presets", "command_line", "adm"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
