@@ -29,13 +29,14 @@ from .checkpoint import METADATA_KEY, SAFETENSORS_SUFFIX, SIDECAR_FORMAT, read_s
 from .file_writing import TEMPORARY_MARK, atomic_write, is_local
 
 _MODEL_NAME = re.compile(r"^model(\d+)\.(?:pt|safetensors)$")
-# What a log directory holding a run contains: model*.pt, opt*.pt or ema_*.pt checkpoints.
-_RUN_CHECKPOINT = re.compile(r"^(model|opt|ema_).*\.(?:pt|safetensors)$")
+# What a log directory holding a run contains: model*.pt, opt*.pt, ema_*.pt or (consistency
+# distillation's target network) target_*.pt checkpoints.
+_RUN_CHECKPOINT = re.compile(r"^(model|opt|ema_|target_).*\.(?:pt|safetensors)$")
 # The weights files' formats (--checkpoint_format): file suffixes.
 CHECKPOINT_FORMATS = {"pt": ".pt", "safetensors": SAFETENSORS_SUFFIX}
 # atomic_write's temporaries of checkpoints and sidecars: model000010.pt.tmp-<32 hex digits>.
 _STALE_TEMPORARY = re.compile(
-    r"^(model\d+|opt\d+|ema_[^/]+_\d+)\.(pt|json)" + re.escape(TEMPORARY_MARK) + r"[0-9a-f]{32}$"
+    r"^(model\d+|opt\d+|ema_[^/]+_\d+|target_\d+)\.(pt|json)" + re.escape(TEMPORARY_MARK) + r"[0-9a-f]{32}$"
 )
 
 
@@ -93,7 +94,7 @@ def remove_stale_temporaries(logdir):
 def run_checkpoints(logdir):
     """
     :param logdir: a log directory (local or blobfile URL).
-    :return: the sorted names of the model*.pt, opt*.pt and ema_*.pt checkpoints in it
+    :return: the sorted names of the model*.pt, opt*.pt, ema_*.pt and target_*.pt checkpoints in it
         (empty when it holds no run or does not exist).
     """
     if not bf.isdir(logdir):

@@ -70,7 +70,8 @@ def test_stale_temporaries_of_checkpoint_saves_are_removed_and_others_kept(tmp_p
     names = []
     file_writing.atomic_write(str(tmp_path / "model000010.pt"),
                                 lambda f: names.append(os.path.basename(f.name)))
-    stale = names + ["opt000002.pt.tmp-" + "f" * 32, "ema_0.9999_000010.json.tmp-" + "0" * 32]
+    stale = names + ["opt000002.pt.tmp-" + "f" * 32, "ema_0.9999_000010.json.tmp-" + "0" * 32,
+                     "target_000010.pt.tmp-" + "a" * 32]  # consistency distillation's target
     kept = ["model000010.pt", "notes.txt.tmp-" + "0" * 32, "opt000002.pt.tmp-short",
             "model000010.pt.tmp-" + "0" * 32 + ".bak"]
     for name in stale + kept:
@@ -193,3 +194,9 @@ def test_resuming_an_incomplete_step_names_the_latest_complete_one(tmp_path):
         f"init_checkpoint={tmp_path / 'model000004.pt'}"
     )):
         training_state.resume_plan(str(tmp_path / "model000004.pt"))
+
+
+def test_a_consistency_target_checkpoint_marks_a_run(tmp_path):
+    (tmp_path / "target_000002.pt").write_bytes(b"x")
+    (tmp_path / "notes.pt").write_bytes(b"x")
+    assert training_state.run_checkpoints(str(tmp_path)) == ["target_000002.pt"]
