@@ -72,7 +72,7 @@ def parse_args_with_config(parser, purpose="train", argv=None):
         parser.set_defaults(**{k: v for k, v in flags.items() if k in accepted})
     args = parser.parse_args(argv)
     if known.config:
-        _note_checkpoint_urls(flags, preset)
+        note_checkpoint_urls(flags, preset)
     return args
 
 
@@ -81,7 +81,7 @@ def parse_args_with_config(parser, purpose="train", argv=None):
 _PRESET_URLS = {}
 
 
-def _note_checkpoint_urls(flags, preset):
+def note_checkpoint_urls(flags, preset):
     """
     Remember the checkpoint_url of the paths a preset gives --model_path and
     --classifier_path (its guiding classifier's preset gives the latter's).

@@ -24,7 +24,7 @@ from guided_diffusion.guidance import (
     check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model,
 )
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.presets import load_config
+from guided_diffusion.presets import load_config, read_preset
 
 # The training flags that only a diffusion model's previews use.
 PREVIEW_FLAGS = ("sample_interval", "sampler", "steps")
@@ -115,6 +115,8 @@ def parse_args(argv=None):
     if known.teacher_config:
         try:
             preset = load_config(known.teacher_config, purpose="sample")
+            # A teacher checkpoint that is not there is downloaded from the preset's URL.
+            command_line.note_checkpoint_urls(preset, read_preset(known.teacher_config))
         except (ValueError, FileNotFoundError) as error:
             raise type(error)(f"--teacher_config {known.teacher_config}: {error}") from None
         architecture = script_util.model_and_diffusion_defaults().keys()

@@ -258,3 +258,16 @@ def test_the_script_refuses_bad_flags_by_name(tmp_path, tiny_image_dir, teacher_
                       "--classifier_width", "32", "--classifier_depth", "1",
                       "--classifier_attention_resolutions", "4"),
              f"--classifier_path {classifier_path} does not guide this model (--image_size 8")
+
+
+def test_a_teacher_preset_gives_the_architecture_and_the_teachers_path():
+    import runpy
+
+    script = runpy.run_path(os.path.join(REPO, "scripts", "consistency_distill.py"))
+    args = script["parse_args"](["--teacher_config", "64x64_diffusion", "--data_dir", "images"])
+    assert args.teacher_model_path == "models/64x64_diffusion.pt"
+    assert (args.image_size, args.class_cond, args.learn_sigma) == (64, True, True)
+    explicit = script["parse_args"](["--teacher_config", "64x64_diffusion", "--teacher_model_path", "t.pt"])
+    assert explicit.teacher_model_path == "t.pt"
+    with pytest.raises(ValueError, match="--teacher_model_path is empty"):
+        script["parse_args"](["--data_dir", "images"])
