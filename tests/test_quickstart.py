@@ -255,3 +255,73 @@ def test_the_fewest_evaluations_that_match_ddim_25():
     assert fewest_evaluations_to_match(rows, 0.0) == (None, {})
     with pytest.raises(ValueError, match="sampler_study='fast': expected none, quick, full"):
         quickstart.run_quickstart(sampler_study="fast")
+
+
+# ---------------------------------------------------------------------- distillation
+
+
+@pytest.mark.slow
+def test_the_distill_stage_writes_its_table_samples_and_picture(tiny_folders, tmp_path, isolated_logger,
+                                                                torch_single_thread):
+    out = tmp_path / "distilled"
+    quickstart.run_quickstart(
+        progress=False, out_dir=str(out), data_dir=tiny_folders[0], heldout_dir=tiny_folders[1],
+        **dict(TINY_OPTIONS, sampler_study="none", distill=True, distill_steps=2, distill_num_scales=4,
+               distill_batch_size=4))
+    with open(out / "distill.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = [(network, sampler, count) for network, sampler, count in
+                [("teacher", "ddim", 25)] + [("teacher", "dpmpp_2m", n) for n in (10, 5, 4, 2)]
+                + [("student", "consistency", n) for n in (1, 2, 4)]]
+    # TINY_OPTIONS' scales are 2 and 0: the middle one is 2.
+    assert [(float(row["classifier_scale"]), row["network"], row["sampler"], int(row["evaluations"]))
+            for row in rows] == [(scale, *combo) for scale in (0.0, 2.0) for combo in expected]
+    for row in rows:
+        assert np.isfinite(float(row["frechet"])) and float(row["frechet"]) >= 0
+        assert all(0 <= float(row[key]) <= 1 for key in ("recognised", "precision", "recall"))
+    report = (out / "distill.md").read_text()
+    assert "Classifier scale 0:" in report and "Classifier scale 2:" in report
+    assert report.count("- Goal: student at 2 evaluations within 1.25x") == 2
+    assert report.count("- Goal: student at 1 evaluation within 2x") == 2
+    for scale in ("0", "2"):
+        assert (out / f"distill_scale_{scale}" / "progress.csv").exists()
+        assert (out / f"distill_scale_{scale}" / "ema_0.995_000002.pt").exists()
+        assert (out / f"distill_scale_{scale}" / "target_000002.pt").exists()
+        for count in (1, 2, 4):
+            with np.load(out / "distill_samples" / f"scale_{scale}_steps_{count}.npz") as arrays:
+                assert arrays["arr_0"].shape == (12, 8, 8, 3) and arrays["arr_0"].dtype == np.uint8
+                assert np.array_equal(arrays["arr_1"], np.repeat(np.arange(3), 4))
+    # Per scale a row of 4 grids (3 x 3 tiles of 8 pixels and 2-pixel borders: 32 pixels,
+    # zoomed 4 times), captioned, 12 pixels apart.
+    assert Image.open(out / "distill.png").size == (4 * (128 + 12) + 12, 2 * (128 + 24 + 12) + 12)
+
+
+def _distill_rows(student_1, student_2, teacher=1.0):
+    rows = [dict(classifier_scale=0.0, network="teacher", sampler="ddim", evaluations=25, frechet=teacher),
+            dict(classifier_scale=0.0, network="teacher", sampler="dpmpp_2m", evaluations=2, frechet=9.0)]
+    rows += [dict(classifier_scale=0.0, network="student", sampler="consistency", evaluations=count,
+                  frechet=value) for count, value in ((1, student_1), (2, student_2), (4, 0.5))]
+    return [dict(row, recognised=0.9, precision=0.8, recall=0.7) for row in rows]
+
+
+def test_the_distillation_goals_are_judged_against_teacher_ddim_25():
+    from examples.quickstart import distill_stage
+
+    assert distill_stage.goal_results(_distill_rows(1.9, 1.2), 0.0) == [(2, 1.2, 1.25, True), (1, 1.9, 2.0, True)]
+    reached = distill_stage.goal_results(_distill_rows(2.5, 1.3), 0.0)
+    assert [result[3] for result in reached] == [False, False]
+    assert distill_stage.goal_results(_distill_rows(1.0, 1.0), 3.0) == [None, None]
+    options = dict(distill_steps=7, distill_batch_size=5, distill_num_scales=4)
+    report = distill_stage.distill_markdown(_distill_rows(2.5, 1.2), options, seconds=3)
+    assert "Students distilled for 7 steps of 5 images over 4 noise levels" in report
+    assert "| teacher | ddim | 25 | 1.000 | 0.900 | 0.800 | 0.700 |" in report
+    assert "| student | consistency | 1 | 2.500 |" in report
+    assert "within 1.25x teacher DDIM-25's Frechet distance: 1.20x, reached." in report
+    assert "within 2x teacher DDIM-25's Frechet distance: 2.50x, not reached." in report
+
+
+def test_bad_distill_options_are_refused():
+    with pytest.raises(ValueError, match="--distill_steps 0"):
+        quickstart.run_quickstart(distill=True, distill_steps=0)
+    with pytest.raises(ValueError, match="--distill_num_scales 1"):
+        quickstart.run_quickstart(distill=True, distill_num_scales=1)

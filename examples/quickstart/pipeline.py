@@ -43,6 +43,7 @@ from evaluations.manifold import ManifoldEstimator
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import load_for_inference
 from guided_diffusion.classifier_train_util import ClassifierTrainLoop
+from guided_diffusion.consistency_train_util import ConsistencyTrainLoop
 from guided_diffusion.image_datasets import (
     center_crop_arr,
     class_labels,
@@ -57,16 +58,15 @@ from guided_diffusion.script_util import (
     classifier_defaults,
     create_classifier,
     create_classifier_and_diffusion,
-    create_gaussian_diffusion,
     create_model_and_diffusion,
-    diffusion_defaults,
     model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import TrainLoop
 from guided_diffusion.training_state import ema_filename, model_filename
 from guided_diffusion.work_split import set_seed
 
-from .sampler_study import check_study, frechet_distance, run_sampler_study, write_study
+from . import distill_stage
+from .sampler_study import check_study, run_sampler_study, write_study
 from .report import (
     describe_trends,
     png_bytes,
@@ -119,6 +119,11 @@ def quickstart_defaults():
         judge_size=8,                   # side the judge sees images at
         judge_hidden=64,                # judge MLP hidden units (the feature dimension)
         grid_columns=10,                # samples per class shown in the grids
+        distill=False,                  # consistency-distil the model at scale 0 and the middle
+                                        # scale and judge the student (distill_stage.py)
+        distill_steps=1500,             # distillation training steps per scale
+        distill_num_scales=18,          # noise levels of the distillation's grid
+        distill_batch_size=64,          # distillation training images per step
         seed=0,                         # seed of every random draw
     )
 
@@ -257,6 +262,10 @@ class _ClassifierTraining(_StepProgress, ClassifierTrainLoop):
     """ClassifierTrainLoop with a progress bar."""
 
     progress_key = "train_acc@1"
+
+
+class _Distillation(_StepProgress, ConsistencyTrainLoop):
+    """ConsistencyTrainLoop with a progress bar."""
 
 
 def _loader(data_dir, batch_size, image_size, class_from, num_classes, seed, class_names=None):
@@ -441,6 +450,7 @@ def _check_options(options):
         raise ValueError(f"unknown quickstart options {unknown}; expected some of {sorted(merged)}")
     merged.update(options)
     check_study(merged["sampler_study"])
+    distill_stage.check_distill_options(merged)
     if merged["heldout_dir"] and not merged["data_dir"]:
         raise ValueError("--heldout_dir needs --data_dir (the digits bring their own held-out images)")
     for name in ("train_steps", "classifier_steps", "sample_steps", "samples_per_class",
@@ -527,18 +537,38 @@ def _sampler_study(options, model_flags, model, classifier, scales, labels, judg
 
     :return: its result rows.
     """
-    diffusion_flags = {name: model_flags[name] for name in diffusion_defaults()}
-    diffusion_flags.update(timestep_respacing="", steps=diffusion_flags.pop("diffusion_steps"))
-    diffusion = create_gaussian_diffusion(**diffusion_flags)
+    diffusion = distill_stage.model_diffusion(model_flags)
     middle = scales[len(scales) // 2]
-
-    def score(images):
-        return dict(frechet=frechet_distance(real_features, judge.features(images)),
-                    **score_images(judge, real_features, images, labels))
-
+    score = distill_stage.judge_score(judge, real_features, labels, score_images)
     return run_sampler_study(model, diffusion, classifier, sorted({0.0, middle}), labels,
                              options["sample_batch_size"], options["seed"], score,
                              options["sampler_study"])
+
+
+def _distill(options, model_flags, model, classifier, scales, labels, samples, judge, real_features,
+             train_dir, num_classes, progress):
+    """
+    Run the distillation stage (distill_stage.py) at scale 0 and the middle classifier
+    scale, each training in its own log folder.
+
+    :return: (its result rows, its sample sets).
+    """
+    out_dir, middle = options["out_dir"], scales[len(scales) // 2]
+
+    def train(scale, **loop_kwargs):
+        with _logging_to(distill_stage.stage_dir(out_dir, scale), out_dir):
+            loop = _Distillation(log_interval=LOG_INTERVAL, **loop_kwargs)
+            _run_with_progress(loop, options["distill_steps"], f"distil {scale:g}", progress)
+
+    def make_data():
+        return _loader(train_dir, options["distill_batch_size"], options["image_size"],
+                       options["class_from"], num_classes, options["seed"])
+
+    reusable = options["sample_steps"] == distill_stage.BASELINE_STEPS  # the main table's DDIM loop
+    return distill_stage.run_distill_stage(
+        model, model_flags, classifier, sorted({0.0, middle}), labels, make_data, train,
+        distill_stage.judge_score(judge, real_features, labels, score_images), options,
+        samples if reusable else None)
 
 
 def run_quickstart(progress=True, **options):
@@ -602,6 +632,13 @@ def run_quickstart(progress=True, **options):
             study_rows = _sampler_study(options, model_flags, model, classifier, scales, labels,
                                         judge, real_features)
         write_study(out_dir, study_rows, seconds["sampler study"])
+    if options["distill"]:
+        with _timed(seconds, "distillation"):
+            distill_rows, distill_sets = _distill(options, model_flags, model, classifier, scales, labels,
+                                                  samples, judge, real_features, train_dir, len(names), progress)
+        distill_stage.write_distill(out_dir, distill_rows, distill_sets, labels, len(names),
+                                    min(options["grid_columns"], options["samples_per_class"]),
+                                    max(1, 32 // options["image_size"]), options, seconds["distillation"])
     with _timed(seconds, "report"):
         columns = min(options["grid_columns"], options["samples_per_class"])
         write_pictures(out_dir, rows, samples, labels, len(names), columns,
