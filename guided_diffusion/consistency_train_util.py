@@ -136,13 +136,19 @@ class ConsistencyTrainLoop(TrainLoop):
         """Load the target's master parameters into the network that evaluates it."""
         self.target_model.load_state_dict(self.mp_trainer.master_params_to_state_dict(self.target_params))
 
+    def grid_size(self):
+        """
+        :return: this step's number of noise levels: num_scales, or iCT's
+            ict_num_scales(step, max_steps).
+        """
+        return self.num_scales or ict_num_scales(self.step, self.max_steps)
+
     def noise_levels(self):
         """
-        :return: this step's ascending grid of noise levels (karras_sigmas over the
-            teacher's range): num_scales of them, or iCT's ict_num_scales(step, max_steps).
+        :return: this step's ascending grid of grid_size() noise levels (karras_sigmas over
+            the teacher's range).
         """
-        count = self.num_scales or ict_num_scales(self.step, self.max_steps)
-        return karras_sigmas(self.sigma_min, self.sigma_max, count)
+        return karras_sigmas(self.sigma_min, self.sigma_max, self.grid_size())
 
     def compute_loss(self, micro, micro_cond):
         """
@@ -169,7 +175,7 @@ class ConsistencyTrainLoop(TrainLoop):
 
     def log_step(self):
         super().log_step()
-        logger.logkv("num_scales", self.num_scales or ict_num_scales(self.step, self.max_steps))
+        logger.logkv("num_scales", self.grid_size())
 
     def _write_checkpoints(self, rng_states, data_states):
         path = bf.join(logger.get_dir(), target_filename(self.step, self.checkpoint_format))

@@ -23,17 +23,12 @@ from guided_diffusion.consistency_train_util import check_consistency_arguments
 from guided_diffusion.file_writing import write_npz
 from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.sampling import sample
-from guided_diffusion.script_util import (
-    architecture_flags,
-    create_gaussian_diffusion,
-    create_model_and_diffusion,
-    diffusion_defaults,
-)
+from guided_diffusion.script_util import architecture_flags, create_model_and_diffusion
 from guided_diffusion.training_state import ema_filename
 from guided_diffusion.work_split import set_seed
 
 from .report import class_grid, draw_text, label_font, png_bytes, write_bytes
-from .sampler_study import frechet_distance
+from .sampler_study import model_diffusion
 
 TARGET_EMA = 0.95  # mu of the target network (CM's CD)
 TEACHER_SOLVER = "heun"
@@ -58,16 +53,6 @@ def check_distill_options(options):
         raise ValueError(f"--distill_num_scales {options['distill_num_scales']}: expected at least 2")
     check_consistency_arguments(options["distill_num_scales"], TARGET_EMA, TEACHER_SOLVER, LOSS,
                                 "uniform", options["distill_steps"])
-
-
-def model_diffusion(model_flags, timestep_respacing=""):
-    """
-    :param model_flags: create_model_and_diffusion's flags.
-    :return: the model's diffusion, respaced as asked ("": the full one, the solvers' choice).
-    """
-    flags = {name: model_flags[name] for name in diffusion_defaults()}
-    flags.update(timestep_respacing=timestep_respacing, steps=flags.pop("diffusion_steps"))
-    return create_gaussian_diffusion(**flags)
 
 
 def stage_dir(out_dir, scale):
@@ -274,15 +259,3 @@ def run_distill_stage(teacher, model_flags, classifier, scales, labels, make_dat
         image_sets[scale] = {("teacher", *key): images for key, images in teacher_sets.items()}
         image_sets[scale].update({("student", *key): images for key, images in student_sets.items()})
     return rows, image_sets
-
-
-def judge_score(judge, real_features, labels, score_images):
-    """
-    :param score_images: the main table's scoring (recognised, precision, recall).
-    :return: a function from uint8 images to their 'frechet' and score_images' values.
-    """
-    def score(images):
-        return dict(frechet=frechet_distance(real_features, judge.features(images)),
-                    **score_images(judge, real_features, images, labels))
-
-    return score

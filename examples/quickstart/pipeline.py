@@ -66,7 +66,9 @@ from guided_diffusion.training_state import ema_filename, model_filename
 from guided_diffusion.work_split import set_seed
 
 from . import distill_stage
-from .sampler_study import check_study, run_sampler_study, write_study
+from .sampler_study import (
+    check_study, judge_score, model_diffusion, run_sampler_study, write_study,
+)
 from .report import (
     describe_trends,
     png_bytes,
@@ -537,9 +539,9 @@ def _sampler_study(options, model_flags, model, classifier, scales, labels, judg
 
     :return: its result rows.
     """
-    diffusion = distill_stage.model_diffusion(model_flags)
+    diffusion = model_diffusion(model_flags)
     middle = scales[len(scales) // 2]
-    score = distill_stage.judge_score(judge, real_features, labels, score_images)
+    score = judge_score(judge, real_features, labels, score_images)
     return run_sampler_study(model, diffusion, classifier, sorted({0.0, middle}), labels,
                              options["sample_batch_size"], options["seed"], score,
                              options["sampler_study"])
@@ -567,7 +569,7 @@ def _distill(options, model_flags, model, classifier, scales, labels, samples, j
     reusable = options["sample_steps"] == distill_stage.BASELINE_STEPS  # the main table's DDIM loop
     return distill_stage.run_distill_stage(
         model, model_flags, classifier, sorted({0.0, middle}), labels, make_data, train,
-        distill_stage.judge_score(judge, real_features, labels, score_images), options,
+        judge_score(judge, real_features, labels, score_images), options,
         samples if reusable else None)
 
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from evaluations.scores import compute_statistics
 from guided_diffusion import logger
 from guided_diffusion.sampling import sample
+from guided_diffusion.script_util import create_gaussian_diffusion, diffusion_defaults
 from guided_diffusion.solvers import SAMPLERS, evaluations
 
 from .report import draw_text, label_font, png_bytes, write_bytes
@@ -38,6 +39,28 @@ COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 def frechet_distance(real_features, sample_features):
     """:return: the Frechet distance between the two feature sets' Gaussians."""
     return compute_statistics(real_features).frechet_distance(compute_statistics(sample_features))
+
+
+def model_diffusion(model_flags, timestep_respacing=""):
+    """
+    :param model_flags: create_model_and_diffusion's flags.
+    :return: the model's diffusion, respaced as asked ("": the full one, the solvers' choice).
+    """
+    flags = {name: model_flags[name] for name in diffusion_defaults()}
+    flags.update(timestep_respacing=timestep_respacing, steps=flags.pop("diffusion_steps"))
+    return create_gaussian_diffusion(**flags)
+
+
+def judge_score(judge, real_features, labels, score_images):
+    """
+    :param score_images: the main table's scoring (recognised, precision, recall).
+    :return: a function from uint8 images to their 'frechet' and score_images' values.
+    """
+    def score(images):
+        return dict(frechet=frechet_distance(real_features, judge.features(images)),
+                    **score_images(judge, real_features, images, labels))
+
+    return score
 
 
 def run_sampler_study(model, diffusion, classifier, scales, labels, batch_size, seed, score, study):
