@@ -7,10 +7,11 @@ noise levels (iCT), on the teacher's own VP schedule in continuous time
 
 Noise levels: time t has alpha_t = sqrt(alpha_bar_t) and sigma(t) = sqrt((1 - alpha_bar_t)
 / alpha_bar_t) = exp(-lambda_t), so x_t = alpha_t (x_0 + sigma z) and x_t / alpha_t is
-EDM's variance-exploding variable. CD's grid is EDM's rho = 7 grid (karras_sigmas) within
-the teacher's range (teacher_sigma_range), at real times (times_of_sigmas). Times are per
-sample: an [N] tensor of real times, one per sample (this module passes float64 tensors
-on the CPU); the network gets ContinuousSchedule.model_time of each.
+EDM's variance-exploding variable. CD's grid is EDM's rho = 7 grid (karras_sigmas) from the
+teacher's lowest level up to EDM's sigma_max = 80 (consistency_sigma_range), at real times
+(times_of_sigmas). Times are per sample: an [N] tensor of real times, one per sample (this
+module passes float64 tensors on the CPU); the network gets ContinuousSchedule.model_time
+of each.
 
 The consistency function (ConsistencyFunction) maps x_t to its probability-flow
 trajectory's point at the boundary time (sigma = sigma_min), in the VP variable:
@@ -18,7 +19,7 @@ f(x_t, t) = c_skip(sigma) x_t + (1 - c_skip(sigma)) D(x_t, t), D the network's x
 prediction in the teacher's parametrisation, c_skip(sigma) = sigma_data^2 /
 ((sigma - sigma_min)^2 + sigma_data^2). So f(x, t_min) = x exactly, and a student with
 the teacher's weights starts as the teacher's x_0 prediction, within c_skip(sigma) |x_t - D|:
-c_skip(sigma_max) = 1.0e-5 on ADM's 1000-step linear schedule (sigma_max = 157).
+c_skip(80) = 3.9e-5.
 
 Random draws: consistency_distillation_loss draws n, then z, from its generator;
 consistency_sample draws x_T, then one noise per later level, through noise_fn.
@@ -35,6 +36,7 @@ from .diffusion_types import ModelMeanType
 from .solvers import report_step
 
 SIGMA_DATA = 0.5  # the standard deviation of images in [-1, 1], as in EDM and CM
+SIGMA_MAX = 80.0  # EDM's and CM's highest noise level
 DISTANCES = ("l2", "pseudo_huber")
 WEIGHTINGS = ("uniform", "ict")
 PSEUDO_HUBER_SCALE = 0.00054  # iCT's c = 0.00054 sqrt(d) for d values per sample
@@ -70,6 +72,24 @@ def teacher_sigma_range(schedule):
     :return: (sigma at t_min, sigma at t_max) as floats: the widest grid CD can use.
     """
     return float(sigmas_of_times(schedule, schedule.t_min)), float(sigmas_of_times(schedule, schedule.t_max))
+
+
+def consistency_sigma_range(schedule, sigma_max=SIGMA_MAX):
+    """
+    The noise levels a consistency model covers: from the teacher's lowest up to sigma_max
+    (EDM's and CM's 80), or the teacher's highest if lower. The teacher's own top level
+    is far higher on ADM's schedules (157 linear, 20291 cosine at T = 1000), where x_t is
+    noise to many digits and the eps parametrisation's x_0 multiplies eps errors by sigma:
+    a grid up to there spends most of its levels, and the loss, on pure noise.
+
+    :param schedule: the teacher's ContinuousSchedule.
+    :param sigma_max: the highest level wanted.
+    :return: (sigma_min, sigma_max) as floats.
+    """
+    low, high = teacher_sigma_range(schedule)
+    if not sigma_max > low:
+        raise ValueError(f"sigma_max={sigma_max}: expected a level above the teacher's lowest, {low}")
+    return low, min(float(sigma_max), high)
 
 
 def karras_sigmas(sigma_min, sigma_max, num_scales, rho=7.0):

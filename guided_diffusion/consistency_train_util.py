@@ -25,7 +25,7 @@ from . import logger, training_state
 from .checkpoint import SAFETENSORS_SUFFIX, read_state_dict
 from .consistency import (
     DISTANCES, TEACHER_SOLVERS, WEIGHTINGS, ConsistencyFunction, consistency_distillation_loss,
-    ict_num_scales, karras_sigmas, teacher_sigma_range, update_target,
+    consistency_sigma_range, ict_num_scales, karras_sigmas, update_target,
 )
 from .solver_schedule import ContinuousSchedule
 from .train_util import TrainLoop
@@ -104,7 +104,7 @@ class ConsistencyTrainLoop(TrainLoop):
         self.num_scales, self.target_ema = num_scales, target_ema
         self.teacher_solver, self.loss, self.weighting = teacher_solver, loss, weighting
         self.schedule = ContinuousSchedule(diffusion)
-        self.sigma_min, self.sigma_max = teacher_sigma_range(self.schedule)
+        self.sigma_min, self.sigma_max = consistency_sigma_range(self.schedule)
         super().__init__(diffusion=diffusion, max_steps=max_steps, **kwargs)
         self.target_model = copy.deepcopy(self.model).requires_grad_(False)
         self.target_params = self._load_target_parameters(kwargs.get("resume_checkpoint"))

@@ -28,7 +28,7 @@ from .acceleration import accelerate
 from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
 from .image_grid import to_uint8_nhwc
 from .sampling_labels import check_labels, choose_labels, resolve_num_classes
-from .consistency import ConsistencyFunction, consistency_sample, consistency_sigmas, teacher_sigma_range
+from .consistency import ConsistencyFunction, consistency_sample, consistency_sigma_range, consistency_sigmas
 from .solver_schedule import ContinuousSchedule
 from .solvers import SAMPLERS, check_sampler, evaluations, sampler_steps
 from .unet import SuperResModel
@@ -400,7 +400,7 @@ def _consistency_sampling(diffusion, steps):
     :param steps: the model evaluations per sample (consistency.consistency_sigmas).
     """
     schedule = ContinuousSchedule(diffusion)
-    sigma_min, sigma_max = teacher_sigma_range(schedule)
+    sigma_min, sigma_max = consistency_sigma_range(schedule)
     sigmas = consistency_sigmas(sigma_min, sigma_max, steps)
 
     def sample_batch(model, shape, clip_denoised=True, cond_fn=None, model_kwargs=None, device=None,

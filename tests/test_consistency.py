@@ -16,7 +16,7 @@ from test_sampling import NUM_CLASSES, tiny_flags, tiny_model
 from guided_diffusion.consistency import (
     ConsistencyFunction, consistency_distance, consistency_distillation_loss, consistency_sample,
     consistency_sigmas, ict_num_scales, init_student, karras_sigmas, predict_x0, sigmas_of_times,
-    teacher_sigma_range, teacher_step, times_of_sigmas, update_target,
+    SIGMA_MAX, consistency_sigma_range, teacher_sigma_range, teacher_step, times_of_sigmas, update_target,
 )
 from guided_diffusion.diffusion_types import ModelMeanType
 from guided_diffusion.guidance import classifier_free_model
@@ -208,6 +208,17 @@ def test_a_student_starts_as_the_teachers_x0_prediction_within_c_skip(teacher):
     adm_linear = ContinuousSchedule(create_gaussian_diffusion(steps=1000, noise_schedule="linear"))
     low, high = teacher_sigma_range(adm_linear)
     assert 157 < high < 158 and 0.9e-5 < ConsistencyFunction(None, adm_linear, EPSILON, low).c_skip(high) < 1.1e-5
+
+
+def test_the_consistency_range_stops_at_edms_sigma_max_below_adms_top_levels():
+    for name, top in (("linear", 157.41), ("cosine", 20291.2)):
+        schedule = ContinuousSchedule(create_gaussian_diffusion(steps=1000, noise_schedule=name))
+        low, high = teacher_sigma_range(schedule)
+        assert abs(high / top - 1) < 1e-3
+        assert consistency_sigma_range(schedule) == (low, SIGMA_MAX) == (low, 80.0)
+        assert consistency_sigma_range(schedule, sigma_max=1e9) == (low, high)  # never above the teacher's
+        with pytest.raises(ValueError, match="sigma_max=0.001: expected a level above the teacher's lowest"):
+            consistency_sigma_range(schedule, sigma_max=1e-3)
 
 
 def test_a_class_conditional_student_of_an_unconditional_teacher_starts_as_the_teacher(teacher):

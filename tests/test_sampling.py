@@ -408,7 +408,7 @@ def test_the_callback_sees_every_step_of_every_batch(sampler, steps, calls):
 
 def test_consistency_sampling_of_a_student_is_the_cores_multistep_sampler():
     from guided_diffusion.consistency import (
-        ConsistencyFunction, consistency_sample, consistency_sigmas, teacher_sigma_range,
+        ConsistencyFunction, consistency_sample, consistency_sigma_range, consistency_sigmas,
     )
     from guided_diffusion.solver_schedule import ContinuousSchedule
 
@@ -421,7 +421,7 @@ def test_consistency_sampling_of_a_student_is_the_cores_multistep_sampler():
                      sampler="consistency", steps=2)
     assert np.array_equal(images, same)  # seeded: independent of the batch size
     schedule = ContinuousSchedule(diffusion)
-    sigma_min, sigma_max = teacher_sigma_range(schedule)
+    sigma_min, sigma_max = consistency_sigma_range(schedule)
     function = ConsistencyFunction(model, schedule, diffusion.model_mean_type, sigma_min)
     direct = consistency_sample(function, schedule, (3, 3, 8, 8), consistency_sigmas(sigma_min, sigma_max, 2),
                                 noise_fn=PerSampleNoise(6, range(3)),
