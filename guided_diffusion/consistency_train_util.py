@@ -93,6 +93,7 @@ class ConsistencyTrainLoop(TrainLoop):
         loss="pseudo_huber",        # the distance: l2 or pseudo_huber
         weighting="uniform",        # uniform or ict (1 / (sigma_{n+1} - sigma_n))
         cond_fn=None,               # classifier guidance of the teacher's step (guidance.classifier_cond_fn)
+        clip_denoised=True,         # clamp the teacher's x_0 to [-1, 1] in its steps, as ADM's samplers do
         max_steps=0,
         **kwargs,                   # model (the student, init_student'ed), data, batch_size, ...: as TrainLoop
     ):
@@ -100,7 +101,7 @@ class ConsistencyTrainLoop(TrainLoop):
         See the argument comments.
         """
         check_consistency_arguments(num_scales, target_ema, teacher_solver, loss, weighting, max_steps)
-        self.teacher, self.cond_fn = teacher, cond_fn
+        self.teacher, self.cond_fn, self.clip_denoised = teacher, cond_fn, clip_denoised
         self.num_scales, self.target_ema = num_scales, target_ema
         self.teacher_solver, self.loss, self.weighting = teacher_solver, loss, weighting
         self.schedule = ContinuousSchedule(diffusion)
@@ -161,7 +162,7 @@ class ConsistencyTrainLoop(TrainLoop):
             losses = consistency_distillation_loss(
                 self.student_fn, self.target_fn, self.teacher, self.schedule, self.diffusion.model_mean_type,
                 micro, sigmas, solver=self.teacher_solver, distance=self.loss, weighting=self.weighting,
-                model_kwargs=micro_cond, cond_fn=self.cond_fn,
+                model_kwargs=micro_cond, cond_fn=self.cond_fn, clip_denoised=self.clip_denoised,
             )
         # LossLog splits the logged loss into quarters of [0, num_timesteps): of the grid here.
         grid = SimpleNamespace(num_timesteps=len(sigmas) - 1)

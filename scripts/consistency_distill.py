@@ -11,8 +11,10 @@ which also gives the teacher's path) and starts from its weights. With --classif
 teacher then gets a class-conditional student (--class_cond is set to True: its label
 embedding starts at zero) and batches carry labels. --cfg_scale guides a teacher trained with
 --class_dropout_prob > 0 classifier-free. --num_scales 0 uses iCT's doubling schedule over
---max_steps. The checkpoints record the flags and consistency_student=True; each save also
-writes target_NNNNNN.pt, the target network that --resume_checkpoint continues with.
+--max_steps. The teacher's x_0 predictions are clamped to [-1, 1] in its ODE steps, as ADM's
+samplers do (--clip_denoised False: not). The checkpoints record the flags and
+consistency_student=True; each save also writes target_NNNNNN.pt, the target network that
+--resume_checkpoint continues with.
 """
 
 from guided_diffusion import command_line, logger, script_util
@@ -52,8 +54,8 @@ def main(argv=None):
         args, student, diffusion, data, loop_class=ConsistencyTrainLoop,
         teacher=guided_teacher(args, teacher), cond_fn=load_cond_fn(args) if guided else None,
         num_scales=args.num_scales, target_ema=args.target_ema, teacher_solver=args.teacher_solver,
-        loss=args.loss, weighting=args.weighting, ema_rate=args.ema_rate, use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth, lr_anneal_steps=args.lr_anneal_steps,
+        loss=args.loss, weighting=args.weighting, clip_denoised=args.clip_denoised, ema_rate=args.ema_rate,
+        use_fp16=args.use_fp16, fp16_scale_growth=args.fp16_scale_growth, lr_anneal_steps=args.lr_anneal_steps,
         max_steps=args.max_steps, **loop_kwargs,
     )
 
@@ -144,6 +146,7 @@ def create_argparser():
         loss="pseudo_huber",  # l2 or pseudo_huber
         target_ema=0.95,  # mu, the target network's EMA rate of the student (CM's CD: 0.95)
         weighting="uniform",  # uniform or ict
+        clip_denoised=True,  # clamp the teacher's x_0 to [-1, 1] in its ODE steps, as its samplers do
     )
     parser = command_line.training_argparser(__doc__, defaults)
     parser.add_argument("--cfg_scale", type=float, default=None,

@@ -153,6 +153,23 @@ def test_classifier_guidance_at_scale_zero_trains_as_no_guidance(tmp_path, tiny_
     assert (tmp_path / "plain" / "progress.csv").read_text() == (tmp_path / "guided" / "progress.csv").read_text()
 
 
+@pytest.mark.parametrize("clip_denoised", [True, False])
+def test_the_teachers_clipping_reaches_the_loss(tmp_path, tiny_image_dir, monkeypatch, clip_denoised):
+    from guided_diffusion import consistency_train_util
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["clip_denoised"])
+        return consistency_train_util.consistency_distillation_loss.__wrapped__(*args, **kwargs)
+
+    spy.__wrapped__ = consistency_train_util.consistency_distillation_loss
+    monkeypatch.setattr(consistency_train_util, "consistency_distillation_loss", spy)
+    loop = _loop(tmp_path, tiny_image_dir, 1, **({} if clip_denoised else {"clip_denoised": False}))
+    loop.run_loop()
+    assert seen == [clip_denoised]  # clipped by default, as ADM's samplers clip
+
+
 @pytest.mark.parametrize("argument, value, message", [
     ("num_scales", 1, "num_scales=1: expected an integer of at least 2"),
     ("num_scales", 0, "num_scales=0 .*max_steps=0"),
