@@ -78,11 +78,15 @@ class ADM_G:
     :param diffusion: its diffusion.
     :param classifier: the classifier (e.g. from ADM_classifier).
     :param classifier_scale: the guidance scale.
+    :param guidance_interval: (sigma_lo, sigma_hi): guide only at the noise levels sigma in
+        (sigma_lo, sigma_hi] (Kynkäänniemi et al. 2024; guidance.GuidanceInterval), or None:
+        at every step.
     """
 
-    def __init__(self, model, diffusion, classifier, classifier_scale=1.0):
+    def __init__(self, model, diffusion, classifier, classifier_scale=1.0, guidance_interval=None):
         self.model, self.diffusion = model, diffusion
         self.classifier, self.classifier_scale = classifier, classifier_scale
+        self.guidance_interval = guidance_interval
 
     def sample(self, labels, sampler="dpmpp_2m", steps=15, seed=0, **options):
         """
@@ -100,5 +104,5 @@ class ADM_G:
             steps = None
         images, _ = sample(self.model, self.diffusion, classifier=self.classifier,
                            classifier_scale=self.classifier_scale, labels=labels, sampler=sampler,
-                           steps=steps, seed=seed, **options)
+                           steps=steps, seed=seed, guidance_interval=self.guidance_interval, **options)
         return images

@@ -23,9 +23,10 @@ from . import dist_util, logger
 from .acceleration import (
     acceleration_defaults, configure_runtime, set_cuda_math, training_acceleration_defaults,
 )
-from .checkpoint import load_for_inference, read_sidecar
+from .checkpoint import load_for_inference, read_sidecar, sidecar_path
 from .download import fetch_and_load
 from .file_writing import SamplesWriter, samples_outputs
+from .guidance import check_guide, check_interval
 from .presets import load_config, read_preset
 from .resample import create_named_schedule_sampler
 from .run_lock import hold_log_dir
@@ -357,7 +358,8 @@ def add_sampling_flags(parser, guidance=True, images=True):
 
     :param parser: an argparse.ArgumentParser.
     :param guidance: add --cfg_scale and --class_balanced.
-    :param images: add --save_png, --sampler and --steps.
+    :param images: add --save_png, --sampler, --steps, autoguidance's flags (Karras et al.
+        2024) and --guidance_interval (Kynkäänniemi et al. 2024).
     """
     parser.add_argument("--seed", type=int, default=None,
                         help="same seed, same images whatever the batch size and process count")
@@ -373,11 +375,27 @@ def add_sampling_flags(parser, guidance=True, images=True):
                             "--use_ddim loops)")
         parser.add_argument("--steps", type=int, default=0, help="the sampler's model evaluations per "
                             f"sample (default {DEFAULT_STEPS}; {CONSISTENCY}: 1)")
+        parser.add_argument("--guide_model_path", default="", help="autoguidance's guide: a weaker model")
+        parser.add_argument("--guide_config", default="", help="the guide's preset (default: its record's)")
+        parser.add_argument("--guide_scale", type=float, default=1.0, help="autoguidance weight (1: off)")
+        parser.add_argument("--guidance_interval", default="", help="LO,HI: guide at sigmas in (LO, HI] only")
     if guidance:
         parser.add_argument("--cfg_scale", type=float, default=None,
                             help="classifier-free guidance weight (needs --class_dropout_prob > 0)")
         parser.add_argument("--class_balanced", type=str2bool, nargs="?", const=True, default=False,
                             help="exactly num_samples / num_classes samples per class")
+
+
+def parse_guidance_interval(text):
+    """
+    :param text: the --guidance_interval flag: "LO,HI" (sigmas, HI may be inf) or "".
+    :return: (sigma_lo, sigma_hi), or None for "" (guidance everywhere).
+    """
+    try:
+        return check_interval(*map(float, text.split(","))) if text else None
+    except (ValueError, TypeError):
+        raise ValueError(f"--guidance_interval {text}: expected LO,HI with 0 <= LO < HI, two noise "
+                         "levels sigma = sqrt((1 - alpha_bar) / alpha_bar) (e.g. 0.28,5.42)") from None
 
 
 def start_sampling(args):
@@ -425,7 +443,8 @@ def sample_kwargs(args, guidance=True):
         num_samples=args.num_samples, batch_size=args.batch_size, use_ddim=args.use_ddim,
         clip_denoised=args.clip_denoised, seed=args.seed, num_classes=args.num_classes,
         use_bf16=args.use_bf16, compile=args.compile, sampler=args.sampler or None,
-        steps=args.steps or None,
+        steps=args.steps or None, guide_scale=args.guide_scale,
+        guidance_interval=parse_guidance_interval(args.guidance_interval),
     )
     if guidance:
         kwargs.update(cfg_scale=args.cfg_scale, class_balanced=args.class_balanced)
@@ -491,6 +510,52 @@ def load_model_and_diffusion(args, factory, defaults, timestep_respacing, sample
     model, diffusion = factory(**flags)
     load_for_sampling(model, args.model_path, "model_path", flags, args)
     return model, diffusion
+
+
+def load_guide(args, factory, defaults, model):
+    """
+    Build the guide of --guide_model_path, refuse one that cannot guide the model, then load it.
+
+    :param args: the parsed flags (the guide's architecture: --guide_config's, else its record's).
+    :param factory: the model's factory, e.g. script_util.create_model_and_diffusion.
+    :param defaults: the factory's flag defaults.
+    :param model: the main model.
+    :return: the guide on this process's device, or None without --guide_model_path.
+    """
+    path, config = args.guide_model_path, args.guide_config
+    if not path:
+        if config:
+            raise ValueError(f"--guide_config {config} without --guide_model_path: pass the guide")
+        return None
+    flags = _guide_flags(path, config, defaults, args.use_fp16)
+    differing = [f"{name}: guide {flags[name]!r}, model {getattr(args, name)!r}"
+                 for name in ("diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps")
+                 if flags[name] != getattr(args, name)]
+    if differing:
+        raise ValueError(f"--guide_model_path {path} has another diffusion schedule than the model "
+                         f"({'; '.join(differing)}): a guide must share the model's noise levels")
+    guide, _ = factory(**flags)
+    try:
+        check_guide(model, guide, args.num_classes)
+    except ValueError as error:
+        raise ValueError(f"--guide_model_path {path}: {error}") from None
+    return load_for_sampling(guide, path, "guide_model_path", flags, args)
+
+
+def _guide_flags(path, config, defaults, use_fp16):
+    """
+    :return: the factory flags of the guide at path (not respaced: only its network is used).
+    """
+    try:
+        recorded = load_config(config, purpose="train") if config else None
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"--guide_config {config}: {error}") from None
+    recorded = recorded or (read_sidecar(path) or {}).get("flags")
+    if not isinstance(recorded, dict):
+        raise ValueError(f"--guide_model_path {path}: no record of the flags it was trained with "
+                         f"({sidecar_path(path)}): check the path, or pass --guide_config PRESET")
+    flags = dict(defaults, **{name: value for name, value in recorded.items() if name in defaults})
+    return dict(flags, use_fp16=use_fp16, timestep_respacing="")
 
 
 def check_checkpoint_kind(path, path_flag, sampler):
@@ -580,7 +645,7 @@ def partial_samples(args):
     record = {name: value for name, value in vars(args).items()
               if name not in ("log_dir", "save_png", "overwrite")}
     record["world_size"] = dist_util.get_world_size()
-    for flag in ("model_path", "classifier_path"):
+    for flag in ("model_path", "classifier_path", "guide_model_path"):
         if record.get(flag):
             record[f"{flag} file"] = file_identity(record[flag])
     return PartialSamples(bf.join(logger.get_dir(), "partial_samples"), record)

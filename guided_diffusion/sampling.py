@@ -1,7 +1,8 @@
 """
 Sampling: one call from a model to uint8 images, with classifier guidance,
-classifier-free guidance, seeded per-sample noise, chosen labels and the gathering
-of samples from several processes in order.
+classifier-free guidance or autoguidance (each optionally in a guidance interval),
+seeded per-sample noise, chosen labels and the gathering of samples from several
+processes in order.
 
 Work is split into rounds across ranks as work_split.py describes.
 
@@ -25,7 +26,10 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .acceleration import accelerate
-from .guidance import check_classifier, check_classifier_free, classifier_cond_fn, classifier_free_model
+from .guidance import (
+    GuidanceInterval, autoguided_model, check_classifier, check_classifier_free, check_guide,
+    check_guide_scale, classifier_cond_fn, classifier_free_model,
+)
 from .image_grid import to_uint8_nhwc
 from .sampling_labels import check_labels, choose_labels, resolve_num_classes
 from .consistency import ConsistencyFunction, consistency_sample, consistency_sigma_range, consistency_sigmas
@@ -69,6 +73,9 @@ class SamplingRun:
         use_ddim=False,         # DDIM (eta = 0) instead of ancestral sampling
         clip_denoised=True,     # clamp x_0 predictions to [-1, 1]
         cfg_scale=None,         # classifier-free guidance weight (None: off)
+        guide=None,             # autoguidance: a weaker network of the same images (None: off)
+        guide_scale=1.0,        # autoguidance weight (1: the model alone)
+        guidance_interval=None,  # (sigma_lo, sigma_hi): guidance only at sigma in (lo, hi] (None: always)
         seed=None,              # per-sample seeded noise and labels (None: global RNG)
         low_res=None,           # super-resolution: uint8 NHWC images, one per sample
         device=None,            # default: the model's device
@@ -94,9 +101,14 @@ class SamplingRun:
         labels = check_labels(labels, self.labelled, num_classes)
         self.num_samples = _count_samples(num_samples, labels, low_res)
         _check_guidance(classifier, classifier_scale, cfg_scale, class_balanced, self.labelled, labels)
-        if sampler == CONSISTENCY and (classifier is not None or cfg_scale is not None):
-            raise ValueError(f"sampler={CONSISTENCY} with a classifier or cfg_scale: a consistency "
-                             "student samples the guidance it was distilled with, on its own")
+        _check_autoguidance(guide, guide_scale, cfg_scale)
+        guided = classifier is not None or cfg_scale is not None or guide is not None
+        if guidance_interval is not None and not guided:
+            raise ValueError(f"guidance_interval={guidance_interval} without guidance: it limits a "
+                             "classifier's, cfg_scale's or a guide's guidance to some noise levels")
+        if sampler == CONSISTENCY and guided:
+            raise ValueError(f"sampler={CONSISTENCY} with a classifier or cfg_scale, or a guide: a "
+                             "consistency student samples the guidance it was distilled with, on its own")
         check_counts(num_samples=self.num_samples, batch_size=batch_size)
         check_seed(seed)
         if partial is not None and seed is None:
@@ -110,24 +122,31 @@ class SamplingRun:
             diffusion, sampler, steps, time_grid, dynamic_threshold, sampler_options, use_ddim
         )
         device = next(model.parameters()).device if device is None else device
-        self._build_networks(model, classifier, classifier_scale, cfg_scale, conditional,
-                             dict(compile=compile, use_bf16=use_bf16, device=device))
+        interval = _guidance_interval(diffusion, guidance_interval)
+        speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
+        self._build_networks(model, classifier, classifier_scale, cfg_scale, conditional, interval, speed_ups)
+        if guide is not None:  # autoguidance of the model function (labels dropped or not)
+            self._model_fn = autoguided_model(self._model_fn, accelerate(guide, **speed_ups), guide_scale,
+                                              check_guide(model, guide, num_classes), interval)
         self._shape, self._batch_size, self._seed, self._device = shape, batch_size, seed, device
         self._clip_denoised, self._progress, self._callback = clip_denoised, progress, callback
         self.partial = partial
         self.finished = partial.finished() if partial is not None else 0
 
-    def _build_networks(self, model, classifier, classifier_scale, cfg_scale, conditional, speed_ups):
+    def _build_networks(self, model, classifier, classifier_scale, cfg_scale, conditional, interval,
+                        speed_ups):
         """
         Set the model function the loop calls (accelerated, with classifier-free guidance
-        or without labels for an unconditional model) and the classifier guidance gradient.
+        or without labels for an unconditional model) and the classifier guidance gradient,
+        each guiding inside `interval` (a GuidanceInterval, or None: everywhere).
         """
         self._model_fn = _model_function(model, accelerate(model, **speed_ups), conditional,
-                                         cfg_scale, self._num_classes)
+                                         cfg_scale, self._num_classes, interval)
         self._cond_fn = None
         if classifier is not None:
             check_classifier(classifier, model.image_size, self._num_classes)
-            self._cond_fn = classifier_cond_fn(accelerate(classifier, **speed_ups), classifier_scale)
+            self._cond_fn = classifier_cond_fn(accelerate(classifier, **speed_ups), classifier_scale,
+                                               interval)
 
     def rounds(self):
         """
@@ -300,15 +319,15 @@ def _sample_shape(model, low_res):
     return (1, channels, model.image_size, model.image_size)
 
 
-def _model_function(model, run, conditional, cfg_scale, num_classes):
+def _model_function(model, run, conditional, cfg_scale, num_classes, interval):
     """
     The model as the sampling loop calls it (through `run`, the model or its
-    accelerated form): with classifier-free guidance, or dropping the labels (only
-    the classifier uses them) for an unconditional model.
+    accelerated form): with classifier-free guidance (inside `interval`), or dropping
+    the labels (only the classifier uses them) for an unconditional model.
     """
     if cfg_scale is not None:
         null_label = check_classifier_free(model, cfg_scale, num_classes)
-        return classifier_free_model(run, cfg_scale, null_label)
+        return classifier_free_model(run, cfg_scale, null_label, interval)
     if conditional:
         return run
 
@@ -352,6 +371,32 @@ def _check_guidance(classifier, classifier_scale, cfg_scale, class_balanced, lab
     if class_balanced and (not labelled or labels is not None):
         raise ValueError("class_balanced needs labels to choose: a class-conditional model or a "
                          "classifier, and no explicit labels")
+
+
+def _guidance_interval(diffusion, guidance_interval):
+    """
+    :return: the GuidanceInterval of a (sigma_lo, sigma_hi) pair on the diffusion's
+        schedule, or None for None (guidance everywhere).
+    """
+    if guidance_interval is None:
+        return None
+    if len(guidance_interval) != 2:
+        raise ValueError(f"guidance_interval={guidance_interval}: expected a pair (sigma_lo, sigma_hi)")
+    return GuidanceInterval(diffusion, *guidance_interval)
+
+
+def _check_autoguidance(guide, guide_scale, cfg_scale):
+    """
+    Check the autoguidance weight, and that autoguidance comes alone or with a classifier.
+    """
+    check_guide_scale(guide_scale)
+    if guide is None and guide_scale != 1.0:
+        raise ValueError(f"guide_scale={guide_scale} without a guide: autoguidance needs the guide "
+                         "network (a weaker model of the same images)")
+    if guide is not None and cfg_scale is not None:
+        raise ValueError(f"a guide (autoguidance, guide_scale={guide_scale}) and cfg_scale={cfg_scale}: "
+                         "autoguidance and classifier-free guidance do not combine; choose one "
+                         "(a classifier may guide on top of either)")
 
 
 def _sampling_function(diffusion, sampler, steps, time_grid, dynamic_threshold, sampler_options,

@@ -22,10 +22,9 @@ def main(argv=None):
     partial = command_line.partial_samples(args)
     logger.log("creating model and diffusion...")
     respacing = command_line.sampling_respacing(args.timestep_respacing, args.sampler)
-    model, diffusion = command_line.load_model_and_diffusion(
-        args, script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults(),
-        respacing, args.sampler,
-    )
+    factory, defaults = script_util.create_model_and_diffusion, script_util.model_and_diffusion_defaults()
+    model, diffusion = command_line.load_model_and_diffusion(args, factory, defaults, respacing, args.sampler)
+    guide = command_line.load_guide(args, factory, defaults, model)
     logger.log("loading classifier...")
     classifier_flags = script_util.args_to_dict(args, script_util.classifier_defaults().keys())
     classifier = command_line.load_for_sampling(
@@ -34,7 +33,7 @@ def main(argv=None):
     )
     logger.log("sampling...")
     run = sampling.SamplingRun(
-        model, diffusion, classifier=classifier, classifier_scale=args.classifier_scale,
+        model, diffusion, classifier=classifier, classifier_scale=args.classifier_scale, guide=guide,
         device=dist_util.dev(), partial=partial, **command_line.sample_kwargs(args),
     )
     command_line.write_samples(run, args.save_png, args.overwrite)

@@ -23,10 +23,9 @@ def main(argv=None):
     partial = command_line.partial_samples(args)
     logger.log("creating model...")
     respacing = command_line.sampling_respacing(args.timestep_respacing, args.sampler)
-    model, diffusion = command_line.load_model_and_diffusion(
-        args, script_util.sr_create_model_and_diffusion,
-        script_util.sr_model_and_diffusion_defaults(), respacing, args.sampler,
-    )
+    factory, defaults = script_util.sr_create_model_and_diffusion, script_util.sr_model_and_diffusion_defaults()
+    model, diffusion = command_line.load_model_and_diffusion(args, factory, defaults, respacing, args.sampler)
+    guide = command_line.load_guide(args, factory, defaults, model)
     logger.log(f"upsampling {len(base_images)} base samples...")
     order = np.arange(args.num_samples) % len(base_images)
     run = sampling.SamplingRun(
@@ -34,6 +33,7 @@ def main(argv=None):
         diffusion,
         low_res=base_images[order],
         labels=None if base_labels is None else base_labels[order],
+        guide=guide,
         device=dist_util.dev(),
         partial=partial,
         **command_line.sample_kwargs(args, guidance=False),
