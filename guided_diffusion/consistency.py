@@ -21,6 +21,13 @@ prediction in the teacher's parametrisation, c_skip(sigma) = sigma_data^2 /
 the teacher's weights starts as the teacher's x_0 prediction, within c_skip(sigma) |x_t - D|:
 c_skip(80) = 3.9e-5.
 
+Clamping (clip_denoised, the training default): the teacher's x_0 in its ODE steps and D
+in the consistency functions are clamped to [-1, 1], as ADM's samplers clamp x_0. In the
+eps parametrisation D = (x_t - sqrt(1 - alpha_bar) eps) / alpha_t multiplies eps errors by
+sigma: on the quickstart's digits the teacher's D at sigma = 80 is 6.4 from the data (root
+mean square), 87% of its values outside [-1, 1]. D's clamp is straight-through: its value
+is clamped, its gradient is D's, so that the student still learns where D is out of range.
+
 Random draws: consistency_distillation_loss draws n, then z, from its generator;
 consistency_sample draws x_T, then one noise per later level, through noise_fn.
 """
@@ -222,12 +229,14 @@ class ConsistencyFunction:
     :param model_mean_type: the teacher's ModelMeanType (EPSILON or START_X).
     :param sigma_min: the boundary's level, the CD grid's lowest.
     :param sigma_data: the data's standard deviation.
+    :param clip_denoised: clamp D to [-1, 1], straight through (the module docstring).
     """
 
-    def __init__(self, model, schedule, model_mean_type, sigma_min, sigma_data=SIGMA_DATA):
+    def __init__(self, model, schedule, model_mean_type, sigma_min, sigma_data=SIGMA_DATA, clip_denoised=False):
         _check_mean_type(model_mean_type)
         self.model, self.schedule, self.model_mean_type = model, schedule, model_mean_type
         self.sigma_min, self.sigma_data = float(sigma_min), float(sigma_data)
+        self.clip_denoised = clip_denoised
 
     def c_skip(self, sigma):
         """
@@ -245,6 +254,8 @@ class ConsistencyFunction:
         """
         c_skip = _per_sample(self.c_skip(sigmas_of_times(self.schedule, _times_array(t, x_t))), x_t)
         x0 = predict_x0(self.model, self.schedule, self.model_mean_type, x_t, t, model_kwargs)
+        if self.clip_denoised:
+            x0 = x0 + (x0.clamp(-1, 1) - x0).detach()  # the clamped value, D's gradient
         return c_skip * x_t + (1 - c_skip) * x0
 
 

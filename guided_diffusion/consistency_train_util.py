@@ -93,7 +93,8 @@ class ConsistencyTrainLoop(TrainLoop):
         loss="pseudo_huber",        # the distance: l2 or pseudo_huber
         weighting="uniform",        # uniform or ict (1 / (sigma_{n+1} - sigma_n))
         cond_fn=None,               # classifier guidance of the teacher's step (guidance.classifier_cond_fn)
-        clip_denoised=True,         # clamp the teacher's x_0 to [-1, 1] in its steps, as ADM's samplers do
+        clip_denoised=True,         # clamp x_0 to [-1, 1] as ADM's samplers do: the teacher's in its steps,
+                                    # D in the student's and target's functions (straight through)
         max_steps=0,
         **kwargs,                   # model (the student, init_student'ed), data, batch_size, ...: as TrainLoop
     ):
@@ -110,10 +111,10 @@ class ConsistencyTrainLoop(TrainLoop):
         self.target_model = copy.deepcopy(self.model).requires_grad_(False)
         self.target_params = self._load_target_parameters(kwargs.get("resume_checkpoint"))
         self._copy_target_to_network()
-        self.student_fn = ConsistencyFunction(self.ddp_model, self.schedule, diffusion.model_mean_type,
-                                              self.sigma_min)
-        self.target_fn = ConsistencyFunction(self.target_model, self.schedule, diffusion.model_mean_type,
-                                             self.sigma_min)
+        self.student_fn, self.target_fn = (
+            ConsistencyFunction(network, self.schedule, diffusion.model_mean_type, self.sigma_min,
+                                clip_denoised=clip_denoised)
+            for network in (self.ddp_model, self.target_model))
 
     def _load_target_parameters(self, resume_checkpoint):
         """

@@ -450,7 +450,8 @@ def _consistency_sampling(diffusion, steps):
 
     def sample_batch(model, shape, clip_denoised=True, cond_fn=None, model_kwargs=None, device=None,
                      noise_fn=None, callback=None):
-        function = ConsistencyFunction(model, schedule, diffusion.model_mean_type, sigma_min)
+        function = ConsistencyFunction(model, schedule, diffusion.model_mean_type, sigma_min,
+                                       clip_denoised=clip_denoised)  # as the student was trained
         return consistency_sample(function, schedule, shape, sigmas, noise_fn=noise_fn,
                                   model_kwargs=model_kwargs, clip_denoised=clip_denoised,
                                   callback=callback, device=device)

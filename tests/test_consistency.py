@@ -181,6 +181,28 @@ def test_the_consistency_function_is_the_identity_at_the_boundary(tiny_model, mo
     assert f.c_skip(sigma_min) == 1.0
 
 
+def test_a_clamped_consistency_function_clamps_d_straight_through_and_keeps_the_boundary():
+    schedule = ContinuousSchedule(create_gaussian_diffusion(steps=40))
+    sigma_min = teacher_sigma_range(schedule)[0]
+    gain = th.tensor(0.2, requires_grad=True)
+
+    def network(x, timesteps):
+        return gain * x  # eps = 0.2 x: D = (1 - 0.2 sqrt(1 - alpha_bar)) x / alpha far outside [-1, 1]
+
+    x = th.randn(4, 3, 2, 2, generator=th.Generator().manual_seed(0)) * 3
+    t = th.tensor([schedule.t_min, 10.5, 25.0, 39.0], dtype=th.float64)
+    plain, clamped = (ConsistencyFunction(network, schedule, EPSILON, sigma_min, clip_denoised=clip)
+                      for clip in (False, True))
+    x0 = predict_x0(network, schedule, EPSILON, x, t)
+    c_skip = per_sample(plain.c_skip(sigmas_of_times(schedule, t.numpy()))).float()
+    out = clamped(x, t)
+    assert th.equal(out[0], x[0])  # f(x, t_min) = x, even outside [-1, 1]
+    assert th.allclose(out, c_skip * x + (1 - c_skip) * x0.clamp(-1, 1), atol=1e-6)
+    assert (x0[1:].abs() > 1).any() and not th.allclose(out, plain(x, t))
+    gradients = [th.autograd.grad(f(x, t).sum(), gain)[0] for f in (plain, clamped)]
+    assert gradients[0] != 0 and th.equal(gradients[0], gradients[1])  # D's gradient, unclamped
+
+
 # ------------------------------------------------------------------ (d) the student's start
 
 

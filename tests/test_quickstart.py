@@ -311,9 +311,10 @@ def test_the_distillation_goals_are_judged_against_teacher_ddim_25():
     reached = distill_stage.goal_results(_distill_rows(2.5, 1.3), 0.0)
     assert [result[3] for result in reached] == [False, False]
     assert distill_stage.goal_results(_distill_rows(1.0, 1.0), 3.0) == [None, None]
-    options = dict(distill_steps=7, distill_batch_size=5, distill_num_scales=4)
+    options = dict(distill_steps=7, distill_batch_size=5, distill_num_scales=4, distill_lr=2e-4)
     report = distill_stage.distill_markdown(_distill_rows(2.5, 1.2), options, seconds=3)
     assert "Students distilled for 7 steps of 5 images over 4 noise levels" in report
+    assert "learning rate 0.0002 decayed to 0, x_0 clamped" in report
     assert "| teacher | ddim | 25 | 1.000 | 0.900 | 0.800 | 0.700 |" in report
     assert "| student | consistency | 1 | 2.500 |" in report
     assert "within 1.25x teacher DDIM-25's Frechet distance: 1.20x, reached." in report
@@ -325,3 +326,5 @@ def test_bad_distill_options_are_refused():
         quickstart.run_quickstart(distill=True, distill_steps=0)
     with pytest.raises(ValueError, match="--distill_num_scales 1"):
         quickstart.run_quickstart(distill=True, distill_num_scales=1)
+    with pytest.raises(ValueError, match="--distill_lr 0: expected a positive learning rate"):
+        quickstart.run_quickstart(distill=True, distill_lr=0)

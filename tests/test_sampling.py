@@ -422,7 +422,7 @@ def test_consistency_sampling_of_a_student_is_the_cores_multistep_sampler():
     assert np.array_equal(images, same)  # seeded: independent of the batch size
     schedule = ContinuousSchedule(diffusion)
     sigma_min, sigma_max = consistency_sigma_range(schedule)
-    function = ConsistencyFunction(model, schedule, diffusion.model_mean_type, sigma_min)
+    function = ConsistencyFunction(model, schedule, diffusion.model_mean_type, sigma_min, clip_denoised=True)
     direct = consistency_sample(function, schedule, (3, 3, 8, 8), consistency_sigmas(sigma_min, sigma_max, 2),
                                 noise_fn=PerSampleNoise(6, range(3)),
                                 model_kwargs={"y": th.from_numpy(labels)})

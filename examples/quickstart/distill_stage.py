@@ -49,6 +49,8 @@ def check_distill_options(options):
     for name in ("distill_steps", "distill_batch_size"):
         if options[name] < 1:
             raise ValueError(f"--{name} {options[name]}: expected a positive integer")
+    if not options["distill_lr"] > 0:
+        raise ValueError(f"--distill_lr {options['distill_lr']}: expected a positive learning rate")
     if options["distill_num_scales"] < 2:
         raise ValueError(f"--distill_num_scales {options['distill_num_scales']}: expected at least 2")
     check_consistency_arguments(options["distill_num_scales"], TARGET_EMA, TEACHER_SOLVER, LOSS,
@@ -155,7 +157,8 @@ def distill_markdown(rows, options, seconds):
     parts = ["# Consistency distillation", (
         f"Students distilled for {options['distill_steps']} steps of {options['distill_batch_size']} "
         f"images over {options['distill_num_scales']} noise levels ({TEACHER_SOLVER} teacher steps, "
-        f"{LOSS} loss, target EMA {TARGET_EMA}); their EMA is sampled. Frechet distance in the "
+        f"{LOSS} loss, target EMA {TARGET_EMA}, learning rate {options['distill_lr']:g} decayed to 0, "
+        "x_0 clamped); their EMA is sampled. Frechet distance in the "
         f"judge's features against the held-out images (lower is better). Took {seconds:.0f} s.")]
     for scale in sorted({row["classifier_scale"] for row in rows}):
         lines = [f"Classifier scale {scale:g}:", "",
@@ -250,7 +253,7 @@ def run_distill_stage(teacher, model_flags, classifier, scales, labels, make_dat
             teacher, model_flags, make_data(), classifier_cond_fn(classifier, scale) if scale else None,
             lambda **loop_kwargs: train(scale, **loop_kwargs), stage_dir(out_dir, scale),
             options["distill_steps"], options["distill_num_scales"], options["distill_batch_size"],
-            options["lr"], options["ema_rate"], seed)
+            options["distill_lr"], options["ema_rate"], seed)
         logger.log(f"sampling the teacher and the student at classifier scale {scale:g}...")
         teacher_sets = teacher_samples(teacher, model_flags, classifier, scale, labels, batch_size, seed,
                                        None if main_samples is None else main_samples[scale])

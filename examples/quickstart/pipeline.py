@@ -126,6 +126,7 @@ def quickstart_defaults():
         distill_steps=1500,             # distillation training steps per scale
         distill_num_scales=18,          # noise levels of the distillation's grid
         distill_batch_size=64,          # distillation training images per step
+        distill_lr=1e-4,                # distillation learning rate, decayed linearly to 0
         seed=0,                         # seed of every random draw
     )
 
