@@ -188,6 +188,7 @@ def training_defaults():
         sampler="",  # the preview's fast sampler (default: DDIM over 25 steps)
         steps=0,  # the preview sampler's model evaluations per sample (0: 25)
         class_from="prefix",  # labels from the file-name prefix or the sub-folder ("folder")
+        labels_file="",  # or from this CSV of path,class rows (docs/guidance.md)
         num_workers=1,
         init_checkpoint="",  # start a new run from these weights
         overwrite_log_dir=False,  # let a new run write over the checkpoints in --log_dir
@@ -251,7 +252,7 @@ def data_kwargs(args, image_size=True, class_cond=None):
         data_dir=args.data_dir, batch_size=args.batch_size,
         class_cond=args.class_cond if class_cond is None else class_cond,
         class_from=args.class_from, num_classes=args.num_classes, seed=args.seed,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, labels_file=args.labels_file or None,
     )
     if image_size:
         kwargs["image_size"] = args.image_size
@@ -329,8 +330,7 @@ def run_training(args, model, diffusion, data, loop_class=TrainLoop, **loop_kwar
 
 def sampling_defaults():
     """
-    :return: the flag defaults image_sample.py, classifier_sample.py and
-        super_res_sample.py share (the original's).
+    :return: the flag defaults the three sampling scripts share (the original's).
     """
     return dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="")
 

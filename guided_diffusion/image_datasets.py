@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util, logger
 from .file_writing import is_local
+from .labels_file import class_names_from_file
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp")
 # PIL modes of 16-bit grayscale images ("I": 32-bit integers, what older PIL gives).
@@ -37,6 +38,7 @@ def load_data(
     random_crop=False,      # random 0.8-1.0 scale crops instead of the center crop
     random_flip=True,       # horizontal flips with probability 1/2
     class_from="prefix",    # labels from the file name before the first "_", or "folder"
+    labels_file=None,       # or from this CSV of path,class rows (labels_file.py)
     num_classes=None,       # the model's number of classes, checked against the data
     seed=None,              # seed of shuffles, crops and flips (None: drawn at random)
     num_workers=1,          # DataLoader worker processes (0: load in this process)
@@ -58,10 +60,14 @@ def load_data(
     for name, value in (("batch_size", batch_size), ("image_size", image_size)):
         if value < 1:
             raise ValueError(f"{name}={value}: expected a positive integer")
+    if labels_file and not class_cond:
+        raise ValueError(f"labels_file={labels_file} with class_cond=False: the labels would not "
+                         "be used; train a class-conditional model with class_cond=True")
     entries = list_image_files(data_dir)
     classes = None
     if class_cond:
-        classes, class_names = class_labels(entries, class_from, class_names, data_dir=data_dir)
+        classes, class_names = class_labels(entries, class_from, class_names, data_dir=data_dir,
+                                            labels_file=labels_file)
         if num_classes is not None and len(class_names) > num_classes:
             raise ValueError(
                 f"{data_dir} has {len(class_names)} classes ({_preview(class_names)}) but the "
@@ -216,7 +222,7 @@ def _list_image_files_recursively(data_dir):
     return [path for path, _ in list_image_files(data_dir)]
 
 
-def class_labels(entries, class_from, class_names=None, data_dir=None):
+def class_labels(entries, class_from, class_names=None, data_dir=None, labels_file=None):
     """
     Give each image an integer label: the index of its class name in class_names.
 
@@ -228,9 +234,16 @@ def class_labels(entries, class_from, class_names=None, data_dir=None):
     :param data_dir: the folder entries were listed from; with class_from="folder" and
         no class_names, its first-level sub-folders without images are named in a
         warning, as they get no label (None: not looked at).
+    :param labels_file: a CSV naming the class of every image (labels_file.py), in place of
+        class_from "prefix" (None: class_from decides).
     :return: (labels, class names).
     """
-    if class_from == "prefix":
+    if labels_file and class_from == "folder":
+        raise ValueError(f"class_from='folder' and labels_file={labels_file} are two sources of "
+                         "labels: choose one")
+    if labels_file:
+        names = class_names_from_file(entries, labels_file)
+    elif class_from == "prefix":
         names = [bf.basename(path).split("_")[0] for path, _ in entries]
     elif class_from == "folder":
         loose = [path for path, folders in entries if not folders]

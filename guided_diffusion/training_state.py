@@ -236,8 +236,8 @@ def compare_class_names(recorded, current, path, resuming):
         return
     raise ValueError(
         f"resume_checkpoint={path} was trained with other classes ({summary}): its labels would "
-        "stand for other images now. Resume with the data's class folders (or file-name "
-        f"prefixes) as they were, or start a new run from these weights with init_checkpoint={path}"
+        "stand for other images now. Resume with the data's class folders (file-name prefixes, "
+        f"labels file) as they were, or start a new run from these weights with init_checkpoint={path}"
     )
 
 

@@ -12,6 +12,9 @@ from guided_diffusion.image_datasets import load_data
 
 def main(argv=None):
     args = command_line.parse_args_with_config(create_argparser(), purpose="train", argv=argv)
+    if args.val_data_dir and args.labels_file:
+        raise ValueError(f"--labels_file {args.labels_file} labels the --data_dir images only, "
+                         f"not those of --val_data_dir {args.val_data_dir}: drop --val_data_dir")
     command_line.start_training(args)
     logger.log("creating model and diffusion...")
     model, diffusion = script_util.create_classifier_and_diffusion(

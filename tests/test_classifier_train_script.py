@@ -29,6 +29,7 @@ _CLASSIFIER_TRAIN_DEFAULTS = dict(
     save_interval=10000,
     log_dir="",
     class_from="prefix",
+    labels_file="",  # new: classes from a CSV (docs/guidance.md)
     num_workers=1,
     init_checkpoint="",
     overwrite_log_dir=False,

@@ -16,12 +16,13 @@ MAX_LINES = 700
 
 LAYERS = {
     "core": ["nn", "losses", "attention", "unet", "diffusion_types", "gaussian_diffusion", "diffusion_sampling",
-             "solver_schedule", "denoiser", "solvers", "consistency",
-             "respace", "resample", "guidance"],
+             "solver_schedule", "denoiser", "solvers", "consistency", "editing",
+             "respace", "resample", "guidance", "clustering"],
     "runtime": ["dist_util", "download", "logger", "fp16_util", "acceleration", "file_writing", "image_grid",
                 "image_datasets", "checkpoint", "training_state", "work_split", "sampling_state",
-                "tracking", "diffusers_export", "run_lock"],
-    "jobs": ["train_util", "classifier_train_util", "consistency_train_util", "sampling", "sampling_labels", "bpd"],
+                "tracking", "diffusers_export", "run_lock", "labels_file"],
+    "jobs": ["train_util", "classifier_train_util", "consistency_train_util", "sampling", "sampling_labels", "bpd",
+             "edit_sampling"],
     "command_line": ["script_util", "flag_checks", "presets", "command_line", "adm"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
