@@ -2,8 +2,8 @@
 The paper's systems by their names: ADM (the diffusion models), ADM_classifier (the
 noised-image classifiers), ADM_U (the super-resolution models) and ADM_G (a diffusion
 model guided by a classifier), built from the presets in configs/ (ADM_diffusion_256_conditioned,
-ADM_classifier_256, ADM_U_64_256, ...). Thin over script_util.create_pretrained and
-sampling.sample.
+ADM_classifier_256, ADM_U_64_256, ...). Thin over script_util.create_pretrained, sampling.sample and, for
+ADM_G's editing methods (inpaint, sdedit, ilvr, dps), edit_sampling.
 
     model, diffusion = ADM("ADM_diffusion_256_conditioned", "models/256x256_diffusion.pt")
     classifier = ADM_classifier("ADM_classifier_256", "models/256x256_classifier.pt")
@@ -11,6 +11,7 @@ sampling.sample.
         labels=[207, 360], sampler="dpmpp_2m", steps=15, seed=0)
 """
 
+from . import edit_sampling
 from .presets import read_preset
 from .sampling import sample
 from .script_util import build_preset, create_pretrained
@@ -106,3 +107,45 @@ class ADM_G:
                            classifier_scale=self.classifier_scale, labels=labels, sampler=sampler,
                            steps=steps, seed=seed, guidance_interval=self.guidance_interval, **options)
         return images
+
+    def _edit(self, function, labels, seed, *args, **options):
+        """
+        An edit_sampling function run with this model, its diffusion and its classifier guidance.
+        """
+        images, _ = function(self.model, self.diffusion, *args, classifier=self.classifier,
+                             classifier_scale=self.classifier_scale, labels=labels, seed=seed,
+                             guidance_interval=self.guidance_interval, **options)
+        return images
+
+    def inpaint(self, images, mask, labels, seed=0, **options):
+        """
+        Guided RePaint inpainting (edit_sampling.inpaint: images uint8 [N x H x W x 3], mask
+        1 = keep, one label per image; options: jump_length, jump_n_sample, batch_size, ...).
+
+        :return: uint8 images [N x H x W x 3].
+        """
+        return self._edit(edit_sampling.inpaint, labels, seed, images, mask, **options)
+
+    def sdedit(self, images, strength, labels, seed=0, **options):
+        """
+        Guided SDEdit from guide images at a strength in (0, 1] (edit_sampling.sdedit).
+
+        :return: uint8 images [N x H x W x 3].
+        """
+        return self._edit(edit_sampling.sdedit, labels, seed, images, strength, **options)
+
+    def ilvr(self, images, factor, labels, seed=0, **options):
+        """
+        Guided ILVR on reference images with downsampling factor N (edit_sampling.ilvr).
+
+        :return: uint8 images [N x H x W x 3].
+        """
+        return self._edit(edit_sampling.ilvr, labels, seed, images, factor, **options)
+
+    def dps(self, images, operator, labels, scale=1.0, seed=0, **options):
+        """
+        Guided DPS from the measurements operator(images) (edit_sampling.dps).
+
+        :return: uint8 images [N x H x W x 3].
+        """
+        return self._edit(edit_sampling.dps, labels, seed, images, operator, scale=scale, **options)

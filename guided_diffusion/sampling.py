@@ -92,6 +92,8 @@ class SamplingRun:
         dynamic_threshold=None,  # the sampler's dynamic thresholding percentile (e.g. 0.995)
         sampler_options=None,   # the sampler's own options, e.g. {"eta": 0.5} for "ddim"
         callback=None,          # called at every step: the loop's dict and "indices" (the batch's samples)
+        editing=None,           # an editing method of editing.py (RePaint, SDEdit, ILVR, DPS), one sample
+                                # per input, on the DDPM (or use_ddim) loop
     ):
         conditional = getattr(model, "num_classes", None) is not None
         self.labelled = conditional or classifier is not None
@@ -99,7 +101,7 @@ class SamplingRun:
         low_res = None if low_res is None else _check_low_res(low_res)
         labels = _expand_labels(labels, num_samples)
         labels = check_labels(labels, self.labelled, num_classes)
-        self.num_samples = _count_samples(num_samples, labels, low_res)
+        self.num_samples = _count_samples(num_samples, labels, low_res, editing)
         _check_guidance(classifier, classifier_scale, cfg_scale, class_balanced, self.labelled, labels)
         _check_autoguidance(guide, guide_scale, cfg_scale)
         guided = classifier is not None or cfg_scale is not None or guide is not None
@@ -121,6 +123,10 @@ class SamplingRun:
         self._sample_fn, self._steps_per_batch = _sampling_function(
             diffusion, sampler, steps, time_grid, dynamic_threshold, sampler_options, use_ddim
         )
+        self._editing = editing
+        if editing is not None:
+            self._sample_fn, self._steps_per_batch = _editing_function(diffusion, editing, sampler,
+                                                                       use_ddim, shape)
         device = next(model.parameters()).device if device is None else device
         interval = _guidance_interval(diffusion, guidance_interval)
         speed_ups = dict(compile=compile, use_bf16=use_bf16, device=device)
@@ -224,10 +230,11 @@ class SamplingRun:
                 self._callback(dict(state, indices=indices))
 
         noise_fn = None if self._seed is None else PerSampleNoise(self._seed, indices)  # x_T, then each step
+        inputs = {} if self._editing is None else {"indices": indices}  # the batch's inputs to edit
         return self._sample_fn(
             self._model_fn, (len(indices), *self._shape[1:]), clip_denoised=self._clip_denoised,
             cond_fn=self._cond_fn, model_kwargs=model_kwargs, device=self._device, noise_fn=noise_fn,
-            callback=on_step,
+            callback=on_step, **inputs,
         )
 
 
@@ -274,12 +281,13 @@ def _check_finite_samples(finite, work):
         )
 
 
-def _count_samples(num_samples, labels, low_res):
+def _count_samples(num_samples, labels, low_res, editing=None):
     """
-    :return: num_samples, defaulting to the number of labels or low-res images,
-             checked against them.
+    :return: num_samples, defaulting to the number of labels, low-res images or inputs to
+             edit, checked against them.
     """
-    given = {name: len(values) for name, values in (("labels", labels), ("low_res", low_res))
+    given = {name: len(values) for name, values in (("labels", labels), ("low_res", low_res),
+                                                    ("editing inputs", editing))
              if values is not None}
     if num_samples is None:
         if not given:
@@ -433,6 +441,19 @@ def _sampling_function(diffusion, sampler, steps, time_grid, dynamic_threshold, 
     function = functools.partial(diffusion.sample_loop, sampler=sampler, steps=steps,
                                  time_grid=time_grid, dynamic_threshold=dynamic_threshold, **options)
     return function, sampler_steps(sampler, steps)
+
+
+def _editing_function(diffusion, editing, sampler, use_ddim, shape):
+    """
+    The sampling function of an editing method (editing.py) on the diffusion's DDPM or
+    DDIM loop, checked against the model's sample shape, with its steps per batch.
+    """
+    if sampler is not None:
+        raise ValueError(f"sampler={sampler} with an editing method: editing runs the DDPM loop "
+                         "(or DDIM with use_ddim=True); leave sampler unset")
+    editing.check_shape(shape[1:])
+    function = functools.partial(editing.sample, diffusion, use_ddim=use_ddim)
+    return function, editing.num_steps(diffusion.num_timesteps)
 
 
 def _consistency_sampling(diffusion, steps):
