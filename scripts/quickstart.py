@@ -4,6 +4,7 @@ The quickstart: train a small class-conditional ADM and a noised classifier on t
 several scales and measure the fidelity-diversity trade-off, on a CPU in minutes.
 
 python scripts/quickstart.py                               # writes runs/quickstart/
+python scripts/quickstart.py --unlabeled True              # also guidance without labels
 python scripts/quickstart.py --data_dir DIR --heldout_dir HELDOUT --image_size 32 \\
     --out_dir runs/mine                                    # your own labelled images
 """

@@ -328,3 +328,97 @@ def test_bad_distill_options_are_refused():
         quickstart.run_quickstart(distill=True, distill_num_scales=1)
     with pytest.raises(ValueError, match="--distill_lr 0: expected a positive learning rate"):
         quickstart.run_quickstart(distill=True, distill_lr=0)
+
+
+# ---------------------------------------------------------------------- without labels
+
+
+@pytest.mark.slow
+def test_the_unlabeled_stage_writes_its_table_samples_and_picture_without_reading_labels(
+        tiny_folders, tmp_path, isolated_logger, torch_single_thread):
+    from examples.quickstart import unlabeled_stage
+    from guided_diffusion.checkpoint import read_sidecar
+
+    out = tmp_path / "unlabeled"
+    quickstart.run_quickstart(
+        progress=False, out_dir=str(out), data_dir=tiny_folders[0], heldout_dir=tiny_folders[1],
+        **dict(TINY_OPTIONS, sampler_study="none", unlabeled=True, unlabeled_clusters=3,
+               unlabeled_guide_scales="2", unlabeled_scales="1"))
+    with open(out / "unlabeled.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = [("unguided", 0.0, ""), ("autoguidance", 2.0, ""), ("autoguidance", 2.0, "0.3,5"),
+                ("self-labelled", 1.0, ""), ("self-labelled", 1.0, "0.3,5"), ("true-label", 1.0, "")]
+    assert [(row["sampler"], int(row["evaluations"]), row["guidance"], float(row["scale"]), row["interval"])
+            for row in rows] == [(sampler, count, *combo) for sampler, count in (("ddim", 25), ("dpmpp_2m", 10))
+                                 for combo in expected]
+    for row in rows:
+        assert np.isfinite(float(row["frechet"])) and 0 <= float(row["recall"]) <= 1
+        assert (row["agreement"] == "") == (row["guidance"] in ("unguided", "autoguidance"))
+    report = (out / "unlabeled.md").read_text()
+    assert "ddim, 25 steps:" in report and "dpmpp_2m, 10 steps:" in report
+    assert report.count("- Goal: autoguidance lowers the Frechet distance") == 2
+    assert all(f"{name}: purity" in report or f"{name} (used): purity" in report for name in ("unet", "pixels"))
+    # No labels reach the unconditional model (its guide is the EMA at step 2 // 5 -> 1)...
+    stage = out / "unlabeled"
+    for path in ("ema_0.995_000002.pt", "ema_0.995_000001.pt"):
+        record = read_sidecar(str(stage / "diffusion" / path))
+        assert record["flags"]["class_cond"] is False and not record.get("class_names")
+    # ... and the classifier learns the clusters' names, not the classes a, b, c.
+    record = read_sidecar(str(stage / "classifier" / "model000002.pt"))
+    assert record["class_names"] == ["cluster_00", "cluster_01", "cluster_02"]
+    assert record["flags"]["num_classes"] == 3
+    with open(stage / "clusters.csv") as f:
+        assert {row["class"] for row in csv.DictReader(f)} == set(record["class_names"])
+    with np.load(out / "unlabeled_samples" / "ddim_self-labelled_1_interval.npz") as arrays:
+        assert arrays["arr_0"].shape == (12, 8, 8, 3)
+        assert np.array_equal(arrays["arr_1"], np.repeat(np.arange(3), 4))
+    with np.load(out / "unlabeled_samples" / "dpmpp_2m_unguided.npz") as arrays:
+        assert arrays["arr_0"].shape == (12, 8, 8, 3) and "arr_1" not in arrays
+    assert len(os.listdir(out / "unlabeled_samples")) == 12
+    # Three captioned grids (3 x 3 tiles: 32 pixels, zoomed 4 times), 12 pixels apart.
+    assert Image.open(out / "unlabeled.png").size == (3 * (128 + 12) + 12, 128 + 24 + 2 * 12)
+    assert unlabeled_stage.unconditional_flags({"class_cond": True})["class_cond"] is False
+
+
+def _unlabeled_rows(auto_frechet, auto_recall, self_precision, interval_frechet):
+    def row(guidance, scale=0.0, interval="", frechet=1.0, precision=0.5, recall=0.8):
+        return dict(sampler="ddim", evaluations=25, guidance=guidance, scale=scale, interval=interval,
+                    frechet=frechet, precision=precision, recall=recall, agreement=None)
+
+    return [row("unguided"), row("autoguidance", 2.0, frechet=auto_frechet, recall=auto_recall),
+            row("autoguidance", 2.0, "0.3,5", frechet=interval_frechet),
+            row("self-labelled", 1.0, precision=self_precision),
+            row("self-labelled", 1.0, "0.3,5", frechet=interval_frechet), row("true-label", 1.0, precision=0.7)]
+
+
+def test_the_unlabeled_goals_are_judged_from_the_rows():
+    from examples.quickstart.unlabeled_stage import goal_results, unlabeled_markdown
+
+    reached = goal_results(_unlabeled_rows(0.9, 0.76, 0.66, 0.9), "ddim")
+    assert [result[1] for result in reached] == [True, True, True]
+    assert "(w = 2)" in reached[0][0]
+    # More than 0.05 recall lost; precision 0.06 below true-label guidance; the interval worse.
+    missed = goal_results(_unlabeled_rows(0.9, 0.74, 0.64, 1.1), "ddim")
+    assert [result[1] for result in missed] == [False, False, False]
+    # Precision must rise over unguided too; a worse Frechet distance is no gain.
+    assert goal_results(_unlabeled_rows(1.1, 0.8, 0.5, 0.9), "ddim")[:2][0][1] is False
+    assert goal_results(_unlabeled_rows(1.1, 0.8, 0.5, 0.9), "ddim")[1][1] is False
+    assert [result[1] for result in goal_results(_unlabeled_rows(0.9, 0.8, 0.7, 0.9), "dpmpp_2m")] == [None, None]
+    options = dict(unlabeled_steps=0, train_steps=50, unlabeled_clusters=10, classifier_steps=7,
+                   unlabeled_interval="0.3,5")
+    report = unlabeled_markdown(_unlabeled_rows(0.9, 0.76, 0.66, 0.9), {"unet": (None, 0.8, 0.7)}, "unet",
+                                options, seconds=3)
+    assert "trained for 50 steps; its guide is the EMA at step 10" in report
+    assert "unet (used): purity 0.800, NMI 0.700" in report
+    assert "| unguided | 0 | no | 1.000 | 0.500 | 0.800 | - |" in report
+    assert "| self-labelled | 1 | yes | 0.900 |" in report
+    assert report.count(": reached.") == 3 and "- Goal: self-labelled guidance at scale 1" in report
+
+
+def test_bad_unlabeled_options_are_refused():
+    for name, value in (("unlabeled_steps", -1), ("unlabeled_clusters", 1), ("unlabeled_features", "rgb"),
+                        ("unlabeled_guide_scales", "2,-1"), ("unlabeled_scales", "0"),
+                        ("unlabeled_scales", "a"), ("unlabeled_interval", "5,0.3"), ("unlabeled_interval", "")):
+        with pytest.raises(ValueError, match=f"--{name} "):
+            quickstart.run_quickstart(unlabeled=True, **{name: value})
+    quickstart._check_options(dict(unlabeled_scales="0"))  # checked only when the stage is on

@@ -65,7 +65,7 @@ from guided_diffusion.train_util import TrainLoop
 from guided_diffusion.training_state import ema_filename, model_filename
 from guided_diffusion.work_split import set_seed
 
-from . import distill_stage
+from . import distill_stage, unlabeled_stage
 from .sampler_study import (
     check_study, judge_score, model_diffusion, run_sampler_study, write_study,
 )
@@ -127,6 +127,13 @@ def quickstart_defaults():
         distill_num_scales=18,          # noise levels of the distillation's grid
         distill_batch_size=64,          # distillation training images per step
         distill_lr=1e-4,                # distillation learning rate, decayed linearly to 0
+        unlabeled=False,                # run the stage without labels (unlabeled_stage.py)
+        unlabeled_steps=0,              # its diffusion training steps (0: train_steps)
+        unlabeled_clusters=10,          # k-means pseudo-classes K
+        unlabeled_features="unet",      # "unet", "pixels" or "auto" (the purer against the true labels)
+        unlabeled_guide_scales="1.5,2,3",  # autoguidance weights w
+        unlabeled_scales="1,3",         # classifier scales, self-labelled and true-label
+        unlabeled_interval="0.3,5",     # guidance interval in sigma, LO,HI
         seed=0,                         # seed of every random draw
     )
 
@@ -271,15 +278,16 @@ class _Distillation(_StepProgress, ConsistencyTrainLoop):
     """ConsistencyTrainLoop with a progress bar."""
 
 
-def _loader(data_dir, batch_size, image_size, class_from, num_classes, seed, class_names=None):
+def _loader(data_dir, batch_size, image_size, class_from, num_classes, seed, class_names=None,
+            class_cond=True, labels_file=None):
     """
-    load_data for the quickstart: labelled, unflipped (digits do not mirror), in-process;
-    class_names numbers the labels by another loader's classes (validation data).
+    load_data for the quickstart: labelled (unless class_cond is False), unflipped (digits do not
+    mirror), in-process; class_names numbers the labels by another loader's classes (validation).
     """
     return load_data(
-        data_dir=data_dir, batch_size=batch_size, image_size=image_size, class_cond=True,
+        data_dir=data_dir, batch_size=batch_size, image_size=image_size, class_cond=class_cond,
         random_flip=False, class_from=class_from, num_classes=num_classes, seed=seed,
-        num_workers=0, class_names=class_names,
+        num_workers=0, class_names=class_names, labels_file=labels_file,
     )
 
 
@@ -291,22 +299,24 @@ def _run_with_progress(loop, steps, name, progress):
 
 
 def train_diffusion(model_flags, data_dir, steps, batch_size, lr, ema_rate, class_from, seed,
-                    progress=True):
+                    progress=True, save_interval=None):
     """
-    Train a class-conditional diffusion model with TrainLoop, the learning rate decaying
-    linearly to 0; the last step's checkpoints go to logger.get_dir().
+    Train a diffusion model with TrainLoop (labels only when class-conditional), the
+    learning rate decaying linearly to 0; checkpoints go to logger.get_dir().
 
     :param model_flags: create_model_and_diffusion's flags.
-    :return: the path of the EMA checkpoint.
+    :param save_interval: save every this many steps too (None: the last step only).
+    :return: the path of the last EMA checkpoint.
     """
     set_seed(seed)
     model, diffusion = create_model_and_diffusion(**model_flags)
     model.to(dist_util.dev())
     data = _loader(data_dir, batch_size, model_flags["image_size"], class_from,
-                   model_flags["num_classes"], seed)
+                   model_flags["num_classes"], seed, class_cond=model_flags["class_cond"])
     loop = _DiffusionTraining(
         model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=-1, lr=lr,
-        ema_rate=ema_rate, log_interval=LOG_INTERVAL, save_interval=steps, resume_checkpoint="",
+        ema_rate=ema_rate, log_interval=LOG_INTERVAL, save_interval=save_interval or steps,
+        resume_checkpoint="", class_names=data.class_names,
         lr_anneal_steps=steps, max_steps=steps, seed=seed, flags=model_flags,
         overwrite_log_dir=True,  # a rerun of the quickstart replaces its own outputs
     )
@@ -315,11 +325,11 @@ def train_diffusion(model_flags, data_dir, steps, batch_size, lr, ema_rate, clas
 
 
 def train_classifier(classifier_flags, data_dir, heldout_dir, steps, batch_size, lr, class_from,
-                     seed, progress=True):
+                     seed, progress=True, labels_file=None):
     """
     Train a noised-image classifier with ClassifierTrainLoop (validated on held-out
-    images), the learning rate decaying linearly to 0; the last step's checkpoint goes
-    to logger.get_dir().
+    images unless labels_file gives the classes), the learning rate decaying linearly
+    to 0; the last step's checkpoint goes to logger.get_dir().
 
     :param classifier_flags: create_classifier_and_diffusion's flags.
     :return: the path of the checkpoint.
@@ -328,15 +338,15 @@ def train_classifier(classifier_flags, data_dir, heldout_dir, steps, batch_size,
     classifier, diffusion = create_classifier_and_diffusion(**classifier_flags)
     classifier.to(dist_util.dev())
     image_size, num_classes = classifier_flags["image_size"], classifier_flags["num_classes"]
-    data = _loader(data_dir, batch_size, image_size, class_from, num_classes, seed)
+    data = _loader(data_dir, batch_size, image_size, class_from, num_classes, seed, labels_file=labels_file)
     val_batch = min(batch_size, len(list_image_files(heldout_dir)))
-    val_data = _loader(heldout_dir, val_batch, image_size, class_from, num_classes, seed,
-                       class_names=data.class_names)
+    val_data = None if labels_file else _loader(heldout_dir, val_batch, image_size, class_from, num_classes,
+                                                seed, class_names=data.class_names)
     loop = _ClassifierTraining(
         model=classifier, diffusion=diffusion, data=data, val_data=val_data, noised=True,
         iterations=steps, anneal_lr=True, eval_interval=LOG_INTERVAL, batch_size=batch_size,
         microbatch=-1, lr=lr, log_interval=LOG_INTERVAL, save_interval=steps, resume_checkpoint="",
-        seed=seed, flags=classifier_flags, overwrite_log_dir=True,
+        seed=seed, flags=classifier_flags, overwrite_log_dir=True, class_names=data.class_names,
     )
     _run_with_progress(loop, steps, "classifier", progress)
     return bf.join(logger.get_dir(), model_filename(steps))
@@ -454,6 +464,7 @@ def _check_options(options):
     merged.update(options)
     check_study(merged["sampler_study"])
     distill_stage.check_distill_options(merged)
+    unlabeled_stage.check_unlabeled_options(merged)
     if merged["heldout_dir"] and not merged["data_dir"]:
         raise ValueError("--heldout_dir needs --data_dir (the digits bring their own held-out images)")
     for name in ("train_steps", "classifier_steps", "sample_steps", "samples_per_class",
@@ -574,6 +585,28 @@ def _distill(options, model_flags, model, classifier, scales, labels, samples, j
         samples if reusable else None)
 
 
+def _unlabeled(options, model_flags, classifier_flags, classifier, train_dir, heldout_dir, train_images,
+               train_labels, judge, real_features, progress):
+    """:return: the rows of the stage without labels (train_labels serve its report only)."""
+    out_dir, stage = options["out_dir"], unlabeled_stage.stage_dir(options["out_dir"])
+    steps = options["unlabeled_steps"] or options["train_steps"]
+    common = (options["batch_size"], options["class_from"], options["seed"], progress)
+
+    def train_model(flags):
+        with _logging_to(bf.join(stage, "diffusion"), out_dir):
+            return train_diffusion(flags, train_dir, steps, common[0], options["lr"], options["ema_rate"],
+                                   *common[1:], save_interval=unlabeled_stage.guide_step(steps))
+
+    def train_pseudo_classifier(flags, labels_file):
+        with _logging_to(bf.join(stage, "classifier"), out_dir):
+            return train_classifier(flags, train_dir, heldout_dir, options["classifier_steps"], common[0],
+                                    options["classifier_lr"], *common[1:], labels_file=labels_file)
+
+    return unlabeled_stage.run_unlabeled_stage(
+        model_flags, classifier_flags, classifier, train_dir, train_images, train_labels, train_model,
+        train_pseudo_classifier, lambda labels: judge_score(judge, real_features, labels, score_images), options)
+
+
 def run_quickstart(progress=True, **options):
     """
     Run the whole job (see the module docstring). It configures `logger`: stdout and
@@ -642,6 +675,10 @@ def run_quickstart(progress=True, **options):
         distill_stage.write_distill(out_dir, distill_rows, distill_sets, labels, len(names),
                                     min(options["grid_columns"], options["samples_per_class"]),
                                     max(1, 32 // options["image_size"]), options, seconds["distillation"])
+    if options["unlabeled"]:
+        with _timed(seconds, "unlabeled stage"):
+            _unlabeled(options, model_flags, classifier_flags, classifier, train_dir, heldout_dir, train_images,
+                       train_labels, judge, real_features, progress)
     with _timed(seconds, "report"):
         columns = min(options["grid_columns"], options["samples_per_class"])
         write_pictures(out_dir, rows, samples, labels, len(names), columns,

@@ -188,6 +188,19 @@ def draw_tradeoff_plot(rows, width=460, height=300):
     return image
 
 
+def captioned_tile(grid, caption, zoom, caption_height=24):
+    """
+    :param grid: a uint8 grid image [H x W x C].
+    :return: an RGB PIL image: the grid zoomed by pixel repetition, the caption above it.
+    """
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
+    picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
+    tile = Image.new("RGB", (picture.width, picture.height + caption_height), "white")
+    tile.paste(picture, (0, caption_height))
+    draw_text(ImageDraw.Draw(tile), (tile.width / 2, caption_height / 2), caption, label_font(14), "center")
+    return tile
+
+
 def overview_picture(grids, plot, zoom=2, gap=12, caption_height=24):
     """
     :param grids: (caption, uint8 grid image [H x W x C]) pairs, one per scale.
@@ -195,15 +208,7 @@ def overview_picture(grids, plot, zoom=2, gap=12, caption_height=24):
     :param zoom: pixel repetition of the grids.
     :return: an RGB PIL image: the captioned grids in a near-square block, the plot to its right.
     """
-    font = label_font(14)
-    tiles = []
-    for caption, grid in grids:
-        picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
-        picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
-        tile = Image.new("RGB", (picture.width, picture.height + caption_height), "white")
-        tile.paste(picture, (0, caption_height))
-        draw_text(ImageDraw.Draw(tile), (tile.width / 2, caption_height / 2), caption, font, "center")
-        tiles.append(tile)
+    tiles = [captioned_tile(grid, caption, zoom, caption_height) for caption, grid in grids]
     per_row = math.ceil(math.sqrt(len(tiles)))
     tile_width, tile_height = max(t.width for t in tiles), max(t.height for t in tiles)
     block_width = per_row * (tile_width + gap) - gap
