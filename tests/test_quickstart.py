@@ -15,6 +15,7 @@ import pytest
 import torch as th
 from PIL import Image
 
+from examples.quickstart import judge as judge_module
 from examples.quickstart import pipeline as quickstart
 from examples.quickstart import report as quickstart_report
 from guided_diffusion.checkpoint import load_checkpoint
@@ -130,29 +131,29 @@ def test_judge_inputs_are_block_means_in_0_1():
     image = np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1) * 10
     expected = np.array([[0 + 10 + 40 + 50, 20 + 30 + 60 + 70, 80 + 90 + 120 + 130,
                           100 + 110 + 140 + 150]]) / 4 / 255
-    assert np.allclose(quickstart.judge_inputs(image, 2), expected)
+    assert np.allclose(judge_module.judge_inputs(image, 2), expected)
 
 
 def test_judge_recognises_separable_classes_and_gives_hidden_features(tiny_folders):
     images, labels, _ = quickstart.read_labelled_images(tiny_folders[0], 8, "prefix")
-    judge = quickstart.Judge(judge_size=4, hidden=8, seed=0).fit(images, labels)
+    judge = judge_module.Judge(judge_size=4, hidden=8, seed=0).fit(images, labels)
     heldout, heldout_labels, _ = quickstart.read_labelled_images(tiny_folders[1], 8, "prefix")
     assert np.array_equal(judge.predict(heldout), heldout_labels)
     features = judge.features(heldout)
     assert features.shape == (12, 8) and features.min() >= 0
-    inputs = quickstart.judge_inputs(heldout, 4)
+    inputs = judge_module.judge_inputs(heldout, 4)
     assert np.allclose(features, np.maximum(inputs @ judge.mlp.coefs_[0] + judge.mlp.intercepts_[0], 0))
 
 
 def test_precision_recall_of_equal_sets_is_one_and_of_distant_sets_zero():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(20, 4)).astype(np.float32)
-    assert quickstart.precision_recall(real, real.copy()) == (1.0, 1.0)
-    assert quickstart.precision_recall(real, real + 100) == (0.0, 0.0)
+    assert judge_module.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert judge_module.precision_recall(real, real + 100) == (0.0, 0.0)
     # Half the samples on the real points, half far away: precision 1/2; the real points
     # are inside the samples' balls (their own copies), recall 1.
     half = np.concatenate([real[:10], real[:10] + 100])
-    precision, recall = quickstart.precision_recall(real[:10], half)
+    precision, recall = judge_module.precision_recall(real[:10], half)
     assert (precision, recall) == (0.5, 1.0)
 
 

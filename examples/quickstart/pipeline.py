@@ -16,10 +16,9 @@ uint8 NHWC samples, arr_1 requested labels) and samples/scale_S.png (one row per
 results.md and results.csv; tradeoff.png (the plot); quickstart.png (grids and plot).
 report.py writes everything from samples/ on.
 
-The judge is a scikit-learn MLP fitted on the real training images area-downsampled to
-judge_size x judge_size; samples are downsampled the same way. Precision and recall
-(k = 3, Kynkaanniemi et al. 2019) compare each scale's samples with the held-out real
-images in the judge's hidden-layer features, as the evaluator does with Inception's.
+The judge (judge.py) is a scikit-learn MLP fitted on the real training images
+area-downsampled; precision and recall compare each scale's samples with the held-out
+real images in its hidden-layer features.
 
 Randomness: every stage draws from generators seeded by `seed`: the digits' split, each
 network's initialisation and training (set_seed, load_data's seed), the samples
@@ -29,16 +28,11 @@ network's initialisation and training (set_seed, load_data's seed), the samples
 import contextlib
 import math
 import time
-import warnings
 
 import blobfile as bf
 import numpy as np
-import torch as th
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
-
-from evaluations.manifold import ManifoldEstimator
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import load_for_inference
@@ -65,7 +59,8 @@ from guided_diffusion.train_util import TrainLoop
 from guided_diffusion.training_state import ema_filename, model_filename
 from guided_diffusion.work_split import set_seed
 
-from . import distill_stage, unlabeled_stage
+from . import distill_stage, editing_stage, unlabeled_stage
+from .judge import Judge, score_images
 from .sampler_study import (
     check_study, judge_score, model_diffusion, run_sampler_study, write_study,
 )
@@ -83,8 +78,6 @@ from .report import (
 DIGITS_MAX_VALUE = 16
 # Steps between rows of the training logs (progress.csv) and between validation batches.
 LOG_INTERVAL = 50
-# Nearest neighbours of the precision/recall manifolds (the evaluator's k).
-NEIGHBOURS = 3
 
 
 def quickstart_defaults():
@@ -134,6 +127,7 @@ def quickstart_defaults():
         unlabeled_guide_scales="1.5,2,3",  # autoguidance weights w
         unlabeled_scales="1,3",         # classifier scales, self-labelled and true-label
         unlabeled_interval="0.3,5",     # guidance interval in sigma, LO,HI
+        **editing_stage.editing_defaults(),  # the editing stage's options (editing_stage.py)
         seed=0,                         # seed of every random draw
     )
 
@@ -372,84 +366,6 @@ def sample_scales(model, diffusion, classifier, scales, labels, batch_size, seed
     return samples
 
 
-# ---------------------------------------------------------------------- evaluation
-
-
-def judge_inputs(images, judge_size):
-    """
-    :param images: uint8 images [N x H x W x C].
-    :return: float32 [N x judge_size * judge_size * C]: the images area-downsampled to
-        judge_size x judge_size, in [0, 1].
-    """
-    pixels = th.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    return F.adaptive_avg_pool2d(pixels, judge_size).flatten(1).numpy()
-
-
-class Judge:
-    """
-    A one-hidden-layer MLP on downsampled images, fitted on real images: it says which
-    class an image shows and gives the features precision and recall are measured in.
-    """
-
-    def __init__(self, judge_size, hidden=64, seed=0):
-        """
-        :param judge_size: the side images are downsampled to.
-        :param hidden: hidden units (the feature dimension).
-        :param seed: seed of the MLP's initialisation and batches.
-        """
-        from sklearn.neural_network import MLPClassifier
-
-        self.judge_size = judge_size
-        self.mlp = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=400, random_state=seed)
-
-    def fit(self, images, labels):
-        """
-        :param images: uint8 real images [N x H x W x C] of the given classes.
-        :return: self.
-        """
-        from sklearn.exceptions import ConvergenceWarning
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
-
-        # One BLAS thread: the problem is tiny, and several threads stall on a busy machine.
-        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            self.mlp.fit(judge_inputs(images, self.judge_size), labels)
-        return self
-
-    def predict(self, images):
-        """:return: the judged class of each image."""
-        return self.mlp.predict(judge_inputs(images, self.judge_size))
-
-    def features(self, images):
-        """:return: float [N x hidden]: the images' hidden-layer activations (ReLU)."""
-        hidden = judge_inputs(images, self.judge_size) @ self.mlp.coefs_[0] + self.mlp.intercepts_[0]
-        return np.maximum(hidden, 0)
-
-
-def precision_recall(real_features, sample_features):
-    """
-    Improved precision and recall (k = NEIGHBOURS), computed as the evaluator does.
-
-    :return: (precision, recall): the fraction of samples inside the real manifold and
-        the fraction of real images inside the sample manifold.
-    """
-    estimator = ManifoldEstimator(nhood_sizes=(NEIGHBOURS,))
-    real_radii = estimator.manifold_radii(real_features)
-    sample_radii = estimator.manifold_radii(sample_features)
-    precision, recall = estimator.evaluate_pr(real_features, real_radii, sample_features, sample_radii)
-    return float(precision[0]), float(recall[0])
-
-
-def score_images(judge, real_features, images, labels):
-    """
-    :return: a dict: 'recognised' (the fraction the judge assigns to labels), 'precision'
-        and 'recall' against the real features.
-    """
-    precision, recall = precision_recall(real_features, judge.features(images))
-    recognised = float(np.mean(judge.predict(images) == labels))
-    return dict(recognised=recognised, precision=precision, recall=recall)
-
-
 # ---------------------------------------------------------------------- the job
 
 
@@ -465,6 +381,7 @@ def _check_options(options):
     check_study(merged["sampler_study"])
     distill_stage.check_distill_options(merged)
     unlabeled_stage.check_unlabeled_options(merged)
+    editing_stage.check_editing_options(merged)
     if merged["heldout_dir"] and not merged["data_dir"]:
         raise ValueError("--heldout_dir needs --data_dir (the digits bring their own held-out images)")
     for name in ("train_steps", "classifier_steps", "sample_steps", "samples_per_class",
@@ -679,6 +596,12 @@ def run_quickstart(progress=True, **options):
         with _timed(seconds, "unlabeled stage"):
             _unlabeled(options, model_flags, classifier_flags, classifier, train_dir, heldout_dir, train_images,
                        train_labels, judge, real_features, progress)
+    if options["editing"]:
+        with _timed(seconds, "editing"):
+            editing_rows, editing_examples = editing_stage.run_editing_stage(
+                model, model_flags, classifier, scales[len(scales) // 2], heldout_images, heldout_labels,
+                judge, options, progress)
+        editing_stage.write_editing(out_dir, editing_rows, editing_examples, options, seconds["editing"])
     with _timed(seconds, "report"):
         columns = min(options["grid_columns"], options["samples_per_class"])
         write_pictures(out_dir, rows, samples, labels, len(names), columns,
