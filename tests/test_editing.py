@@ -14,22 +14,9 @@ from guided_diffusion.adm import ADM_G
 from guided_diffusion.sampling import sample
 from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion
 
-from test_sampling import tiny_classifier_flags, tiny_model
+from test_sampling import conditional, one_thread, tiny_classifier_flags, tiny_model  # the first two: fixtures
 
 LABELS = [0, 1, 2, 3, 1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def conditional():
-    return tiny_model(class_cond=True)
 
 
 @pytest.fixture(scope="module")

@@ -111,11 +111,8 @@ def classifier_accuracy(classifier, images, labels):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = th.get_num_threads()
-    th.set_num_threads(1)
+def one_thread(torch_single_thread):
     yield
-    th.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
