@@ -20,17 +20,20 @@ import copy
 from types import SimpleNamespace
 
 import blobfile as bf
+import torch as th
 
 from . import logger, training_state
 from .checkpoint import SAFETENSORS_SUFFIX, read_state_dict
 from .consistency import (
     DISTANCES, TEACHER_SOLVERS, WEIGHTINGS, ConsistencyFunction, consistency_distillation_loss,
-    consistency_sigma_range, ict_num_scales, karras_sigmas, update_target,
+    consistency_sample, consistency_sigma_range, consistency_sigmas, ict_num_scales, karras_sigmas,
+    update_target,
 )
 from .solver_schedule import ContinuousSchedule
-from .train_util import TrainLoop
+from .train_util import PREVIEW_SEED, TrainLoop
 
 ICT_NUM_SCALES = 0  # num_scales meaning iCT's doubling schedule over max_steps (ict_num_scales)
+PREVIEW_EVALUATIONS = (1, 2)  # the preview grid's consistency sampling, from the same x_T
 
 
 def target_filename(step, checkpoint_format="pt"):
@@ -169,6 +172,21 @@ class ConsistencyTrainLoop(TrainLoop):
         grid = SimpleNamespace(num_timesteps=len(sigmas) - 1)
         self.loss_log.add(grid, losses["grid_index"], {"loss": losses["loss"]})
         return losses["loss"].mean()
+
+    def preview_samples(self, model, shape, model_kwargs):
+        """
+        :return: the preview grid's images: consistency sampling at each PREVIEW_EVALUATIONS
+            (one grid row block each, from the same x_T), in [-1, 1].
+        """
+        function = ConsistencyFunction(model, self.schedule, self.diffusion.model_mean_type, self.sigma_min,
+                                       clip_denoised=self.clip_denoised)
+        images = []
+        for evaluations in PREVIEW_EVALUATIONS:
+            th.manual_seed(PREVIEW_SEED)  # inside save_samples' forked generator
+            sigmas = consistency_sigmas(self.sigma_min, self.sigma_max, evaluations)
+            images.append(consistency_sample(function, self.schedule, shape, sigmas, model_kwargs=model_kwargs,
+                                             device=self.device))
+        return th.cat(images)
 
     def _update_ema(self):
         super()._update_ema()

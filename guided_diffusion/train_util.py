@@ -478,8 +478,8 @@ class TrainLoop:
 
     def save_samples(self, batch, cond):
         """
-        Write samples_NNNNNN.png: a grid of DDIM samples from the first EMA (rank 0 only;
-        the training RNG streams are left untouched).
+        Write samples_NNNNNN.png: a grid of samples from the first EMA (preview_samples;
+        rank 0 only; the training RNG streams are left untouched).
 
         :param batch: the last batch (gives the image shape).
         :param cond: its kwargs; the first few condition the samples.
@@ -494,10 +494,7 @@ class TrainLoop:
         model_kwargs = {key: value[:count].to(self.device) for key, value in cond.items()}
         with forked_torch_seed(PREVIEW_SEED, self.device):
             with self.mp_trainer.autocast():
-                images = sample_preview(
-                    preview_model, self.diffusion, (count, *batch.shape[1:]), model_kwargs,
-                    steps=self.preview_steps, sampler=self.preview_sampler,
-                )
+                images = self.preview_samples(preview_model, (count, *batch.shape[1:]), model_kwargs)
         path = bf.join(logger.get_dir(), f"samples_{self.step:06d}.png")
         grid = np.asarray(save_image_grid(to_uint8_nhwc(images.float()).cpu(), path))
         # At the logged step of the update that made these weights (the "step" column
@@ -505,6 +502,17 @@ class TrainLoop:
         logger.log_image("samples", np.repeat(grid, 3, axis=-1) if grid.shape[-1] == 1 else grid,
                          self.step - 1)
         logger.log(f"wrote {path}")
+
+    def preview_samples(self, model, shape, model_kwargs):
+        """
+        :param model: the network to sample (a copy holding the first EMA's weights).
+        :param shape: the [N x C x H x W] shape of the samples.
+        :param model_kwargs: e.g. {"y": labels}.
+        :return: the preview grid's images in [-1, 1] (sample_preview, in torch's
+            generator seeded by save_samples).
+        """
+        return sample_preview(model, self.diffusion, shape, model_kwargs, steps=self.preview_steps,
+                              sampler=self.preview_sampler)
 
 
 def sample_preview(model, diffusion, shape, model_kwargs=None, steps=PREVIEW_STEPS, sampler=None):

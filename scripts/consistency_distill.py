@@ -28,8 +28,8 @@ from guided_diffusion.guidance import (
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.presets import load_config, read_preset
 
-# The training flags that only a diffusion model's previews use.
-PREVIEW_FLAGS = ("sample_interval", "sampler", "steps")
+# The training flags that only a diffusion model's previews use (a student previews 1 and 2 steps).
+PREVIEW_FLAGS = ("sampler", "steps")
 
 
 def main(argv=None):
@@ -56,7 +56,7 @@ def main(argv=None):
         num_scales=args.num_scales, target_ema=args.target_ema, teacher_solver=args.teacher_solver,
         loss=args.loss, weighting=args.weighting, clip_denoised=args.clip_denoised, ema_rate=args.ema_rate,
         use_fp16=args.use_fp16, fp16_scale_growth=args.fp16_scale_growth, lr_anneal_steps=args.lr_anneal_steps,
-        max_steps=args.max_steps, **loop_kwargs,
+        max_steps=args.max_steps, sample_interval=args.sample_interval, **loop_kwargs,
     )
 
 

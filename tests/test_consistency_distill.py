@@ -122,13 +122,17 @@ def test_resuming_without_the_target_file_is_refused(tmp_path, tiny_image_dir):
         _loop(tmp_path, tiny_image_dir, 3, resume_checkpoint=str(tmp_path / "model000002.pt"))
 
 
-def test_the_student_starts_as_the_teachers_x0_prediction_within_c_skip(tmp_path, tiny_image_dir):
-    loop = _loop(tmp_path, tiny_image_dir, 1)
+@pytest.mark.parametrize("clip_denoised", [True, False])
+def test_the_student_starts_as_the_teachers_x0_prediction_within_c_skip(tmp_path, tiny_image_dir, clip_denoised):
+    loop = _loop(tmp_path, tiny_image_dir, 1, clip_denoised=clip_denoised)
     teacher, diffusion = _teacher()
     th.manual_seed(5)
     x_T, t_max = th.randn(2, 3, 8, 8), th.full((2,), loop.schedule.t_max, dtype=th.float64)
     with th.no_grad():
         x0 = predict_x0(teacher, loop.schedule, diffusion.model_mean_type, x_T, t_max)
+        if clip_denoised:  # the default: the teacher's x_0 as its samplers clamp it
+            assert (x0.abs() > 1).any()
+            x0 = x0.clamp(-1, 1)
         gap = (loop.student_fn(x_T, t_max) - x0).abs()
         target_gap = (loop.target_fn(x_T, t_max) - x0).abs()
     bound = loop.student_fn.c_skip(loop.sigma_max)
@@ -151,6 +155,27 @@ def test_classifier_guidance_at_scale_zero_trains_as_no_guidance(tmp_path, tiny_
     assert _identical(runs[0].model.state_dict(), runs[1].model.state_dict())
     assert _same_tensors(runs[0].target_params, runs[1].target_params)
     assert (tmp_path / "plain" / "progress.csv").read_text() == (tmp_path / "guided" / "progress.csv").read_text()
+
+
+def test_the_preview_grid_samples_one_then_two_steps_from_the_same_noise(tmp_path, tiny_image_dir):
+    from guided_diffusion.consistency import consistency_sample, consistency_sigmas
+
+    loop = _loop(tmp_path, tiny_image_dir, 1, sample_interval=1)
+    loop.run_loop()
+    assert (tmp_path / "samples_000001.png").exists()
+    model, shape = loop.model.eval(), (2, 3, 8, 8)
+    th.manual_seed(5)
+    with th.no_grad():
+        images = loop.preview_samples(model, shape, {})
+    assert images.shape == (4, 3, 8, 8)
+    for block, evaluations in ((images[:2], 1), (images[2:], 2)):
+        th.manual_seed(0)  # PREVIEW_SEED
+        with th.no_grad():
+            expected = consistency_sample(loop.student_fn.__class__(
+                model, loop.schedule, loop.diffusion.model_mean_type, loop.sigma_min, clip_denoised=True),
+                loop.schedule, shape, consistency_sigmas(loop.sigma_min, loop.sigma_max, evaluations))
+        assert th.equal(block, expected)
+    assert not th.equal(images[:2], images[2:])
 
 
 @pytest.mark.parametrize("clip_denoised", [True, False])
@@ -233,7 +258,8 @@ def _distill(teacher_path, image_dir, logdir, *extra):
 @pytest.mark.slow
 def test_the_script_distills_records_the_student_and_resumes(tmp_path, tiny_image_dir, teacher_path):
     logdir = tmp_path / "student"
-    _succeed(_distill(teacher_path, tiny_image_dir, logdir, "--max_steps", "2"))
+    _succeed(_distill(teacher_path, tiny_image_dir, logdir, "--max_steps", "2", "--sample_interval", "2"))
+    assert (logdir / "samples_000002.png").exists()  # the student's 1- and 2-step previews
     for name in ("model000002.json", "ema_0.9999_000002.json", "target_000002.json"):
         flags = json.loads((logdir / name).read_text())["flags"]
         assert flags["consistency_student"] is True and flags["teacher_model_path"] == str(teacher_path)
