@@ -48,7 +48,7 @@ def isolated_logger():
 
     previous = logger.Logger.CURRENT
     yield logger
-    if logger.Logger.CURRENT is not previous and logger.Logger.CURRENT is not logger.Logger.DEFAULT:
+    if logger.Logger.CURRENT not in (None, previous, logger.Logger.DEFAULT):  # None: a test reset it
         logger.Logger.CURRENT.close()
     logger.Logger.CURRENT = previous
 
