@@ -123,7 +123,7 @@ def quickstart_defaults():
         unlabeled=False,                # run the stage without labels (unlabeled_stage.py)
         unlabeled_steps=0,              # its diffusion training steps (0: train_steps)
         unlabeled_clusters=10,          # k-means pseudo-classes K
-        unlabeled_features="unet",      # "unet", "pixels" or "auto" (the purer against the true labels)
+        unlabeled_features="pixels",    # "unet", "pixels" or "auto" (the purer against the true labels)
         unlabeled_guide_scales="1.5,2,3",  # autoguidance weights w
         unlabeled_scales="1,3",         # classifier scales, self-labelled and true-label
         unlabeled_interval="0.3,5",     # guidance interval in sigma, LO,HI
