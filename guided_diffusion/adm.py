@@ -98,7 +98,8 @@ class ADM_G:
             (or with use_ddim=True, DDIM) loop.
         :param steps: the sampler's model evaluations per sample.
         :param seed: per-sample seeded noise (None: the global RNG).
-        :param options: other sample() arguments (batch_size, num_samples, cfg_scale, ...).
+        :param options: other sample() arguments (batch_size, num_samples, cfg_scale, guide and
+            guide_scale for autoguidance on top of the classifier, ...).
         :return: uint8 images [N x H x W x 3].
         """
         if sampler is None:
