@@ -88,27 +88,13 @@ def purity(true_labels, cluster_labels):
 
 def normalized_mutual_information(true_labels, cluster_labels):
     """
-    I(classes; clusters) / ((H(classes) + H(clusters)) / 2), the arithmetic-mean
-    normalisation (scikit-learn's default); 1 when both labelings are a single group.
+    I(classes; clusters) / ((H(classes) + H(clusters)) / 2): scikit-learn's
+    normalized_mutual_info_score (arithmetic-mean normalisation).
 
     :param true_labels: N class labels.
     :param cluster_labels: N cluster labels.
     :return: a float in [0, 1].
     """
-    joint = contingency_table(true_labels, cluster_labels) / len(true_labels)
-    rows, columns = joint.sum(axis=1), joint.sum(axis=0)
-    entropy = (_entropy(rows) + _entropy(columns)) / 2
-    if entropy == 0:
-        return 1.0
-    nonzero = joint > 0
-    outer = np.outer(rows, columns)
-    mutual = float((joint[nonzero] * np.log(joint[nonzero] / outer[nonzero])).sum())
-    return min(max(mutual / entropy, 0.0), 1.0)
+    from sklearn.metrics import normalized_mutual_info_score
 
-
-def _entropy(probabilities):
-    """
-    :return: the entropy in nats of a probability vector.
-    """
-    positive = probabilities[probabilities > 0]
-    return float(-(positive * np.log(positive)).sum())
+    return float(normalized_mutual_info_score(true_labels, cluster_labels))

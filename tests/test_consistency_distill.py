@@ -171,7 +171,7 @@ def test_the_preview_grid_samples_one_then_two_steps_from_the_same_noise(tmp_pat
     for block, evaluations in ((images[:2], 1), (images[2:], 2)):
         th.manual_seed(0)  # PREVIEW_SEED
         with th.no_grad():
-            expected = consistency_sample(loop.student_fn.__class__(
+            expected = consistency_sample(ConsistencyFunction(
                 model, loop.schedule, loop.diffusion.model_mean_type, loop.sigma_min, clip_denoised=True),
                 loop.schedule, shape, consistency_sigmas(loop.sigma_min, loop.sigma_max, evaluations))
         assert th.equal(block, expected)
