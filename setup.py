@@ -17,6 +17,6 @@ setup(
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
         "diffusers": ["diffusers"],
-        "test": ["pytest", "pytest-xdist", "mpich", "mpi4py", "scikit-learn", "tensorboard", "wandb", "diffusers"],
+        "test": ["pytest", "pytest-xdist>=3.7", "mpich", "mpi4py", "scikit-learn", "tensorboard", "wandb", "diffusers"],
     },
 )

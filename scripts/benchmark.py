@@ -113,7 +113,16 @@ def main(argv=None):
     set_cuda_math(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     if device.type == "cpu":  # the original's fp16 path needs a GPU: compare in float32
         args.use_fp16 = args.classifier_use_fp16 = False
-    logger.configure(dir=tempfile.mkdtemp(prefix="benchmark-"), format_strs=["log"])
+    # The training loop logs; its log goes to a folder removed at the end.
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as log_dir, \
+            logger.scoped_configure(dir=log_dir, format_strs=["log"]):
+        result = measure(args, device)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def measure(args, device):
+    """:return: the benchmark's result dict (printed by main as one JSON line)."""
     load_start = os.getloadavg()
     bench = Benchmark(args, device)
     result = dict(
@@ -136,7 +145,6 @@ def main(argv=None):
         load_average_end=[round(value, 2) for value in os.getloadavg()],
     )
     result["speedup"] = speedups(result["paths"])
-    print(json.dumps(result), flush=True)
     return result
 
 

@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO))  # evaluations/ beside the package
 
 from evaluations.inception import InceptionV3  # noqa: E402
 
-MODEL = ["--image_size", "16", "--num_channels", "64", "--num_res_blocks", "1",
+MODEL = ["--image_size", "16", "--num_channels", "32", "--num_res_blocks", "1",
          "--attention_resolutions", "8", "--num_head_channels", "32", "--diffusion_steps", "100",
          "--class_cond", "True", "--num_classes", "2"]
-CLASSIFIER = ["--image_size", "16", "--classifier_width", "64", "--classifier_depth", "1",
+CLASSIFIER = ["--image_size", "16", "--classifier_width", "32", "--classifier_depth", "1",
               "--classifier_attention_resolutions", "8", "--num_classes", "2",
               "--diffusion_steps", "100"]
 TRAIN = ["--batch_size", "4", "--save_interval", "2", "--log_interval", "1", "--seed", "0",

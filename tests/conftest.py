@@ -86,7 +86,7 @@ def torch_single_thread():
 # The files whose end-to-end runs take longest: collected first, so that with -n N one
 # worker starts each of them at once instead of finishing one alone at the end.
 LONGEST_FILES = ("test_gpu_check.py", "test_workflows.py", "test_sample_scripts.py",
-                 "test_training_scripts.py")
+                 "test_quickstart.py", "test_training_scripts.py", "test_tracking.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import runpy
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,20 +30,24 @@ PATH_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_run():
-    """One benchmark run (in this process), its JSON line checked against its result."""
+def tiny_run(tmp_path_factory):
+    """
+    One benchmark run (in this process), its JSON line checked against its result; it
+    leaves no log folder behind and gives the logger back as it found it.
+    """
     from guided_diffusion import logger
 
     main = runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="benchmark")["main"]
-    previous, threads, printed = logger.Logger.CURRENT, th.get_num_threads(), io.StringIO()
+    threads, printed, previous = th.get_num_threads(), io.StringIO(), logger.get_current()
+    temp_dir, tempfile.tempdir = tempfile.tempdir, str(tmp_path_factory.mktemp("temp"))
     try:
         with contextlib.redirect_stdout(printed):
             result = main(TINY)
+        assert not list(Path(tempfile.tempdir).glob("benchmark-*"))
     finally:
         th.set_num_threads(threads)
-        if logger.Logger.CURRENT is not previous:
-            logger.Logger.CURRENT.close()
-        logger.Logger.CURRENT = previous
+        tempfile.tempdir = temp_dir
+    assert logger.get_current() is previous
     lines = printed.getvalue().strip().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0]) == json.loads(json.dumps(result))
@@ -136,3 +141,33 @@ def test_the_bf16_path_of_an_fp16_run_does_not_round_its_input_to_fp16(benchmark
     assert bench.groups["fp16"]["model"].dtype == th.float16
     assert bench.groups["fp32"]["model"].dtype == th.float32
     assert bench.groups["fp32"]["classifier"].dtype == th.float32
+
+
+# ---------------------------------------------------------------------- gpu_check.py's summaries
+# (here, to share the benchmark run)
+
+
+def gpu_check():
+    return runpy.run_path(str(REPO / "scripts" / "gpu_check.py"), run_name="gpu_check")
+
+
+@pytest.mark.slow
+def test_the_gpu_check_summary_shows_each_paths_figures(tiny_run):
+    lines = gpu_check()["benchmark_summary"](json.dumps(tiny_run) + "\n")
+    assert lines[0].startswith("benchmark on ") and "batch 2" in lines[0]
+    assert [line.split()[0] for line in lines[1:-1]] == list(tiny_run["paths"])
+    assert "img/s" in lines[1] and "MFU" in lines[1] and lines[-1].startswith("  speedup over exact")
+
+
+@pytest.mark.slow
+def test_the_gpu_check_switch_runs_change_one_switch_each_and_are_summarised(tmp_path, tiny_run):
+    check = gpu_check()
+    args = check["create_argparser"]().parse_args(["--device", "cpu", "--processes", "1"])
+    listed = dict(check["steps"](tmp_path, args, processes=1))
+    runs = {name: command for name, command in listed.items() if name.startswith("switches: ")}
+    base = runs["switches: defaults"]
+    assert "--use_bf16" in base and "--compile" not in base
+    assert runs["switches: channels_last False"][len(base):] == ["--channels_last", "False"]
+    assert runs["switches: cudnn_benchmark True"][len(base):] == ["--cudnn_benchmark", "True"]
+    line, = check["switch_summary"](json.dumps(tiny_run) + "\n")
+    assert line.startswith("  fast path: train") and "s/step" in line

@@ -1,7 +1,7 @@
 """
 scripts/gpu_check.py's CPU rehearsal: every step of the GPU check through the real
-scripts under torchrun with 2 gloo ranks (the benchmark step is test_benchmark.py's),
-and the summary it prints from a benchmark result.
+scripts under torchrun with 2 gloo ranks. The benchmark step, and the summaries printed
+from a benchmark result, are checked in test_benchmark.py beside the benchmark run.
 """
 
 import json
@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from test_benchmark import tiny_run  # noqa: F401, F811 (a fixture shared with test_benchmark)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,26 +47,3 @@ def test_a_failed_step_is_reported(tmp_path):
     ok, seconds, _ = check["run_step"]("x", [sys.executable, "-c", "raise SystemExit(3)"], None,
                                        open(tmp_path / "log", "w"))
     assert not ok and seconds >= 0
-
-
-@pytest.mark.slow
-def test_the_summary_shows_each_paths_figures(tiny_run):  # noqa: F811
-    check = runpy.run_path(str(REPO / "scripts" / "gpu_check.py"), run_name="gpu_check")
-    lines = check["benchmark_summary"](json.dumps(tiny_run) + "\n")
-    assert lines[0].startswith("benchmark on ") and "batch 2" in lines[0]
-    assert [line.split()[0] for line in lines[1:-1]] == list(tiny_run["paths"])
-    assert "img/s" in lines[1] and "MFU" in lines[1] and lines[-1].startswith("  speedup over exact")
-
-
-@pytest.mark.slow
-def test_the_switch_runs_change_one_switch_each_and_are_summarised(tmp_path, tiny_run):  # noqa: F811
-    check = runpy.run_path(str(REPO / "scripts" / "gpu_check.py"), run_name="gpu_check")
-    args = check["create_argparser"]().parse_args(["--device", "cpu", "--processes", "1"])
-    listed = dict(check["steps"](tmp_path, args, processes=1))
-    runs = {name: command for name, command in listed.items() if name.startswith("switches: ")}
-    base = runs["switches: defaults"]
-    assert "--use_bf16" in base and "--compile" not in base
-    assert runs["switches: channels_last False"][len(base):] == ["--channels_last", "False"]
-    assert runs["switches: cudnn_benchmark True"][len(base):] == ["--cudnn_benchmark", "True"]
-    line, = check["switch_summary"](json.dumps(tiny_run) + "\n")
-    assert line.startswith("  fast path: train") and "s/step" in line
