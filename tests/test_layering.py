@@ -6,6 +6,7 @@ module imports another's private name; no source file over 700 lines.
 """
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,7 @@ def modules():
     return sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__")
 
 
+@functools.cache  # parsed once, not once per parametrized test
 def internal_graph():
     own = set(modules())
     return {name: package_imports(PACKAGE / f"{name}.py") & own for name in own}

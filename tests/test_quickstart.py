@@ -359,7 +359,7 @@ def test_the_unlabeled_stage_writes_its_table_samples_and_picture_without_readin
     assert "ddim, 25 steps:" in report and "dpmpp_2m, 10 steps:" in report
     assert report.count("- Goal: autoguidance lowers the Frechet distance") == 2
     assert all(f"{name}: purity" in report or f"{name} (used): purity" in report for name in ("unet", "pixels"))
-    # No labels reach the unconditional model (its guide is the EMA at step 2 // 5 -> 1)...
+    # No labels reach the unconditional model (its guide is the EMA at step 2 * 0.4 -> 1)...
     stage = out / "unlabeled"
     for path in ("ema_0.995_000002.pt", "ema_0.995_000001.pt"):
         record = read_sidecar(str(stage / "diffusion" / path))
@@ -406,10 +406,10 @@ def test_the_unlabeled_goals_are_judged_from_the_rows():
     assert goal_results(_unlabeled_rows(1.1, 0.8, 0.5, 0.9), "ddim")[1][1] is False
     assert [result[1] for result in goal_results(_unlabeled_rows(0.9, 0.8, 0.7, 0.9), "dpmpp_2m")] == [None, None]
     options = dict(unlabeled_steps=0, train_steps=50, unlabeled_clusters=10, classifier_steps=7,
-                   unlabeled_interval="0.3,5")
+                   unlabeled_interval="0.3,5", unlabeled_guide_at=0.4)
     report = unlabeled_markdown(_unlabeled_rows(0.9, 0.76, 0.66, 0.9), {"unet": (None, 0.8, 0.7)}, "unet",
                                 options, seconds=3)
-    assert "trained for 50 steps; its guide is the EMA at step 10" in report
+    assert "trained for 50 steps; its guide is the EMA at step 20" in report
     assert "unet (used): purity 0.800, NMI 0.700" in report
     assert "| unguided | 0 | no | 1.000 | 0.500 | 0.800 | - |" in report
     assert "| self-labelled | 1 | yes | 0.900 |" in report
@@ -419,6 +419,7 @@ def test_the_unlabeled_goals_are_judged_from_the_rows():
 def test_bad_unlabeled_options_are_refused():
     for name, value in (("unlabeled_steps", -1), ("unlabeled_clusters", 1), ("unlabeled_features", "rgb"),
                         ("unlabeled_guide_scales", "2,-1"), ("unlabeled_scales", "0"),
+                        ("unlabeled_guide_at", 0), ("unlabeled_guide_at", 1.5),
                         ("unlabeled_scales", "a"), ("unlabeled_interval", "5,0.3"), ("unlabeled_interval", "")):
         with pytest.raises(ValueError, match=f"--{name} "):
             quickstart.run_quickstart(unlabeled=True, **{name: value})

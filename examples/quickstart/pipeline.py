@@ -124,8 +124,9 @@ def quickstart_defaults():
         unlabeled_steps=0,              # its diffusion training steps (0: train_steps)
         unlabeled_clusters=10,          # k-means pseudo-classes K
         unlabeled_features="pixels",    # "unet", "pixels" or "auto" (the purer against the true labels)
+        unlabeled_guide_at=0.4,         # the guide: the EMA at this fraction of the steps
         unlabeled_guide_scales="1.5,2,3",  # autoguidance weights w
-        unlabeled_scales="1,3",         # classifier scales, self-labelled and true-label
+        unlabeled_scales="1,3,6",       # classifier scales, self-labelled and true-label
         unlabeled_interval="0.3,5",     # guidance interval in sigma, LO,HI
         **editing_stage.editing_defaults(),  # the editing stage's options (editing_stage.py)
         seed=0,                         # seed of every random draw
@@ -512,7 +513,8 @@ def _unlabeled(options, model_flags, classifier_flags, classifier, train_dir, he
     def train_model(flags):
         with _logging_to(bf.join(stage, "diffusion"), out_dir):
             return train_diffusion(flags, train_dir, steps, common[0], options["lr"], options["ema_rate"],
-                                   *common[1:], save_interval=unlabeled_stage.guide_step(steps))
+                                   *common[1:],
+                                   save_interval=unlabeled_stage.guide_step(steps, options["unlabeled_guide_at"]))
 
     def train_pseudo_classifier(flags, labels_file):
         with _logging_to(bf.join(stage, "classifier"), out_dir):

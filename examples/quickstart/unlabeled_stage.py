@@ -1,8 +1,8 @@
 """
 The quickstart's stage without labels (--unlabeled True): guidance for a model that
 never saw a class. An unconditional diffusion model of the quickstart's architecture is
-trained on the training images; its EMA at 1/GUIDE_FRACTION of the steps (a checkpoint
-of the same run) is its autoguidance guide (Karras et al. 2024). k-means on its own UNet
+trained on the training images; its EMA at the fraction unlabeled_guide_at of the steps
+(a checkpoint of the same run) is its autoguidance guide (Karras et al. 2024). k-means on its own UNet
 features or on raw pixels makes K pseudo-classes (clustering.py), written as a labels
 file, and a noised classifier is trained on them through load_data(labels_file=...).
 Samples at DDIM-25 and dpmpp_2m-10 from one seed: unguided, autoguided, self-labelled
@@ -50,7 +50,6 @@ from guided_diffusion.training_state import ema_filename
 from .report import captioned_tile, class_grid, png_bytes, write_bytes
 from .sampler_study import model_diffusion
 
-GUIDE_FRACTION = 5  # the guide is the EMA at 1/GUIDE_FRACTION of the training steps
 FEATURE_FRACTION = 10  # UNet features at timestep T / FEATURE_FRACTION
 FEATURES = ("auto", "unet", "pixels")
 SAMPLERS = (("ddim", 25), ("dpmpp_2m", 10))
@@ -89,6 +88,9 @@ def check_unlabeled_options(options):
                          "or a positive integer")
     if options["unlabeled_clusters"] < 2:
         raise ValueError(f"--unlabeled_clusters {options['unlabeled_clusters']}: expected at least 2")
+    if not 0 < options["unlabeled_guide_at"] < 1:
+        raise ValueError(f"--unlabeled_guide_at {options['unlabeled_guide_at']}: expected a fraction of the "
+                         "training steps between 0 and 1 (exclusive), e.g. 0.4")
     if options["unlabeled_features"] not in FEATURES:
         raise ValueError(f"--unlabeled_features {options['unlabeled_features']!r}: expected one of "
                          f"{', '.join(FEATURES)}")
@@ -108,9 +110,9 @@ def stage_dir(out_dir):
     return bf.join(out_dir, "unlabeled")
 
 
-def guide_step(steps):
-    """:return: the training step whose EMA is the autoguidance guide."""
-    return max(1, steps // GUIDE_FRACTION)
+def guide_step(steps, fraction):
+    """:return: the training step whose EMA is the autoguidance guide: fraction of steps."""
+    return max(1, round(steps * fraction))
 
 
 def unconditional_flags(model_flags):
@@ -285,8 +287,8 @@ def unlabeled_markdown(rows, clustering, chosen, options, seconds):
                         for name, (_, p, n) in clustering.items())
     parts = ["# Guidance without labels", (
         f"An unconditional diffusion model trained for {steps} steps; its guide is the EMA at step "
-        f"{guide_step(steps)}. {options['unlabeled_clusters']} k-means pseudo-classes against the "
-        f"true classes ({quality}); a noised classifier trained on them for "
+        f"{guide_step(steps, options['unlabeled_guide_at'])}. {options['unlabeled_clusters']} k-means "
+        f"pseudo-classes against the true classes ({quality}); a noised classifier trained on them for "
         f"{options['classifier_steps']} steps. Frechet distance, precision and recall in the "
         "judge's features against the held-out images; agreement: the judge's class against the "
         "class asked for (a pseudo-class standing for its majority true class). Interval: "
@@ -355,7 +357,8 @@ def run_unlabeled_stage(model_flags, classifier_flags, true_classifier, train_di
     :param train_images: uint8 NHWC training images in list_image_files(train_dir)'s order.
     :param true_labels: their true classes: reporting only.
     :param train_model: train_model(flags) trains a diffusion model on train_dir's images,
-        saving every guide_step(steps), and returns its last EMA checkpoint's path.
+        saving every guide_step(steps, options["unlabeled_guide_at"]), and returns its last EMA
+        checkpoint's path.
     :param train_classifier: train_classifier(flags, labels_file) trains a noised classifier
         on the labels file's classes and returns its checkpoint's path.
     :param scorer: scorer(labels) gives a function from uint8 images to 'frechet',
@@ -370,7 +373,8 @@ def run_unlabeled_stage(model_flags, classifier_flags, true_classifier, train_di
     model_path = train_model(flags)
     steps = options["unlabeled_steps"] or options["train_steps"]
     model = load_model(flags, model_path)
-    guide = load_model(flags, bf.join(bf.dirname(model_path), ema_filename(options["ema_rate"], guide_step(steps))))
+    guide_name = ema_filename(options["ema_rate"], guide_step(steps, options["unlabeled_guide_at"]))
+    guide = load_model(flags, bf.join(bf.dirname(model_path), guide_name))
 
     feature_sets = {"unet": unet_features(model, model_diffusion(flags), train_images, seed),
                     "pixels": pixel_features(train_images)}
