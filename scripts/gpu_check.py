@@ -3,7 +3,7 @@ The prepared GPU check: the CUDA paths in one go, with one summary at the end.
 
 python scripts/gpu_check.py                      # every visible GPU (at least 1), about 10 min on an H200
 python scripts/gpu_check.py --processes 2 --skip_benchmark
-python scripts/gpu_check.py --device cpu --processes 2 --benchmark_flags "--repeats 1"   # the CPU rehearsal
+python scripts/gpu_check.py --device cpu --processes 1 --benchmark_flags "--repeats 1"   # the CPU rehearsal
 
 Steps, each a subprocess of the real scripts on tiny generated images (torchrun with
 --processes ranks: NCCL on GPUs, gloo on the CPU): fp16 training with --sample_interval,
@@ -73,9 +73,10 @@ def steps(work, args, processes):
     script = lambda name: str(REPO / "scripts" / name)  # noqa: E731
     data = ["--data_dir", str(work / "images")]
     inception = args.inception_path or str(work / "inception.pt")
-    samples = work / "guided" / f"samples_{2 * processes}x16x16x3.npz"
+    count = 4 * processes  # at least 4: the evaluator's precision and recall need k + 1 = 4
+    samples = work / "guided" / f"samples_{count}x16x16x3.npz"
     guided = [*launch, script("classifier_sample.py"), *MODEL, *CLASSIFIER, "--classifier_scale", "1.0",
-              "--seed", "0", "--num_samples", str(2 * processes), "--batch_size", "2",
+              "--seed", "0", "--num_samples", str(count), "--batch_size", "2",
               "--model_path", str(work / "fp16" / "ema_0.9999_000004.pt"),
               "--classifier_path", str(work / "classifier" / "model000002.pt")]
     listed = [
