@@ -3,7 +3,8 @@ A process that has imported torch and the package once, then runs each script th
 tests ask for in a child forked from it, as `python SCRIPT ARGS...` would: its own
 process, argv, environment, working directory, standard streams and exit status, the
 interpreter's handling of sys.exit and uncaught exceptions, and the exit handlers run.
-Only the ~3 s of importing torch are saved (tests/launchers.py, run_python_script).
+Only the ~3 s of importing torch (and the ~2.5 s of torch._dynamo that building an
+optimizer costs) are saved (tests/launchers.py, run_python_script).
 
 Protocol, one JSON object a line on stdin: {"script", "args", "env", "cwd", "stdout",
 "stderr"} (the last two are files for the child's streams); answered on stdout with
@@ -19,6 +20,7 @@ import traceback
 
 import numpy  # noqa: F401 (imported once, for every child)
 import torch  # noqa: F401
+import torch._dynamo  # noqa: F401 (building a torch.optim optimizer imports it: ~2.5 s a training run)
 
 import guided_diffusion.command_line  # noqa: F401
 
