@@ -166,14 +166,14 @@ def two_process_uninterrupted(tmp_path_factory, data_dir):
 
 @pytest.mark.slow
 def test_two_process_training_continues_bit_for_bit(tmp_path, data_dir, two_process_uninterrupted):
-    # Uninterrupted under torchrun; to 2 steps under torchrun, continued to 4 under mpiexec
-    # (where installed): the launcher does not change the arithmetic, so one sequence covers
-    # both launchers' starts and continuations (gpu_check's rehearsal continues under torchrun).
-    resume_launcher = "torchrun" if find_mpiexec() is None else "mpiexec"
+    # Uninterrupted under torchrun; to 2 steps under mpiexec (where installed), continued to
+    # 4 under torchrun: the launcher does not change the arithmetic, so one sequence starts
+    # under both and continues under torchrun (test_training_scripts continues under mpiexec).
+    start_launcher = "torchrun" if find_mpiexec() is None else "mpiexec"
     flags = two_process_flags(data_dir)
-    run_script("image_train.py", [*flags, "--max_steps", 2, "--log_dir", tmp_path], 2, "torchrun")
+    run_script("image_train.py", [*flags, "--max_steps", 2, "--log_dir", tmp_path], 2, start_launcher)
     run_script("image_train.py", [*flags, "--max_steps", 4, "--log_dir", tmp_path,
-                                  "--resume_checkpoint", tmp_path / "model000002.pt"], 2, resume_launcher)
+                                  "--resume_checkpoint", tmp_path / "model000002.pt"], 2, "torchrun")
     assert_same_checkpoints(two_process_uninterrupted, tmp_path,
                             ["model000004.pt", "ema_0.9999_000004.pt"])
     assert sorted(_weights(tmp_path / "opt000004.pt")["rng"]) == [0, 1]
