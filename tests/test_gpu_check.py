@@ -1,7 +1,8 @@
 """
 scripts/gpu_check.py's CPU rehearsal: every step of the GPU check through the real
-scripts under torchrun with 1 gloo rank, and the commands for 2 ranks. The benchmark step, and the summaries printed
-from a benchmark result, are checked in test_benchmark.py beside the benchmark run.
+scripts under torchrun with 1 gloo rank, and the commands for 2 ranks. The benchmark
+step, and the summaries printed from a benchmark result, are checked in
+test_benchmark.py beside the benchmark run.
 """
 
 import json

@@ -1,8 +1,8 @@
 """
 Every workflow the documentation (README.md and the pages in docs/) describes, run
 through the scripts as a user types them (subprocesses, tiny sizes, the documented
-flags): train then continue with a larger --max_steps (one process, mpiexec -n 2,
-torchrun), each ending bit-identical to an uninterrupted run; --init_checkpoint;
+flags): train then continue with a larger --max_steps (one process; two, started under
+mpiexec and continued under torchrun), each ending bit-identical to an uninterrupted run; --init_checkpoint;
 classifier and super-resolution training continued; sampling, guided sampling (own
 unconditional or conditional model with own classifier), upsampling and image_nll.py
 from those checkpoints; make_reference.py and the evaluator on the outputs. The

@@ -510,11 +510,12 @@ def _unlabeled(options, model_flags, classifier_flags, classifier, train_dir, he
     steps = options["unlabeled_steps"] or options["train_steps"]
     common = (options["batch_size"], options["class_from"], options["seed"], progress)
 
+    guide_step = unlabeled_stage.guide_step(steps, options["unlabeled_guide_at"])
+
     def train_model(flags):
         with _logging_to(bf.join(stage, "diffusion"), out_dir):
             return train_diffusion(flags, train_dir, steps, common[0], options["lr"], options["ema_rate"],
-                                   *common[1:],
-                                   save_interval=unlabeled_stage.guide_step(steps, options["unlabeled_guide_at"]))
+                                   *common[1:], save_interval=guide_step)
 
     def train_pseudo_classifier(flags, labels_file):
         with _logging_to(bf.join(stage, "classifier"), out_dir):

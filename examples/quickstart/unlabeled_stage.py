@@ -1,10 +1,11 @@
 """
 The quickstart's stage without labels (--unlabeled True): guidance for a model that
 never saw a class. An unconditional diffusion model of the quickstart's architecture is
-trained on the training images; its EMA at the fraction unlabeled_guide_at of the steps
-(a checkpoint of the same run) is its autoguidance guide (Karras et al. 2024). k-means on its own UNet
-features or on raw pixels makes K pseudo-classes (clustering.py), written as a labels
-file, and a noised classifier is trained on them through load_data(labels_file=...).
+trained on the training images; its EMA at the fraction unlabeled_guide_at of the
+steps (a checkpoint of the same run) is its autoguidance guide (Karras et al. 2024).
+k-means on its own UNet features or on raw pixels makes K pseudo-classes (clustering.py),
+written as a labels file, and a noised classifier is trained on them through
+load_data(labels_file=...).
 Samples at DDIM-25 and dpmpp_2m-10 from one seed: unguided, autoguided, self-labelled
 classifier guidance, both with a guidance interval in sigma, and, for reference, the
 main pipeline's true-label classifier at the same scales. They are judged as the main
